@@ -1,0 +1,250 @@
+"""Native checkpoints: safetensors weights that carry their ViTConfig, and safe reading of weight files.
+
+- `save(model, "m.safetensors")`: one file, the config as JSON in the safetensors metadata.
+- `save(model, "folder")`: an HF-style folder, `config.json` + `model.safetensors`.
+- `load(path, **overrides)`: rebuilds the model with no other argument; overrides such as
+  `img_size=384` resample the position embeddings, `num_classes=10` starts a new head.
+
+Reading never unpickles arbitrary objects: .pth/.bin go through `torch.load(weights_only=True)` and
+.npz through `numpy.load(allow_pickle=False)`. Writing is atomic (temporary file, fsync, rename), so
+an interrupted save leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .models.config import ViTConfig
+from .models.pos_embed import resample_pos_embed
+from .models.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "vitkit.config"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names file and problem."""
+
+
+# Writing ---------------------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+
+
+def save(model: VisionTransformer, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write a model: a `.safetensors` path gives one file, any other path an HF-style folder."""
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f"save() takes a VisionTransformer (unwrap DDP/compile first), got {type(model).__name__}"
+        )
+    path = Path(path)
+    config_json = json.dumps(model.config.to_dict(), sort_keys=True)
+    meta = {"format": "pt", CONFIG_KEY: config_json, **(metadata or {})}
+    tensors = _tensors(model)
+    if path.suffix == ".safetensors":
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    folder_config = {"model_type": "vitkit", **model.config.to_dict()}
+
+    def write_config(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(folder_config, indent=2, sort_keys=True) + "\n")
+
+    atomic_write(path / CONFIG_NAME, write_config)
+    return path
+
+
+# Reading ---------------------------------------------------------------------------------------------
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a weight file safely: (flat tensors, metadata). Knows .safetensors, .pth/.pt/.bin, .npz."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; use load() for checkpoint folders")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _read_safetensors(path)
+    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return _read_torch(path), {}
+    if suffix == ".npz":
+        return _read_npz(path), {}
+    raise CheckpointError(
+        f"{path}: unknown weight file type {suffix!r} (expected .safetensors, .pth, .bin or .npz)"
+    )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {error}"
+        ) from error
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors, which could run code "
+            f"({str(error).splitlines()[0]})"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch file (truncated or corrupt?): {error}"
+        ) from error
+    # Training checkpoints nest the weights under a key; these are the usual ones.
+    for key in ("state_dict", "model", "module", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            log.info("%s: reading the weights under key %r", path, key)
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return dict(obj)
+
+
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: torch.from_numpy(np.ascontiguousarray(archive[key])) for key in archive.files}
+    except ValueError as error:
+        raise CheckpointError(
+            f"{path}: refused: the .npz holds object arrays, which need pickle ({error})"
+        ) from error
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CheckpointError(f"{path}: not a readable .npz file (truncated or corrupt?): {error}") from error
+
+
+def read_config(path: str | os.PathLike) -> ViTConfig:
+    """The ViTConfig stored with a native checkpoint (file metadata or the folder's config.json)."""
+    path = Path(path)
+    if path.is_dir():
+        config_path = path / CONFIG_NAME
+        if not config_path.exists():
+            raise CheckpointError(f"{path}: folder has no {CONFIG_NAME}")
+        try:
+            data = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{config_path}: invalid JSON: {error}") from error
+        if data.pop("model_type", None) != "vitkit":
+            raise CheckpointError(f"{config_path}: not a vitkit config (model_type is not 'vitkit')")
+        return ViTConfig.from_dict(data)
+    _, metadata = read_weights(path)
+    if CONFIG_KEY not in metadata:
+        raise CheckpointError(
+            f"{path}: no {CONFIG_KEY!r} in the safetensors metadata; not a vitkit checkpoint"
+        )
+    return ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+
+
+def load(path: str | os.PathLike, strict: bool = True, **overrides: Any) -> VisionTransformer:
+    """Rebuild a saved model. Overrides change the config: e.g. img_size=384 (position embeddings are
+    resampled in 2D), num_classes=10 (a new, zero-initialised head)."""
+    path = Path(path)
+    weights_path = path / WEIGHTS_NAME if path.is_dir() else path
+    source = read_config(path)
+    state, _ = read_weights(weights_path)
+    model = VisionTransformer(source.replace(**overrides))
+    load_state(model, state, source_config=source, strict=strict, origin=str(weights_path))
+    return model
+
+
+def load_state(
+    model: VisionTransformer,
+    state: dict[str, torch.Tensor],
+    source_config: ViTConfig | None = None,
+    strict: bool = True,
+    origin: str = "state dict",
+) -> tuple[list[str], list[str]]:
+    """Load a native-layout state dict, resampling position embeddings to the model's grid.
+
+    Head and pre-logits tensors whose shape the target config changed on purpose (other num_classes
+    or representation_size) are left at their fresh init, and logged. Anything else that does not fit
+    is an error naming the keys and shapes. Returns (missing, unexpected) keys when strict=False.
+    """
+    config = model.config
+    state = dict(state)
+    if (
+        "pos_embed" in state
+        and model.pos_embed is not None
+        and state["pos_embed"].shape != model.pos_embed.shape
+    ):
+        prefix = config.num_prefix_tokens if config.pos_embed_class_slot else 0
+        old_grid = source_config.grid_size if source_config is not None else None
+        state["pos_embed"] = resample_pos_embed(
+            state["pos_embed"], config.grid_size, old_grid, prefix, config.pos_embed_resample
+        )
+        log.info(
+            "%s: resampled pos_embed to grid %s (%s)", origin, config.grid_size, config.pos_embed_resample
+        )
+    target = model.state_dict()
+    renewed = [
+        key
+        for key in state
+        if key.startswith(("head.", "pre_logits."))
+        and (key not in target or target[key].shape != state[key].shape)
+    ]
+    for key in renewed:
+        del state[key]
+    if renewed:
+        log.info("%s: new head for the target config; not loaded: %s", origin, ", ".join(renewed))
+    mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}"
+        for key, value in state.items()
+        if key in target and value.shape != target[key].shape
+    ]
+    if mismatched:
+        raise CheckpointError(f"{origin}: shapes do not match: " + "; ".join(mismatched))
+    missing = [key for key in target if key not in state and key not in renewed]
+    unexpected = [key for key in state if key not in target]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{origin}: keys do not match the model; missing: {missing or 'none'}; unexpected: {unexpected or 'none'}"
+        )
+    model.load_state_dict(state, strict=False)
+    return missing, unexpected

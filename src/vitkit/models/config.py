@@ -1,0 +1,201 @@
+"""ViTConfig: the one description of a Vision Transformer, and the size table of the ViT paper.
+
+A config is plain data. Every deviation from the paper's model (LayerScale, global average pooling,
+sin-cos position embeddings, tanh GELU, a LayerNorm eps other than 1e-6) is a named field, so
+reading a config tells exactly which model it builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# Table 1 of the ViT paper (Dosovitskiy et al., 2021), plus Ti and S from DeiT (Touvron et al., 2021)
+# and the big_vision grammar: width, depth, MLP width, heads.
+SIZES: dict[str, dict[str, int]] = {
+    "Ti": dict(embed_dim=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(embed_dim=384, depth=12, mlp_dim=1536, num_heads=6),
+    "B": dict(embed_dim=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(embed_dim=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(embed_dim=1280, depth=32, mlp_dim=5120, num_heads=16),
+}
+SIZE_NAMES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
+
+PoolType = Literal["token", "gap", "gap_fc_norm", "map"]
+PosEmbedType = Literal["learn", "sincos2d", "none"]
+GeluType = Literal["exact", "tanh"]
+StemType = Literal["patch", "hmlp", "hybrid"]
+ResampleMethod = Literal["bicubic", "bicubic_antialias", "bilinear", "bilinear_align_corners"]
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Every hyper-parameter of a VisionTransformer. Defaults give the ViT paper's ViT-B/16 at 224."""
+
+    # Input and patches.
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    in_chans: int = 3
+    stem: StemType = "patch"
+    # BiT ResNetV2 stage depths of a hybrid stem, e.g. (3, 4, 9) for R50+ViT-B/16.
+    hybrid_layers: tuple[int, ...] = ()
+    # Encoder (Table 1 of the paper).
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    # "Three things", #1: each layer sums `parallel` attention branches, then `parallel` MLP branches.
+    parallel: int = 1
+    gelu: GeluType = "exact"
+    norm_eps: float = 1e-6
+    layer_scale_init: float | None = None
+    # Tokens and positions.
+    class_token: bool = True
+    pos_embed: PosEmbedType = "learn"
+    # True: the class token has its own position embedding (vit_jax, timm); False: only patches do
+    # (DeiT III, big_vision).
+    pos_embed_class_slot: bool = True
+    pos_embed_resample: ResampleMethod = "bicubic"
+    # Head.
+    pool: PoolType = "token"
+    # Width of the pre-logits layer (Linear + tanh), the paper's pre-training head; None for none.
+    representation_size: int | None = None
+    num_classes: int = 1000
+    # The paper zero-initialises the classifier (fine-tuning head and the official code's default).
+    zero_head: bool = True
+    # Regularisation.
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+
+    def __post_init__(self) -> None:
+        size = self.img_size
+        if isinstance(size, int):
+            size = (size, size)
+        object.__setattr__(self, "img_size", tuple(int(s) for s in size))
+        object.__setattr__(self, "hybrid_layers", tuple(int(d) for d in self.hybrid_layers))
+        self.validate()
+
+    def validate(self) -> None:
+        checks = {
+            "embed_dim must be divisible by num_heads": self.embed_dim % self.num_heads == 0,
+            "stem 'hybrid' needs hybrid_layers": self.stem != "hybrid" or len(self.hybrid_layers) > 0,
+            "hybrid_layers are only used by stem 'hybrid'": self.stem == "hybrid" or not self.hybrid_layers,
+            "stem 'hmlp' needs patch_size 16": self.stem != "hmlp" or self.patch_size == 16,
+            "pool 'token' needs class_token=True": self.pool != "token" or self.class_token,
+            "parallel must be >= 1": self.parallel >= 1,
+            "depth must be >= 1": self.depth >= 1,
+            "img_size must be divisible by the stem's stride": all(
+                s % self.stride == 0 for s in self.img_size
+            ),
+        }
+        for choice, allowed in (
+            ("pool", PoolType),
+            ("pos_embed", PosEmbedType),
+            ("gelu", GeluType),
+            ("stem", StemType),
+            ("pos_embed_resample", ResampleMethod),
+        ):
+            value = getattr(self, choice)
+            if value not in allowed.__args__:
+                raise ValueError(f"ViTConfig.{choice}={value!r}: expected one of {allowed.__args__}")
+        failed = [message for message, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"invalid ViTConfig ({'; '.join(failed)}): {self}")
+
+    # Derived quantities ---------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def stride(self) -> int:
+        """Pixels per token along each side: the patch size, times the ResNet's stride for hybrids."""
+        if self.stem == "hybrid":
+            return hybrid_stride(self.hybrid_layers) * self.patch_size
+        return self.patch_size
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.stride, self.img_size[1] // self.stride)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    # Serialisation ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["img_size"] = list(self.img_size)
+        out["hybrid_layers"] = list(self.hybrid_layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        check_fields(cls, data, what="ViTConfig")
+        data = dict(data)
+        if "img_size" in data and not isinstance(data["img_size"], int):
+            data["img_size"] = tuple(data["img_size"])
+        if "hybrid_layers" in data:
+            data["hybrid_layers"] = tuple(data["hybrid_layers"])
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> ViTConfig:
+        check_fields(type(self), overrides, what="ViTConfig")
+        return dataclasses.replace(self, **overrides)
+
+
+def hybrid_stride(hybrid_layers: tuple[int, ...]) -> int:
+    """Total stride of the BiT ResNetV2 trunk: 4 in the root, then 2 per stage after the first."""
+    return 4 * 2 ** max(len(hybrid_layers) - 1, 0)
+
+
+def check_fields(cls: type, data: dict[str, Any], what: str) -> None:
+    """Unknown keys are errors that list the closest known names, never silently dropped."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=3)
+            hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise TypeError(f"unknown {what} field(s): {', '.join(hints)}; known fields: {', '.join(known)}")
+
+
+_VARIANT = re.compile(r"^(?:R(?P<resnet>26|50)\+)?(?P<size>Ti|S|B|L|H)/(?P<patch>\d+)$")
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+    """'B/16' -> width, depth, MLP width, heads and patch size; 'R50+B/16' adds the hybrid trunk.
+
+    The big_vision grammar. R50 hybrids count the patch in ResNet output pixels (1), and their
+    `/16` or `/32` is the total stride, which picks how many ResNet stages are used.
+    """
+    match = _VARIANT.match(variant)
+    if match is None:
+        raise ValueError(f"cannot decode variant {variant!r}: expected e.g. 'B/16', 'Ti/16', 'R50+L/32'")
+    out: dict[str, Any] = dict(SIZES[match["size"]])
+    total_stride = int(match["patch"])
+    if match["resnet"] is None:
+        out["patch_size"] = total_stride
+        return out
+    stages = {"26": (2, 2, 2, 2), "50": (3, 4, 6, 3)}[match["resnet"]]
+    if match["resnet"] == "50" and total_stride == 16:
+        # R50+ViT-B/16 of the ViT paper: the third stage grows to 9 units and the fourth is dropped.
+        stages = (3, 4, 9)
+    elif total_stride != 32:
+        raise ValueError(f"cannot decode variant {variant!r}: hybrid strides are 16 or 32")
+    out.update(stem="hybrid", hybrid_layers=stages, patch_size=1)
+    return out

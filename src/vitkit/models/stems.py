@@ -1,0 +1,86 @@
+"""Patch stems: every stem maps an image (B, C, H, W) to a token sequence (B, L, D) in row-major order.
+
+- PatchEmbed: the ViT paper's linear projection of flattened patches (a conv with stride = kernel).
+- HMLPStem: "Three things everyone should know about ViTs", #3, the hierarchical MLP stem.
+- HybridStem: the ViT paper's hybrid, a BiT ResNet trunk whose feature map is cut into 1x1 patches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ViTConfig
+from .resnet import ResNetV2
+
+
+class PatchEmbed(nn.Module):
+    """Split into P x P patches and project each linearly: x_p E of equation (1) in the paper."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map: per pixel, so no mixing between patches."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class HMLPStem(nn.Module):
+    """Hierarchical MLP stem: 4x4, then 2x2, then 2x2 linear projections, each with a norm (and GELU).
+
+    Every convolution has stride equal to its kernel and every norm is per pixel, so each 16x16
+    patch is processed on its own: masking patches before or after the stem gives the same tokens,
+    which is what lets BeiT-style masked pre-training use it. Indices of `proj` follow the DeiT code.
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.patch_size = 16
+        hidden = embed_dim // 4
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, hidden, kernel_size=4, stride=4),
+            LayerNorm2d(hidden, eps=eps),
+            nn.GELU(),
+            nn.Conv2d(hidden, hidden, kernel_size=2, stride=2),
+            LayerNorm2d(hidden, eps=eps),
+            nn.GELU(),
+            nn.Conv2d(hidden, embed_dim, kernel_size=2, stride=2),
+            LayerNorm2d(embed_dim, eps=eps),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class HybridStem(nn.Module):
+    """ResNet feature map -> tokens: the "patches" are 1x1 (or patch_size) cells of the CNN's output."""
+
+    def __init__(self, hybrid_layers: tuple[int, ...], patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.backbone = ResNetV2(hybrid_layers, in_chans=in_chans)
+        self.proj = nn.Conv2d(
+            self.backbone.num_features, embed_dim, kernel_size=patch_size, stride=patch_size
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)
+
+
+def build_stem(config: ViTConfig) -> nn.Module:
+    if config.stem == "patch":
+        return PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
+    if config.stem == "hmlp":
+        return HMLPStem(config.in_chans, config.embed_dim, eps=config.norm_eps)
+    return HybridStem(config.hybrid_layers, config.patch_size, config.in_chans, config.embed_dim)
