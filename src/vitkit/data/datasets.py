@@ -1,0 +1,440 @@
+"""Data sets that yield `(image, label)`: image a uint8 RGB tensor (3, H, W), label an int.
+
+- `ImageFolder`: one folder per class (sorted names give the class indices), JPEG/PNG/WebP/BMP only.
+- `Digits`: the embedded default set, scikit-learn's bundled 8x8 digits (no download).
+- `Synthetic`: seeded random images with a learnable label, for tests and benchmarks.
+- `write_shards` / `ShardDataset`: webdataset tar shards, streamed split by rank and DataLoader worker.
+
+Hostile files (corrupt, truncated, empty, not an image, decompression bombs) raise `BadImageError`
+naming the file; data sets built with `on_bad="skip"` log and record them in `bad_files` instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import math
+import os
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+logger = logging.getLogger(__name__)
+
+OnBad = Literal["skip", "error"]
+Verify = Literal["none", "header", "full"]
+Transform = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+
+# Pillow only tries these decoders, so a file cannot reach a rarely used (and rarely fuzzed) one.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# What Pillow raises for malformed input (its own fuzz tests accept exactly these), plus the
+# decompression-bomb guard: above Image.MAX_IMAGE_PIXELS it warns, above twice that it raises.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+SHARD_INFO = "dataset.json"
+
+
+class BadImageError(Exception):
+    """A file that is not a decodable JPEG/PNG/WebP/BMP image: `path` names it, `reason` says why."""
+
+    def __init__(self, path: str, reason: str = "") -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"bad image {self.path}: {self.reason}" if self.reason else self.path
+
+
+def derive_seed(tag: str, *parts: int) -> int:
+    """A 63-bit seed for the random stream named `tag` at `parts` (e.g. run seed, epoch, position).
+
+    SeedSequence hashes its input, so neighbouring parts (positions 7 and 8) give unrelated streams.
+    """
+    entropy = [zlib.crc32(tag.encode()), *parts]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+def seeded_generator(tag: str, *parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(tag, *parts))
+
+
+def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (kept, held_out): `fraction` of each class held out, chosen by `seed`, both sorted."""
+    targets = torch.as_tensor(targets)
+    generator = torch.Generator().manual_seed(seed)
+    held_out = []
+    for label in torch.unique(targets).tolist():
+        members = torch.nonzero(targets == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        held_out += members[: round(fraction * len(members))].tolist()
+    held = set(held_out)
+    return [i for i in range(len(targets)) if i not in held], sorted(held_out)
+
+
+# Decoding ---------------------------------------------------------------------------------------
+
+
+def decode_image(source: bytes | str | os.PathLike, name: str | None = None) -> torch.Tensor:
+    """Decode a JPEG/PNG/WebP/BMP file (path or bytes) to a uint8 RGB tensor (3, H, W).
+
+    Grayscale, palette, CMYK, RGBA and 16-bit images become 8-bit RGB. Raises `BadImageError`
+    with `name` (default: the path) for anything else, including images over Pillow's pixel limit.
+    """
+    if name is None:
+        name = "<bytes>" if isinstance(source, bytes) else str(source)
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream, formats=IMAGE_FORMATS) as image:
+                pixels = _rgb_array(image)
+    except _DECODE_ERRORS as error:
+        raise BadImageError(name, f"{type(error).__name__}: {error}") from error
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8."""
+    if image.mode.startswith("I"):
+        # 16-bit grayscale ("I;16*", or "I" from older Pillow): Pillow's convert() would clip
+        # every value above 255 to white, so keep the 8 most significant bits instead.
+        gray = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.array(image.convert("RGB"))
+
+
+def check_image(path: str, verify: Verify) -> str | None:
+    """None if `path` passes the check, else the reason it fails.
+
+    "header": Pillow identifies the format and `verify()` walks the file structure (PNG chunk CRCs
+    included, but not JPEG entropy data: a truncated JPEG passes). "full": decodes every pixel.
+    """
+    try:
+        if verify == "full":
+            decode_image(path)
+        elif verify == "header":
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path, formats=IMAGE_FORMATS) as image:
+                    image.verify()
+    except BadImageError as error:
+        return error.reason
+    except _DECODE_ERRORS as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+# ImageFolder ------------------------------------------------------------------------------------
+
+
+class ImageFolder(Dataset):
+    """`root/<class>/**/<image>` with classes in sorted order (`classes`, `class_to_idx`).
+
+    Files are listed by extension (hidden files such as macOS `._x.jpg` resource forks are ignored).
+    `verify` checks every file when the set is built ("none" | "header" | "full", see `check_image`);
+    failing files are refused (`on_bad="error"`) or dropped and listed in `bad_files`. A file that
+    still fails to decode when loaded raises `BadImageError` in error mode; in skip mode it is logged,
+    recorded, and the next readable sample is returned in its place so batches keep their size.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, on_bad: OnBad = "skip", verify: Verify = "none") -> None:
+        if on_bad not in ("skip", "error"):
+            raise ValueError(f"on_bad={on_bad!r}: expected 'skip' or 'error'")
+        if verify not in ("none", "header", "full"):
+            raise ValueError(f"verify={verify!r}: expected 'none', 'header' or 'full'")
+        self.root = Path(root)
+        self.on_bad = on_bad
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ImageFolder: {self.root} is not a directory")
+        self.classes = sorted(
+            entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith(".")
+        )
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        samples = [
+            (path, index)
+            for name, index in self.class_to_idx.items()
+            for path in _image_files(self.root / name)
+        ]
+        empty = sorted(set(self.classes) - {self.classes[label] for _, label in samples})
+        if not self.classes or empty:
+            raise FileNotFoundError(
+                f"ImageFolder {self.root}: no images for classes {empty or '(no folders)'}"
+            )
+        # (path, reason) of every file found bad in this process (a DataLoader worker keeps its own).
+        self.bad_files: list[tuple[str, str]] = []
+        self._bad_paths: set[str] = set()
+        if verify != "none":
+            with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding
+                reasons = list(pool.map(lambda sample: check_image(sample[0], verify), samples))
+            failures = [(path, reason) for (path, _), reason in zip(samples, reasons, strict=True) if reason]
+            if failures:
+                listing = ", ".join(path for path, _ in failures[:5]) + (", ..." if len(failures) > 5 else "")
+                if on_bad == "error":
+                    path, reason = failures[0]
+                    raise BadImageError(path, f"{reason} ({len(failures)} bad file(s) in all: {listing})")
+                logger.warning(
+                    "ImageFolder %s: skipped %d bad file(s) (listed in .bad_files with reasons): %s",
+                    self.root,
+                    len(failures),
+                    listing,
+                )
+                for path, reason in failures:
+                    self._bad(path, reason)
+                samples = [sample for sample in samples if sample[0] not in self._bad_paths]
+        self.samples: list[tuple[str, int]] = samples
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            if path in self._bad_paths:
+                continue
+            try:
+                return decode_image(path), label
+            except BadImageError as error:
+                self._bad(path, error.reason)
+                logger.warning("%s; substituting the next readable sample", error)
+        raise BadImageError(str(self.root), "no readable image left")
+
+    def _bad(self, path: str, reason: str) -> None:
+        if self.on_bad == "error":
+            raise BadImageError(path, reason)
+        self.bad_files.append((path, reason))
+        self._bad_paths.add(path)
+
+
+def _image_files(folder: Path) -> list[str]:
+    found = []
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
+        found += [
+            os.path.join(directory, name)
+            for name in sorted(files)
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return found
+
+
+# The embedded default set -----------------------------------------------------------------------
+
+
+@functools.cache
+def _load_digits() -> Any:
+    from sklearn.datasets import load_digits  # slow to import, and only this set needs it
+
+    return load_digits()
+
+
+class Digits(Dataset):
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), as uint8 RGB (3, 8, 8).
+
+    A fixed stratified split holds out 20% of each class as "test"; pixel values 0..16 become 0..255.
+    """
+
+    classes = [str(digit) for digit in range(10)]
+    class_to_idx = {name: digit for digit, name in enumerate(classes)}
+    TEST_FRACTION = 0.2
+    SPLIT_SEED = 0
+
+    def __init__(self, split: Literal["train", "test"] = "train") -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"Digits split={split!r}: expected 'train' or 'test'")
+        digits = _load_digits()
+        train, test = stratified_split(digits.target.tolist(), self.TEST_FRACTION, self.SPLIT_SEED)
+        chosen = train if split == "train" else test
+        gray = torch.from_numpy(np.rint(digits.images[chosen] * (255 / 16)).astype(np.uint8))
+        self.images = gray[:, None].expand(-1, 3, -1, -1).contiguous()  # (N, 3, 8, 8)
+        self.targets = digits.target[chosen].tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.targets[index]
+
+
+class Synthetic(Dataset):
+    """Random images with a learnable label: each class owns a fixed random 4x4 colour pattern
+    (from `seed`, shared by all splits), and image `i` is its class's pattern, upsampled to
+    `img_size`, blended half and half with noise drawn from (seed, split, i). Labels cycle 0..C-1.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 1024,
+        *,
+        num_classes: int = 10,
+        img_size: int = 32,
+        split: str = "train",
+        seed: int = 0,
+    ) -> None:
+        self.num_samples = num_samples
+        self.img_size = img_size
+        self.classes = [str(label) for label in range(num_classes)]
+        self.class_to_idx = {name: label for label, name in enumerate(self.classes)}
+        self.targets = [i % num_classes for i in range(num_samples)]
+        self.seed = seed
+        self.split_tag = zlib.crc32(split.encode())
+        patterns = torch.rand((num_classes, 3, 4, 4), generator=torch.Generator().manual_seed(seed))
+        self.patterns = torch.nn.functional.interpolate(patterns * 255, size=(img_size, img_size))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label = self.targets[index]
+        generator = seeded_generator("synthetic", self.seed, self.split_tag, index)
+        noise = torch.rand((3, self.img_size, self.img_size), generator=generator) * 255
+        return (0.5 * self.patterns[label] + 0.5 * noise).round().to(torch.uint8), label
+
+
+# Tar shards -------------------------------------------------------------------------------------
+
+
+def write_shards(
+    image_folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    max_count_per_shard: int = 1000,
+    *,
+    seed: int | None = 0,
+    on_bad: OnBad = "skip",
+    verify: Verify = "header",
+) -> list[Path]:
+    """Write an ImageFolder as webdataset tar shards plus `dataset.json` (classes and counts).
+
+    Each sample keeps its encoded bytes (under its extension, e.g. "jpg") and its class index
+    ("cls"). Samples are written in an order shuffled by `seed` (None: folder order) so that every
+    shard holds a mix of classes, which a streaming reader's small shuffle buffer cannot provide.
+    """
+    folder = ImageFolder(image_folder, on_bad=on_bad, verify=verify)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = list(range(len(folder)))
+    if seed is not None:
+        order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed)).tolist()
+    with wds.ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=max_count_per_shard, verbose=0) as writer:
+        for key, index in enumerate(order):
+            path, label = folder.samples[index]
+            extension = Path(path).suffix.lower().lstrip(".")
+            writer.write({"__key__": f"{key:09d}", extension: Path(path).read_bytes(), "cls": label})
+    num_shards = math.ceil(len(order) / max_count_per_shard)
+    shards = [
+        {
+            "file": f"shard-{shard:06d}.tar",
+            "num_samples": min(max_count_per_shard, len(order) - shard * max_count_per_shard),
+        }
+        for shard in range(num_shards)
+    ]
+    info = {"classes": folder.classes, "num_samples": len(order), "shards": shards}
+    (out_dir / SHARD_INFO).write_text(json.dumps(info, indent=1))
+    return [out_dir / shard["file"] for shard in shards]
+
+
+class ShardDataset(IterableDataset):
+    """Streams the shards written by `write_shards`, each sample once per epoch across all
+    ranks and DataLoader workers.
+
+    The epoch's shard order (shuffled by seed and epoch, the same on every rank) is dealt to the
+    world_size * num_workers reading slots round-robin; each slot shuffles its samples in a buffer
+    seeded by (seed, epoch, slot). `transform` gets a generator seeded by (seed, epoch, slot,
+    position), so a stream is reproducible whatever the timing of the workers.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        transform: Transform | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        on_bad: OnBad = "skip",
+    ) -> None:
+        self.root = Path(root)
+        info_path = self.root / SHARD_INFO
+        if not info_path.is_file():
+            raise FileNotFoundError(
+                f"ShardDataset: no {SHARD_INFO} in {self.root} (write it with write_shards)"
+            )
+        info = json.loads(info_path.read_text())
+        self.classes: list[str] = info["classes"]
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        self.shard_files = [str(self.root / shard["file"]) for shard in info["shards"]]
+        self.shard_sizes = [shard["num_samples"] for shard in info["shards"]]
+        self.transform = transform
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.on_bad = on_bad
+        self.epoch = 0
+        self.bad_files: list[tuple[str, str]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def slot_shards(self, num_workers: int) -> list[list[int]]:
+        """Shard indices read by each slot (rank * num_workers + worker) in this epoch."""
+        order = list(range(len(self.shard_files)))
+        if self.shuffle:
+            order = torch.randperm(
+                len(order), generator=seeded_generator("shards", self.seed, self.epoch)
+            ).tolist()
+        num_slots = self.world_size * max(num_workers, 1)
+        return [order[slot::num_slots] for slot in range(num_slots)]
+
+    def slot_sizes(self, num_workers: int) -> list[int]:
+        """Samples streamed by each slot in this epoch."""
+        return [sum(self.shard_sizes[shard] for shard in shards) for shards in self.slot_shards(num_workers)]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        worker = get_worker_info()
+        num_workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        slot = self.rank * num_workers + worker_id
+        urls = [self.shard_files[shard] for shard in self.slot_shards(num_workers)[slot]]
+        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
+        if self.shuffle:
+            seed = derive_seed("shard-buffer", self.seed, self.epoch, slot)
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed))
+        for position, sample in enumerate(wds.DataPipeline(*stages)):
+            name = f"{sample['__url__']}:{sample['__key__']}"
+            encoded = [value for key, value in sample.items() if f".{key}" in IMAGE_EXTENSIONS]
+            try:
+                if len(encoded) != 1:
+                    raise BadImageError(name, f"expected one image entry, found keys {sorted(sample)}")
+                image = decode_image(encoded[0], name=name)
+            except BadImageError as error:
+                if self.on_bad == "error":
+                    raise
+                self.bad_files.append((error.path, error.reason))
+                logger.warning("%s; skipped", error)
+                continue
+            if self.transform is not None:
+                generator = seeded_generator("shard-sample", self.seed, self.epoch, slot, position)
+                image = self.transform(image, generator)
+            yield image, int(sample["cls"])
