@@ -1,0 +1,279 @@
+"""The PNG figures of the ViT paper, drawn from any model: Figures 6 and 7.
+
+    plot_pos_embed            Figure 7 centre: position-embedding similarity, one tile per patch
+    plot_attention_distance   Figure 7 right: mean attention distance per head against depth
+    plot_filters              Figure 7 left: principal components of the patch-embedding filters
+    plot_attention            Figure 6: attention rollout over the image, and one layer's raw heads
+
+Each takes a model, computes the numbers with `analysis.attention` / `analysis.embeddings`, writes the
+figure atomically and returns the numbers, so a caller (or a test) can check what was drawn.
+Figures are built on `matplotlib.figure.Figure` directly: no pyplot state, no GUI backend.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from ..io import atomic_write
+from ..models.vit import VisionTransformer
+from .attention import attention_rollout, attention_weights, model_attention_distance, pooled_patch_map
+from .embeddings import (
+    FilterComponents,
+    filter_components,
+    patch_filters,
+    patch_position_embeddings,
+    position_similarity,
+)
+
+try:
+    import matplotlib
+    from matplotlib.figure import Figure
+except ImportError as error:  # matplotlib is the optional `viz` extra
+    raise ImportError("vitkit's figures need matplotlib: pip install 'vitkit[viz]'") from error
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)  # the official ViT code maps pixels to [-1, 1]
+
+
+# Files in, files out -----------------------------------------------------------------------------------
+def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """Write a figure atomically; the format (png, svg, pdf) follows the file's suffix."""
+    path = Path(path)
+    file_format = path.suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format=file_format, dpi=dpi, bbox_inches="tight"))
+    return path
+
+
+def image_files(sources: list[str | os.PathLike]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) in the folders named."""
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif source.is_file():
+            files.append(source)
+        else:
+            raise FileNotFoundError(f"{source}: no such image file or folder")
+    if not files:
+        raise FileNotFoundError(
+            f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {[str(s) for s in sources]}"
+        )
+    return files
+
+
+def read_image(path: str | os.PathLike, size: tuple[int, int]) -> torch.Tensor:
+    """An RGB image as uint8 (3, H, W): shorter side resized (bicubic) to fit, then centre-cropped."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from error
+    scale = max(size[0] / image.height, size[1] / image.width)
+    resized = (max(size[1], round(image.width * scale)), max(size[0], round(image.height * scale)))
+    image = image.resize(resized, Image.Resampling.BICUBIC)
+    left, top = (image.width - size[1]) // 2, (image.height - size[0]) // 2
+    image = image.crop((left, top, left + size[1], top + size[0]))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def read_images(
+    sources: list[str | os.PathLike], size: tuple[int, int], limit: int | None = None
+) -> torch.Tensor:
+    """The first `limit` images of files and folders as uint8 (B, 3, H, W)."""
+    files = image_files(sources)[:limit]
+    return torch.stack([read_image(path, size) for path in files])
+
+
+def normalize(
+    images: torch.Tensor,
+    mean: tuple[float, ...] = VIT_MEAN,
+    std: tuple[float, ...] = VIT_STD,
+) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float model input: (x / 255 - mean) / std per channel."""
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean_t) / std_t
+
+
+# Figure 7, centre: position-embedding similarity ---------------------------------------------------------
+def similarity_figure(similarity: torch.Tensor) -> Figure:
+    """(h, w, h, w) cosine similarities -> one tile per patch, tiles arranged by row and column."""
+    rows, cols = similarity.shape[:2]
+    gap = 1  # one blank pixel between tiles, as in the paper
+    mosaic = np.full((rows * (rows + gap) - gap, cols * (cols + gap) - gap), np.nan)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = r * (rows + gap), c * (cols + gap)
+            mosaic[top : top + rows, left : left + cols] = similarity[r, c].numpy()
+    figure = Figure(figsize=(6, 6 * rows / cols + 0.5))
+    axes = figure.add_subplot()
+    image = axes.imshow(mosaic, cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")
+    axes.set_xticks(
+        [c * (cols + gap) + (cols - 1) / 2 for c in range(cols)], [str(c + 1) for c in range(cols)]
+    )
+    axes.set_yticks(
+        [r * (rows + gap) + (rows - 1) / 2 for r in range(rows)], [str(r + 1) for r in range(rows)]
+    )
+    axes.tick_params(length=0, labelsize=7)
+    axes.set_xlabel("Input patch column")
+    axes.set_ylabel("Input patch row")
+    axes.set_title("Position embedding similarity")
+    for spine in axes.spines.values():
+        spine.set_visible(False)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="Cosine similarity")
+    return figure
+
+
+def plot_pos_embed(model: VisionTransformer, path: str | os.PathLike) -> torch.Tensor:
+    """Figure 7 (centre) of a model into `path`; returns the similarities (h, w, h, w)."""
+    similarity = position_similarity(patch_position_embeddings(model))
+    save_figure(similarity_figure(similarity), path)
+    return similarity
+
+
+# Figure 7, right: mean attention distance ---------------------------------------------------------------
+def attention_distance_figure(distances: torch.Tensor, img_size: tuple[int, int]) -> Figure:
+    """(depth, heads) distances in pixels -> one dot per head at each depth, a colour per head."""
+    depth, num_heads = distances.shape
+    figure = Figure(figsize=(5, 4))
+    axes = figure.add_subplot()
+    cmap = matplotlib.colormaps["tab20"]
+    for head in range(num_heads):
+        axes.scatter(
+            np.arange(1, depth + 1),
+            distances[:, head].numpy(),
+            s=14,
+            color=cmap(head % 20),
+            label=f"Head {head + 1}",
+        )
+    axes.set_xlabel("Network depth (layer)")
+    axes.set_ylabel("Mean attention distance (pixels)")
+    axes.set_title(f"Mean attention distance ({img_size[0]}x{img_size[1]} input)")
+    axes.set_xlim(0.5, depth + 0.5)
+    axes.set_ylim(bottom=0)
+    axes.set_xticks(range(1, depth + 1))
+    if num_heads <= 16:
+        axes.legend(fontsize=6, ncol=2, loc="lower right", markerscale=0.8)
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def plot_attention_distance(
+    model: VisionTransformer, images: torch.Tensor, path: str | os.PathLike, batch_size: int = 32
+) -> torch.Tensor:
+    """Figure 7 (right) over normalised images (B, C, H, W) into `path`; returns (depth, heads)."""
+    distances = model_attention_distance(model, images, batch_size=batch_size)
+    save_figure(attention_distance_figure(distances, tuple(images.shape[-2:])), path)
+    return distances
+
+
+# Figure 7, left: patch-embedding filters -------------------------------------------------------------------
+def filters_figure(result: FilterComponents, num_columns: int = 7) -> Figure:
+    """Principal components (K, C, P, P) as small images, each scaled to its own [min, max].
+
+    Three channels are shown as RGB, any other number as the mean over channels in grey.
+    """
+    components = result.components
+    num_components = components.shape[0]
+    num_columns = min(num_columns, num_components)
+    num_rows = -(-num_components // num_columns)
+    figure = Figure(figsize=(1.1 * num_columns, 1.25 * num_rows + 0.4))
+    figure.suptitle("Principal components of the patch-embedding filters")
+    for index in range(num_components):
+        component = components[index]
+        low, high = component.min(), component.max()
+        scaled = ((component - low) / (high - low).clamp_min(1e-12)).numpy()
+        axes = figure.add_subplot(num_rows, num_columns, index + 1)
+        if component.shape[0] == 3:
+            axes.imshow(scaled.transpose(1, 2, 0), interpolation="nearest")
+        else:
+            axes.imshow(scaled.mean(axis=0), cmap="gray", interpolation="nearest")
+        axes.set_title(f"{100 * result.explained[index]:.1f}%", fontsize=7)
+        axes.set_axis_off()
+    return figure
+
+
+def plot_filters(
+    model: VisionTransformer, path: str | os.PathLike, num_components: int = 28
+) -> FilterComponents:
+    """Figure 7 (left) of a model into `path`; returns the components and their explained variance."""
+    result = filter_components(patch_filters(model), num_components)
+    save_figure(filters_figure(result), path)
+    return result
+
+
+# Figure 6: attention rollout and raw attention maps ---------------------------------------------------------
+def upsample(patch_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) -> (H, W), bilinear, scaled to [0, 1] for display."""
+    image = F.interpolate(patch_map[None, None].float(), size=size, mode="bilinear", align_corners=False)[
+        0, 0
+    ]
+    image = image - image.min()
+    return (image / image.max().clamp_min(1e-12)).numpy()
+
+
+def attention_figure(
+    image: torch.Tensor, rollout: torch.Tensor, head_maps: torch.Tensor, layer: int, num_columns: int = 4
+) -> Figure:
+    """Input, rollout, input x rollout (Figure 6's style), then one panel per head of one layer.
+
+    image: uint8 (3, H, W); rollout: (h, w); head_maps: (heads, h, w).
+    """
+    size = tuple(image.shape[-2:])
+    pixels = image.permute(1, 2, 0).float().numpy() / 255
+    mask = upsample(rollout, size)
+    num_heads = head_maps.shape[0]
+    num_columns = max(3, min(num_columns, num_heads))
+    num_rows = 1 + -(-num_heads // num_columns)
+    figure = Figure(figsize=(2.2 * num_columns, 2.3 * num_rows))
+    panels = [
+        ("Input", pixels, None),
+        ("Attention rollout", mask, "inferno"),
+        ("Input x rollout", pixels * mask[..., None], None),
+    ]
+    for index, (title, picture, cmap) in enumerate(panels):
+        axes = figure.add_subplot(num_rows, num_columns, index + 1)
+        axes.imshow(picture, cmap=cmap)
+        axes.set_title(title, fontsize=9)
+        axes.set_axis_off()
+    for head in range(num_heads):
+        axes = figure.add_subplot(num_rows, num_columns, num_columns + head + 1)
+        axes.imshow(pixels)
+        axes.imshow(upsample(head_maps[head], size), cmap="inferno", alpha=0.6)
+        axes.set_title(f"Layer {layer + 1}, head {head + 1}", fontsize=8)
+        axes.set_axis_off()
+    return figure
+
+
+def plot_attention(
+    model: VisionTransformer,
+    image: torch.Tensor,
+    path: str | os.PathLike,
+    layer: int = -1,
+    mean: tuple[float, ...] = VIT_MEAN,
+    std: tuple[float, ...] = VIT_STD,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Figure 6 for one uint8 image (3, H, W) into `path`; returns rollout (h, w) and heads (heads, h, w).
+
+    The head maps show where the pooled representation's query looks in block `layer` (the class
+    token's attention row, or the mean of the patch rows for models without one).
+    """
+    config = model.config
+    weights = attention_weights(model, normalize(image[None], mean, std))
+    if not -len(weights) <= layer < len(weights):
+        raise ValueError(
+            f"layer {layer} does not exist: the model has {len(weights)} blocks (0..{len(weights) - 1})"
+        )
+    layer = layer % len(weights)
+    grid = (image.shape[-2] // config.stride, image.shape[-1] // config.stride)
+    prefix, pool = config.num_prefix_tokens, config.pool
+    rollout = pooled_patch_map(attention_rollout(weights), grid, prefix, pool)[0]
+    head_maps = pooled_patch_map(weights[layer][0], grid, prefix, pool)
+    save_figure(attention_figure(image, rollout, head_maps, layer), path)
+    return rollout, head_maps
