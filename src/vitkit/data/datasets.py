@@ -198,7 +198,7 @@ class ImageFolder(Dataset):
                     listing,
                 )
                 for path, reason in failures:
-                    self._bad(path, reason)
+                    self._record_bad(path, reason)
                 samples = [sample for sample in samples if sample[0] not in self._bad_paths]
         self.samples: list[tuple[str, int]] = samples
         self.targets = [label for _, label in samples]
@@ -214,13 +214,13 @@ class ImageFolder(Dataset):
             try:
                 return decode_image(path), label
             except BadImageError as error:
-                self._bad(path, error.reason)
+                if self.on_bad == "error":
+                    raise
+                self._record_bad(path, error.reason)
                 logger.warning("%s; substituting the next readable sample", error)
         raise BadImageError(str(self.root), "no readable image left")
 
-    def _bad(self, path: str, reason: str) -> None:
-        if self.on_bad == "error":
-            raise BadImageError(path, reason)
+    def _record_bad(self, path: str, reason: str) -> None:
         self.bad_files.append((path, reason))
         self._bad_paths.add(path)
 

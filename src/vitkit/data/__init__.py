@@ -1,0 +1,35 @@
+"""Data: data sets yielding (uint8 image, label), tensor transforms, mixup, and `build_loader`."""
+
+from vitkit.data.datasets import (
+    BadImageError,
+    Digits,
+    ImageFolder,
+    ShardDataset,
+    Synthetic,
+    decode_image,
+    write_shards,
+)
+from vitkit.data.loader import DataConfig, Loader, ResumableSampler, build_loader
+from vitkit.data.mixup import Mixup, soft_target_cross_entropy
+from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD, build_transforms
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "VIT_MEAN",
+    "VIT_STD",
+    "BadImageError",
+    "DataConfig",
+    "Digits",
+    "ImageFolder",
+    "Loader",
+    "Mixup",
+    "ResumableSampler",
+    "ShardDataset",
+    "Synthetic",
+    "build_loader",
+    "build_transforms",
+    "decode_image",
+    "soft_target_cross_entropy",
+    "write_shards",
+]
