@@ -1,0 +1,151 @@
+"""Classification evaluation: top-1, top-5, per-class accuracy and the confusion matrix.
+
+One interface (big_vision's evaluators): an evaluator takes a predict function `images -> logits`
+and batches, and returns metrics. It never sees devices or ranks: the caller passes `to_device` and
+a `reduce` that sums counts over processes, so each rank evaluates its own share of the split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..io import atomic_write
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ClassificationResult:
+    """Counts over a split: `confusion[true, predicted]` and the number of top-k hits per k."""
+
+    confusion: np.ndarray
+    top_k_correct: dict[int, int]
+    classes: list[str]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.confusion.sum())
+
+    def top_k(self, k: int) -> float:
+        return self.top_k_correct[k] / max(self.num_samples, 1)
+
+    @property
+    def per_class_accuracy(self) -> dict[str, float]:
+        """Recall of each class: correct predictions over its samples (NaN for a class with none)."""
+        totals = self.confusion.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = np.diag(self.confusion) / totals
+        return {name: float(value) for name, value in zip(self.classes, recall, strict=True)}
+
+    def metrics(self) -> dict[str, float]:
+        """The scalar metrics, as logged: top1, top5, ... and the mean per-class accuracy."""
+        out = {f"top{k}": self.top_k(k) for k in sorted(self.top_k_correct)}
+        out["mean_class_accuracy"] = float(np.nanmean(list(self.per_class_accuracy.values())))
+        out["num_samples"] = self.num_samples
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.metrics(),
+            "per_class_accuracy": self.per_class_accuracy,
+            "classes": self.classes,
+            "confusion_matrix": self.confusion.tolist(),
+        }
+
+
+@torch.no_grad()
+def evaluate_classification(
+    predict: Predict,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    classes: list[str],
+    *,
+    top_k: tuple[int, ...] = (1, 5),
+    to_device: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor,
+    progress: bool = False,
+) -> ClassificationResult:
+    """Run `predict` (images (B, C, H, W) -> logits (B, classes)) over labelled batches.
+
+    k larger than the number of classes counts as the number of classes (every label is in the top k).
+    """
+    num_classes = len(classes)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    hits = torch.zeros(len(top_k), dtype=torch.int64)
+    for images, labels in tqdm(batches, desc="eval", leave=False, disable=not progress):
+        logits = predict(to_device(images)).float().cpu()
+        if logits.shape[-1] != num_classes:
+            raise ValueError(
+                f"the model predicts {logits.shape[-1]} classes but the data has {num_classes}: {classes[:5]}..."
+            )
+        ranked = logits.topk(min(max(top_k), num_classes), dim=-1).indices  # (B, k)
+        confusion += torch.bincount(
+            labels * num_classes + ranked[:, 0], minlength=num_classes * num_classes
+        ).reshape(num_classes, num_classes)
+        for i, k in enumerate(top_k):
+            hits[i] += (ranked[:, :k] == labels[:, None]).any(dim=-1).sum()
+    counts = reduce(torch.cat([confusion.flatten(), hits]))
+    confusion = counts[: num_classes * num_classes].reshape(num_classes, num_classes)
+    return ClassificationResult(
+        confusion=confusion.numpy(),
+        top_k_correct={
+            k: int(hit) for k, hit in zip(top_k, counts[num_classes * num_classes :], strict=True)
+        },
+        classes=list(classes),
+    )
+
+
+EVALUATORS: dict[str, Callable[..., ClassificationResult]] = {"classification": evaluate_classification}
+
+
+def plot_confusion_matrix(result: ClassificationResult, path: str | os.PathLike, title: str = "") -> Path:
+    """A PNG of the row-normalised confusion matrix (each true class sums to 1), counts in cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = result.confusion
+    num_classes = len(result.classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = confusion / confusion.sum(axis=1, keepdims=True)
+    size = max(4.0, 0.45 * num_classes + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    image = axes.imshow(np.nan_to_num(rates), cmap="Blues", vmin=0, vmax=1)
+    if num_classes <= 30:
+        for true in range(num_classes):
+            for predicted in range(num_classes):
+                count = int(confusion[true, predicted])
+                if count:
+                    dark = rates[true, predicted] > 0.5
+                    axes.text(
+                        predicted, true, count, ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black",
+                    )  # fmt: skip
+        axes.set_xticks(range(num_classes), result.classes, rotation=90)
+        axes.set_yticks(range(num_classes), result.classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title or f"top-1 {result.top_k(1):.2%} on {result.num_samples} images")
+    figure.colorbar(image, fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    plt.close(figure)
+    return path
+
+
+def write_results(result: ClassificationResult, path: str | os.PathLike, **extra: Any) -> Path:
+    """The metrics, per-class accuracies and confusion matrix as JSON (plus any `extra` fields)."""
+    path = Path(path)
+    data = {**extra, **result.to_dict()}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+    return path

@@ -1,0 +1,30 @@
+"""Training: the experiment config, the loop, objectives, optimiser groups and the resumable state."""
+
+from .loop import (
+    EvalConfig,
+    Experiment,
+    ModelConfig,
+    NonFiniteLossError,
+    TrainConfig,
+    build_model,
+    load_experiment,
+    train,
+)
+from .objectives import OBJECTIVES
+from .optim import FREEZE_RULES, OptimConfig, apply_freeze_rule, param_groups
+
+__all__ = [
+    "FREEZE_RULES",
+    "OBJECTIVES",
+    "EvalConfig",
+    "Experiment",
+    "ModelConfig",
+    "NonFiniteLossError",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_freeze_rule",
+    "build_model",
+    "load_experiment",
+    "param_groups",
+    "train",
+]

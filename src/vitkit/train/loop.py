@@ -1,0 +1,716 @@
+"""The training loop, and the experiment config it runs.
+
+An experiment is a dataclass tree, `Experiment(model, data, optim, train, eval)`, produced by a Python
+function in `configs/` and changed from the CLI with type-checked `--set a.b=value` overrides. `train`
+runs it the same way on one CPU, one GPU or N processes under torchrun (nanoGPT's habit: one
+autocast context, a grad scaler enabled only for fp16, and `main_process` guarding every write):
+
+    for each optimiser step:  lr from the schedule
+        for each micro-batch:  autocast forward -> loss; stop if not finite; scaled backward
+        unscale, clip, step, EMA update;  log;  checkpoint every N steps
+    each epoch: evaluate, keep the best weights, checkpoint (the whole state, resumable bitwise)
+
+Only this file and `distributed.py` know about devices and ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import difflib
+import importlib.util
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data import DataConfig, build_loader
+from ..data.datasets import derive_seed
+from ..eval.classification import (
+    ClassificationResult,
+    evaluate_classification,
+    plot_confusion_matrix,
+    write_results,
+)
+from ..io import atomic_write
+from ..io import load as load_model
+from ..models.config import ViTConfig, check_fields
+from ..models.vit import VisionTransformer
+from ..registry import create_model
+from . import distributed
+from .objectives import get_objective
+from .optim import FreezeRule, OptimConfig, apply_freeze_rule, build_optimizer, learning_rate, set_lr
+from .state import (
+    Checkpoint,
+    Progress,
+    apply_retention,
+    capture_rng,
+    decode_bytes,
+    encode_bytes,
+    find_resumable,
+    load_checkpoint,
+    model_metadata,
+    restore_rng,
+    save_checkpoint,
+    write_weights,
+)
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Resume = Literal["auto", "never"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# The experiment config ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model: a registered name with ViTConfig overrides, or a checkpoint to start from.
+
+    img_size and num_classes default to the data's; `init_from` loads any vitkit checkpoint with the
+    overrides applied (a new head for other classes, position embeddings resampled to img_size).
+    """
+
+    name: str = "vit_tiny_patch16_224"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str = ""
+    freeze: FreezeRule = "none"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "runs/experiment"
+    epochs: int = 10
+    # Stop after this many optimiser steps (0: the full schedule); the schedule still spans `epochs`.
+    max_steps: int = 0
+    seed: int = 0
+    objective: str = "supervised"
+    device: distributed.DeviceName = "auto"
+    strategy: distributed.Strategy = "ddp"
+    precision: Precision = "fp32"
+    # Micro-batches per optimiser step: the effective batch is accumulation x data.batch_size x ranks.
+    accumulation: int = 1
+    # EMA of the weights (Polyak averaging); 0 turns it off.
+    ema_decay: float = 0.0
+    grad_checkpointing: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    # CPU threads of this process (0: torch's default). Small models run faster on one thread: the
+    # per-op overhead of splitting work across cores outweighs the arithmetic they share.
+    num_threads: int = 0
+    log_every: int = 10
+    # A resumable checkpoint every N steps (0: only at epoch ends); keep the newest `keep_last`.
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    resume: Resume = "auto"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # Split evaluated after every `every` epochs and at the end ("": no evaluation).
+    split: str = "test"
+    every: int = 1
+    evaluator: Literal["classification"] = "classification"
+    top_k: tuple[int, ...] = (1, 5)
+    # With EMA on, evaluate (and keep as best) the EMA weights.
+    use_ema: bool = True
+
+
+@dataclass(frozen=True)
+class Experiment:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(ViTConfig, self.model.overrides, what="model.overrides (ViTConfig)")
+        train = self.train
+        for name, allowed in (
+            ("precision", Precision),
+            ("resume", Resume),
+            ("device", distributed.DeviceName),
+        ):
+            if getattr(train, name) not in get_args(allowed):
+                raise ValueError(
+                    f"train.{name}={getattr(train, name)!r}: expected one of {get_args(allowed)}"
+                )
+        checks = {
+            "train.epochs must be >= 1": train.epochs >= 1,
+            "train.accumulation must be >= 1": train.accumulation >= 1,
+            "train.keep_last must be >= 1": train.keep_last >= 1,
+            "train.log_every must be >= 1": train.log_every >= 1,
+            "train.num_threads must be >= 0": train.num_threads >= 0,
+            "train.ema_decay must be in [0, 1)": 0 <= train.ema_decay < 1,
+            "eval.every must be >= 1": self.eval.every >= 1,
+        }
+        failed = [message for message, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"invalid experiment: {'; '.join(failed)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# Configs from files and the CLI ---------------------------------------------------------------------
+def config_dirs() -> list[Path]:
+    """Where config names are looked up: ./configs, then the source checkout's configs/."""
+    return [Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"]
+
+
+def list_configs() -> list[str]:
+    names = {p.stem for folder in config_dirs() if folder.is_dir() for p in folder.glob("*.py")}
+    return sorted(name for name in names if not name.startswith("_"))
+
+
+def _config_path(config: str) -> Path:
+    path = Path(config)
+    if path.suffix in (".py", ".json"):
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        return path
+    for folder in config_dirs():
+        if (folder / f"{config}.py").exists():
+            return folder / f"{config}.py"
+    raise FileNotFoundError(
+        f"no config named {config!r} in {', '.join(str(d) for d in config_dirs())}; known: {', '.join(list_configs())}"
+    )
+
+
+def _experiment_from_file(path: Path) -> Experiment:
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: invalid JSON: {error}") from error
+        return _parse({"experiment": data}, path)
+    spec = importlib.util.spec_from_file_location(f"vitkit_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "experiment", None)):
+        raise ValueError(f"{path}: a config file must define `experiment() -> Experiment`")
+    result = module.experiment()
+    if not isinstance(result, Experiment):
+        raise TypeError(f"{path}: experiment() returned {type(result).__name__}, expected Experiment")
+    return result
+
+
+def _parser():
+    import jsonargparse
+
+    parser = jsonargparse.ArgumentParser(exit_on_error=False, prog="vitkit train")
+    parser.add_class_arguments(Experiment, "experiment")
+    return parser
+
+
+def _parse(data: dict[str, Any] | None, origin: Any, flags: list[str] | None = None) -> Experiment:
+    import jsonargparse
+
+    parser = _parser()
+    try:
+        namespace = parser.parse_object(data) if data is not None else parser.parse_args(flags or [])
+        return parser.instantiate_classes(namespace).experiment
+    except jsonargparse.ArgumentError as error:
+        raise ValueError(f"{origin}: {error}".replace("experiment.", "")) from error
+
+
+def _known_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for item in dataclasses.fields(cls):
+        factory = item.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            keys += _known_keys(factory, f"{prefix}{item.name}.")
+        else:
+            keys.append(f"{prefix}{item.name}")
+    return keys
+
+
+def load_experiment(config: str | Experiment, overrides: list[str] = ()) -> Experiment:
+    """An experiment from a config name in configs/, a .py or .json file (e.g. a run's config.json),
+    or an Experiment, with `key=value` overrides (`optim.lr=1e-3`, `model.overrides.depth=6`).
+
+    Overrides are type-checked by jsonargparse; unknown keys are errors with close matches named.
+    """
+    import yaml
+
+    base = config if isinstance(config, Experiment) else _experiment_from_file(_config_path(config))
+    data = base.to_dict()
+    known = _known_keys(Experiment)
+    flags = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep:
+            raise ValueError(f"override {override!r}: expected key=value, e.g. optim.lr=1e-3")
+        if key.startswith("model.overrides."):
+            # One ViTConfig field at a time; its type is checked when the ViTConfig is built.
+            data["model"]["overrides"][key.removeprefix("model.overrides.")] = yaml.safe_load(value)
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"override {override!r}: unknown config key {key!r}{hint}")
+        flags.append(f"--experiment.{key}={value}")
+    base = _parse({"experiment": data}, config if isinstance(config, str) else "config")
+    parser = _parser()
+    parser.set_defaults({"experiment": base.to_dict()})
+    import jsonargparse
+
+    try:
+        return parser.instantiate_classes(parser.parse_args(flags)).experiment
+    except jsonargparse.ArgumentError as error:
+        raise ValueError(f"override: {error}".replace("experiment.", "")) from error
+
+
+# The model ------------------------------------------------------------------------------------------
+def build_model(cfg: ModelConfig, img_size: int, num_classes: int) -> VisionTransformer:
+    """The model of `cfg` for this data: a registered name, or a checkpoint via `vitkit.load`."""
+    overrides = {"img_size": img_size, "num_classes": num_classes, **cfg.overrides}
+    if cfg.init_from:
+        model = load_model(cfg.init_from, **overrides)
+        log.info("model: initialised from %s with overrides %s", cfg.init_from, overrides)
+    else:
+        model = create_model(cfg.name, **overrides)
+    num_trainable = apply_freeze_rule(model, cfg.freeze)
+    log.info(
+        "model: %s parameters, %s trainable (%s)", f"{model.num_params():,}", f"{num_trainable:,}", cfg.freeze
+    )
+    return model
+
+
+class ModelEma:
+    """An exponential moving average of the weights: ema = decay * ema + (1 - decay) * weights."""
+
+    def __init__(self, model: VisionTransformer, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: VisionTransformer) -> None:
+        for ema, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if ema.is_floating_point():
+                ema.lerp_(current, 1.0 - self.decay)
+            else:
+                ema.copy_(current)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised before the optimiser step that a NaN/inf loss would have poisoned."""
+
+
+# Metrics --------------------------------------------------------------------------------------------
+CSV_COLUMNS = [
+    "step", "epoch", "split", "loss", "accuracy", "lr", "grad_norm", "samples_per_s", "train_time_s",
+    "top1", "top5", "mean_class_accuracy",
+]  # fmt: skip
+
+
+class MetricsLog:
+    """Rows to metrics.jsonl and metrics.csv, scalars to TensorBoard; a no-op off the main process.
+
+    On resume, rows after the checkpoint's step are dropped: the resumed run logs them again.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.jsonl = out_dir / "metrics.jsonl"
+        self.csv = out_dir / "metrics.csv"
+        self.writer = None
+        if not enabled:
+            return
+        rows = [
+            row for row in read_metrics(self.jsonl) if resume_step is not None and row["step"] <= resume_step
+        ]
+        atomic_write(
+            self.jsonl, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        )
+
+        def write_csv(tmp: str) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.csv, write_csv)
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        with open(self.csv, "a", newline="") as handle:
+            csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore").writerow(row)
+        for key, value in row.items():
+            if key not in ("step", "split") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
+    """Training loss and eval top-1 against the step, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if r["split"] == "train"]
+    evals = [r for r in rows if r["split"] != "train" and "top1" in r]
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    loss_axes.set_xlabel("step")
+    loss_axes.set_ylabel("cross-entropy")
+    loss_axes.set_yscale("log")
+    loss_axes.legend()
+    accuracy_axes.plot(
+        [r["step"] for r in train], [r["accuracy"] for r in train], alpha=0.5, label="train batch"
+    )
+    if evals:
+        accuracy_axes.plot(
+            [r["step"] for r in evals],
+            [r["top1"] for r in evals],
+            marker="o",
+            label=f"{evals[0]['split']} top-1",
+        )
+    accuracy_axes.set_xlabel("step")
+    accuracy_axes.set_ylabel("accuracy")
+    accuracy_axes.set_ylim(0, 1)
+    accuracy_axes.grid(alpha=0.3)
+    accuracy_axes.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    plt.close(figure)
+    return Path(path)
+
+
+# The loop -------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(experiment: Experiment) -> dict[str, Any]:
+    """Run an experiment to the end (resuming from its run folder when it has a valid checkpoint).
+
+    Returns the final metrics and the paths of what was written (on the main process).
+    """
+    env = distributed.setup(experiment.train.device)
+    try:
+        return Trainer(experiment, env).run()
+    finally:
+        distributed.cleanup()
+
+
+class Trainer:
+    def __init__(self, experiment: Experiment, env: distributed.Env):
+        self.exp = experiment
+        self.env = env
+        cfg = experiment.train
+        self.out_dir = Path(cfg.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        if cfg.precision == "fp16" and env.device.type != "cuda":
+            raise ValueError(
+                "train.precision='fp16' needs a GPU (its grad scaler is CUDA's); use 'bf16' on CPU"
+            )
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        if cfg.strategy == "fsdp" and (cfg.ema_decay > 0 or cfg.compile):
+            raise ValueError("train.strategy='fsdp' supports neither ema_decay > 0 nor compile")
+        data = experiment.data
+        self.train_loader = build_loader(data, "train", rank=env.rank, world_size=env.world_size)
+        self.classes = self.train_loader.classes
+        self.eval_loader = None
+        if experiment.eval.split:
+            self.eval_loader = build_loader(
+                data, experiment.eval.split, rank=env.rank, world_size=env.world_size
+            )
+        # The same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
+        seed_everything(cfg.seed)
+        model = build_model(experiment.model, data.img_size, self.train_loader.num_classes)
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
+        self.model = model.to(env.device)
+        self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.optimizer = build_optimizer(self.model, experiment.optim)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+        self.steps_per_epoch = len(self.train_loader) // cfg.accumulation
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"an epoch of {len(self.train_loader)} batches is shorter than train.accumulation={cfg.accumulation}"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = round(experiment.optim.warmup_epochs * self.steps_per_epoch)
+        self.progress = Progress()
+        self.metadata = model_metadata(model.config, self.classes, data.to_dict())
+
+    # Resume ---------------------------------------------------------------------------------------------
+    def resume(self) -> int | None:
+        """Restore the newest valid checkpoint of the run folder; returns its step (None: fresh start)."""
+        if self.exp.train.resume == "never":
+            return None
+        folder, skipped = find_resumable(self.checkpoint_dir) if self.env.main_process else (None, [])
+        for reason in skipped:
+            log.warning("resume: skipping checkpoint %s", reason)
+        folder = distributed.broadcast_object(folder)
+        if folder is None:
+            return None
+        checkpoint: Checkpoint = load_checkpoint(folder)
+        distributed.unwrap(self.model).load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        if self.ema is not None:
+            if checkpoint.ema is None:
+                raise ValueError(f"{folder}: has no EMA weights but train.ema_decay > 0")
+            self.ema.model.load_state_dict(checkpoint.ema)
+        if checkpoint.scaler:
+            self.scaler.load_state_dict(checkpoint.scaler)
+        self.progress = checkpoint.progress
+        if checkpoint.world_size == self.env.world_size:
+            self.restore_rng(checkpoint.rng[self.env.rank])
+        else:
+            log.warning(
+                "resume: %s was written by %d processes, this run has %d: RNG streams are re-seeded",
+                folder, checkpoint.world_size, self.env.world_size,
+            )  # fmt: skip
+            seed_everything(derive_seed("resume", self.exp.train.seed, self.env.rank, self.progress.step))
+        if self.env.main_process:
+            print(
+                f"resumed from {folder} at step {self.progress.step} (epoch {self.progress.epoch}, "
+                f"sample {self.progress.position} of the epoch)",
+                file=sys.stderr,
+            )
+        return self.progress.step
+
+    def capture_rng(self) -> dict[str, Any]:
+        state = capture_rng()
+        if self.env.device.type == "cuda":
+            state["cuda"] = encode_bytes(torch.cuda.get_rng_state(self.env.device))
+        return state
+
+    def restore_rng(self, state: dict[str, Any]) -> None:
+        restore_rng(state)
+        if "cuda" in state and self.env.device.type == "cuda":
+            torch.cuda.set_rng_state(decode_bytes(state["cuda"]), self.env.device)
+
+    def save(self, wrapped: torch.nn.Module) -> Path | None:
+        """A resumable checkpoint of the whole state; every rank calls it, rank 0 writes."""
+        rng = distributed.all_gather_object(self.capture_rng())
+        weights = distributed.full_state_dict(wrapped)
+        if not self.env.main_process:
+            return None
+        folder = save_checkpoint(
+            self.checkpoint_dir,
+            model=weights,
+            metadata=self.metadata,
+            optimizer=self.optimizer.state_dict(),
+            progress=self.progress,
+            rng=rng,
+            ema=self.ema.model.state_dict() if self.ema is not None else None,
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        )
+        apply_retention(self.checkpoint_dir, self.exp.train.keep_last)
+        return folder
+
+    # Evaluation --------------------------------------------------------------------------------------
+    def evaluate(self, wrapped: torch.nn.Module, autocast) -> ClassificationResult:
+        use_ema = self.ema is not None and self.exp.eval.use_ema
+        model = self.ema.model if use_ema else distributed.unwrap(wrapped)
+        was_training = model.training
+        model.eval()
+
+        def predict(images: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return model(images)
+
+        result = evaluate_classification(
+            predict,
+            self.eval_loader,
+            self.classes,
+            top_k=self.exp.eval.top_k,
+            to_device=lambda tensor: tensor.to(self.env.device, non_blocking=True),
+            reduce=distributed.all_reduce_sum,
+            progress=self.env.main_process,
+        )
+        model.train(was_training)
+        return result
+
+    def keep_best(self, result: ClassificationResult) -> None:
+        top1 = result.top_k(1)
+        if self.progress.best_metric is not None and top1 <= self.progress.best_metric:
+            return
+        self.progress.best_metric, self.progress.best_step = top1, self.progress.step
+        if self.env.main_process:
+            use_ema = self.ema is not None and self.exp.eval.use_ema
+            model = self.ema.model if use_ema else distributed.unwrap(self.model)
+            write_weights(self.out_dir / "best.safetensors", model.state_dict(), self.metadata)
+
+    # The loop ---------------------------------------------------------------------------------------------
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.train_loader.set_epoch(epoch)
+        self.train_loader.set_start(start)
+        device = self.env.device
+        for images, targets in self.train_loader:
+            yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+    def run(self) -> dict[str, Any]:
+        exp, env, cfg = self.exp, self.env, self.exp.train
+        main = env.main_process
+        resumed_step = self.resume()
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            config_json = json.dumps(exp.to_dict(), indent=1) + "\n"
+            atomic_write(self.out_dir / "config.json", lambda tmp: Path(tmp).write_text(config_json))
+            classes_json = json.dumps(self.train_loader.class_to_idx, indent=1) + "\n"
+            atomic_write(self.out_dir / "class_to_idx.json", lambda tmp: Path(tmp).write_text(classes_json))
+        metrics = MetricsLog(self.out_dir, main, resumed_step)
+        wrapped = distributed.wrap(self.model, env, cfg.strategy)
+        if cfg.compile:
+            wrapped = torch.compile(wrapped)
+        objective = get_objective(cfg.objective)
+        dtype = _DTYPES.get(cfg.precision, torch.float32)
+
+        def autocast():
+            return torch.autocast(env.device.type, dtype=dtype, enabled=cfg.precision != "fp32")
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        batch_size = exp.data.batch_size
+        last_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        result = None
+        wrapped.train()
+        while self.progress.step < last_step:
+            epoch = self.progress.epoch
+            step_in_epoch = self.progress.position // (batch_size * cfg.accumulation)
+            batches = self.batches(epoch, self.progress.position)
+            bar = tqdm(
+                total=self.steps_per_epoch, initial=step_in_epoch, disable=not main,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True,
+            )  # fmt: skip
+            while step_in_epoch < self.steps_per_epoch and self.progress.step < last_step:
+                started = time.perf_counter()
+                step = self.progress.step
+                lr = learning_rate(exp.optim, step, self.total_steps, self.warmup_steps)
+                set_lr(self.optimizer, lr)
+                totals: dict[str, float] = {}
+                for micro in range(cfg.accumulation):
+                    batch = next(batches)
+                    # Gradients are all-reduced on the last micro-batch only.
+                    sync = micro == cfg.accumulation - 1 or not hasattr(wrapped, "no_sync")
+                    with contextlib.nullcontext() if sync else wrapped.no_sync():
+                        with autocast():
+                            loss, step_metrics = objective(wrapped, batch)
+                        finite = distributed.all_reduce_min(torch.isfinite(loss.detach()).float().cpu())
+                        if finite.item() == 0:
+                            raise NonFiniteLossError(
+                                f"non-finite loss {loss.item()} at step {step} (epoch {epoch}, micro-batch "
+                                f"{micro}) before the optimiser step; the last good checkpoint is "
+                                f"{find_resumable(self.checkpoint_dir)[0] or 'none (no checkpoint written yet)'}"
+                            )
+                        self.scaler.scale(loss / cfg.accumulation).backward()
+                    for key, value in step_metrics.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) / cfg.accumulation
+                grad_norm = None
+                if exp.optim.clip_grad > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, exp.optim.clip_grad))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(distributed.unwrap(wrapped))
+                self.progress.step += 1
+                step_in_epoch += 1
+                self.progress.position += batch_size * cfg.accumulation
+                elapsed = time.perf_counter() - started
+                self.progress.train_time += elapsed
+                bar.update(1)
+                if self.progress.step % cfg.log_every == 0 or step_in_epoch == self.steps_per_epoch:
+                    row = {
+                        "step": self.progress.step, "epoch": epoch, "split": "train", "lr": lr,
+                        "samples_per_s": batch_size * cfg.accumulation * env.world_size / elapsed,
+                        "train_time_s": self.progress.train_time, **totals,
+                    }  # fmt: skip
+                    if grad_norm is not None:
+                        row["grad_norm"] = grad_norm
+                    metrics.write(row)
+                    bar.set_postfix(loss=f"{totals['loss']:.4f}", lr=f"{lr:.2e}")
+                # The epoch's last step is saved after its evaluation, below.
+                at_epoch_end = step_in_epoch == self.steps_per_epoch
+                if (
+                    cfg.checkpoint_every
+                    and self.progress.step % cfg.checkpoint_every == 0
+                    and not at_epoch_end
+                ):
+                    self.save(wrapped)
+            bar.close()
+            if step_in_epoch == self.steps_per_epoch:
+                self.progress.epoch, self.progress.position = epoch + 1, 0
+            finished = self.progress.step >= last_step
+            if self.eval_loader is not None and (self.progress.epoch % exp.eval.every == 0 or finished):
+                result = self.evaluate(wrapped, autocast)
+                metrics.write(
+                    {"step": self.progress.step, "epoch": epoch, "split": exp.eval.split,
+                     "train_time_s": self.progress.train_time, **result.metrics()}
+                )  # fmt: skip
+                self.keep_best(result)
+                if main:
+                    print(f"epoch {epoch + 1}: {exp.eval.split} top-1 {result.top_k(1):.2%}", file=sys.stderr)
+            self.save(wrapped)
+        metrics.close()
+        return self.finish(wrapped, autocast, result)
+
+    def finish(
+        self, wrapped: torch.nn.Module, autocast, result: ClassificationResult | None
+    ) -> dict[str, Any]:
+        """The final results file and figures (main process); the summary returned to the caller."""
+        if self.eval_loader is not None and result is None:
+            result = self.evaluate(wrapped, autocast)
+        weights = distributed.full_state_dict(wrapped)
+        summary: dict[str, Any] = {"out_dir": str(self.out_dir), "steps": self.progress.step}
+        if not self.env.main_process:
+            return summary
+        write_weights(self.out_dir / "last.safetensors", weights, self.metadata)
+        summary.update(
+            train_time_s=round(self.progress.train_time, 2),
+            last=str(self.out_dir / "last.safetensors"),
+            metrics=str(self.out_dir / "metrics.jsonl"),
+            curves=str(plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")),
+        )
+        if result is not None:
+            summary.update(result.metrics())
+            summary["best"] = str(self.out_dir / "best.safetensors")
+            summary["best_top1"] = self.progress.best_metric
+            summary["confusion_matrix"] = str(
+                plot_confusion_matrix(result, self.out_dir / "confusion_matrix.png")
+            )
+            summary["results"] = str(
+                write_results(result, self.out_dir / "results.json", split=self.exp.eval.split, **{
+                    k: v for k, v in summary.items() if k in ("steps", "train_time_s", "best_top1")
+                })
+            )  # fmt: skip
+        return summary

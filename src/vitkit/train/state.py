@@ -1,0 +1,281 @@
+"""The whole training state on disk, in formats that cannot run code, written atomically.
+
+A checkpoint is a folder `checkpoints/step-XXXXXXXX/`:
+
+    model.safetensors      weights + the ViTConfig (loads with `vitkit.load`), class names, data config
+    ema.safetensors        the EMA weights, when EMA is on
+    optimizer.safetensors  every optimiser state tensor (AdamW moments and step counts)
+    state.json             the rest: step, epoch and data position, optimiser hyper-parameters, grad
+                           scaler, RNG states of python, numpy and torch (per rank), best metric
+    COMPLETE               written last: the SHA-256 of each file above
+
+Each file is written with `atomic_write` (temporary file, fsync, rename), and the marker only after all
+of them, so a process killed at any moment leaves either a complete checkpoint or a folder without a
+marker, which `find_resumable` skips. A complete folder whose files no longer match their checksums
+(a damaged disk, a copy cut short) is skipped too, and the log says why.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from ..io import CONFIG_KEY, CheckpointError, atomic_write, read_weights
+from ..models.config import ViTConfig
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+STATE_NAME = "state.json"
+MODEL_NAME = "model.safetensors"
+EMA_NAME = "ema.safetensors"
+OPTIMIZER_NAME = "optimizer.safetensors"
+CLASSES_KEY = "vitkit.classes"
+DATA_KEY = "vitkit.data"
+_STEP_FOLDER = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class Progress:
+    """Where training stands: `position` counts this rank's samples of `epoch` already trained on."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    # Seconds spent in training steps (evaluation and checkpoints excluded), for time-to-accuracy.
+    train_time: float = 0.0
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: tensors on CPU, everything else plain data."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    config: ViTConfig
+    optimizer: dict[str, Any]
+    progress: Progress
+    ema: dict[str, torch.Tensor] | None = None
+    scaler: dict[str, Any] | None = None
+    rng: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1
+
+
+# RNG states as JSON -------------------------------------------------------------------------------------
+def encode_bytes(tensor: torch.Tensor) -> str:
+    """A uint8 RNG state tensor as base64 text."""
+    return base64.b64encode(tensor.numpy().tobytes()).decode("ascii")
+
+
+def decode_bytes(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states of python, numpy and torch (CPU) as JSON-able data."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": encode_bytes(torch.get_rng_state()),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(decode_bytes(state["torch"]))
+
+
+# Optimiser state as safetensors + JSON ---------------------------------------------------------------
+def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """optimizer.state_dict() -> (tensors named `state.{param}.{name}`, JSON for the rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            key = f"state.{index}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    entries: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *rest["scalars"].items()]:
+        _, index, name = key.split(".", 2)
+        entries.setdefault(int(index), {})[name] = value
+    return {"state": entries, "param_groups": rest["param_groups"]}
+
+
+# Writing --------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def model_metadata(
+    config: ViTConfig, classes: list[str] | None = None, data: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """safetensors metadata that makes a weight file self-describing for `vitkit.load` and predict."""
+    metadata = {"format": "pt", CONFIG_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+    if classes is not None:
+        metadata[CLASSES_KEY] = json.dumps(classes)
+    if data is not None:
+        metadata[DATA_KEY] = json.dumps(data, sort_keys=True)
+    return metadata
+
+
+def write_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def step_folder(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def save_checkpoint(
+    root: str | Path,
+    *,
+    model: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    optimizer: dict[str, Any],
+    progress: Progress,
+    rng: list[dict[str, Any]],
+    ema: dict[str, torch.Tensor] | None = None,
+    scaler: dict[str, Any] | None = None,
+) -> Path:
+    """Write one checkpoint folder under `root`; the marker goes last. Returns the folder."""
+    folder = step_folder(Path(root), progress.step)
+    if folder.exists():
+        # A leftover of an interrupted or damaged save of this same step: never mix old and new files.
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    write_weights(folder / MODEL_NAME, model, metadata)
+    if ema is not None:
+        write_weights(folder / EMA_NAME, ema, metadata)
+    tensors, rest = split_optimizer_state(optimizer)
+    atomic_write(folder / OPTIMIZER_NAME, lambda tmp: save_file(tensors, tmp))
+    state = {
+        "progress": progress.__dict__,
+        "optimizer": rest,
+        "scaler": scaler,
+        "rng": rng,
+        "world_size": len(rng),
+    }
+    _write_json(folder / STATE_NAME, state)
+    files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    _write_json(folder / MARKER, {"sha256": {name: _sha256(folder / name) for name in files}})
+    return folder
+
+
+def apply_retention(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest complete checkpoints, and any unfinished older folder."""
+    folders = list_checkpoints(root)
+    complete = [folder for folder in folders if (folder / MARKER).exists()]
+    keep = set(complete[:keep_last])
+    newest = complete[0] if complete else None
+    removed = []
+    for folder in folders:
+        unfinished_and_old = not (folder / MARKER).exists() and newest is not None and folder < newest
+        if (folder in complete and folder not in keep) or unfinished_and_old:
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return removed
+
+
+# Reading --------------------------------------------------------------------------------------------
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint folders under `root`, newest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _STEP_FOLDER.match(p.name)), reverse=True)
+
+
+def check_checkpoint(folder: Path) -> str | None:
+    """None for a complete, undamaged checkpoint; otherwise why it cannot be used."""
+    marker = folder / MARKER
+    if not marker.exists():
+        return "no COMPLETE marker (the process stopped while writing it)"
+    try:
+        expected = json.loads(marker.read_text())["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        return f"{marker}: unreadable marker ({error})"
+    for name in (MODEL_NAME, OPTIMIZER_NAME, STATE_NAME):
+        if name not in expected:
+            return f"{name} is not listed in the marker"
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.exists():
+            return f"{path}: missing"
+        if _sha256(path) != digest:
+            return f"{path}: checksum mismatch (damaged or truncated)"
+    return None
+
+
+def find_resumable(root: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest valid checkpoint under `root` (or None) and why each newer one was passed over."""
+    skipped = []
+    for folder in list_checkpoints(root):
+        reason = check_checkpoint(folder)
+        if reason is None:
+            return folder, skipped
+        skipped.append(f"{folder.name}: {reason}")
+    return None, skipped
+
+
+def load_checkpoint(folder: str | Path) -> Checkpoint:
+    """Read a checkpoint folder written by `save_checkpoint` (CheckpointError when it is damaged)."""
+    folder = Path(folder)
+    reason = check_checkpoint(folder)
+    if reason is not None:
+        raise CheckpointError(f"{folder}: cannot resume: {reason}")
+    model, metadata = read_weights(folder / MODEL_NAME)
+    if CONFIG_KEY not in metadata:
+        raise CheckpointError(f"{folder / MODEL_NAME}: no {CONFIG_KEY!r} metadata")
+    optimizer_tensors, _ = read_weights(folder / OPTIMIZER_NAME)
+    ema = read_weights(folder / EMA_NAME)[0] if (folder / EMA_NAME).exists() else None
+    try:
+        state = json.loads((folder / STATE_NAME).read_text())
+        progress = Progress(**state["progress"])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{folder / STATE_NAME}: not a training state ({error})") from error
+    return Checkpoint(
+        path=folder,
+        model=model,
+        config=ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY])),
+        optimizer=join_optimizer_state(optimizer_tensors, state["optimizer"]),
+        progress=progress,
+        ema=ema,
+        scaler=state["scaler"],
+        rng=state["rng"],
+        world_size=state["world_size"],
+    )
