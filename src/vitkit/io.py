@@ -182,9 +182,20 @@ def read_config(path: str | os.PathLike) -> ViTConfig:
     return ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
 
 
-def load(path: str | os.PathLike, strict: bool = True, **overrides: Any) -> VisionTransformer:
+def load(
+    path: str | os.PathLike, strict: bool = True, delta: str | os.PathLike | None = None, **overrides: Any
+) -> VisionTransformer:
     """Rebuild a saved model. Overrides change the config: e.g. img_size=384 (position embeddings are
-    resampled in 2D), num_classes=10 (a new, zero-initialised head)."""
+    resampled in 2D), num_classes=10 (a new, zero-initialised head). With `delta`, `path` is the base
+    and the result is the task model saved by `vitkit.delta.save_delta` (its config is the delta's)."""
+    if delta is not None:
+        from .delta import load_delta  # delta.py imports this module
+
+        if overrides:
+            raise TypeError(
+                f"load(delta=...) takes its config from the delta; got overrides {sorted(overrides)}"
+            )
+        return load_delta(load(path, strict=strict), delta)
     path = Path(path)
     weights_path = path / WEIGHTS_NAME if path.is_dir() else path
     source = read_config(path)
