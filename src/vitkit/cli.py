@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from .analysis.flops import count, human
 from .registry import get_config, list_models
 
@@ -55,6 +53,14 @@ def run_info(args: argparse.Namespace) -> int:
 # vitkit zoo -------------------------------------------------------------------------------------------
 def add_zoo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'vit_base_*'")
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="MMClassification's columns: model, pretrain, resolution, params, FLOPs, top-1, top-5",
+    )
+    parser.add_argument(
+        "--metafile", default=None, help="write the zoo metafile (JSON) here, e.g. docs/model-index.json"
+    )
 
 
 def zoo_table(pattern: str = "*") -> str:
@@ -74,49 +80,231 @@ def zoo_table(pattern: str = "*") -> str:
 
 
 def run_zoo(args: argparse.Namespace) -> int:
+    """List the registered models with parameters and MACs; --markdown, --metafile for the zoo files."""
+    if args.metafile or args.markdown:
+        from .analysis.zoo import markdown_table, write_metafile
+
+        if args.metafile:
+            print(f"wrote {write_metafile(args.metafile, args.pattern)}")
+        if args.markdown:
+            print(markdown_table(args.pattern))
+        return 0
     print(zoo_table(args.pattern))
     return 0
 
 
-# vitkit demo ------------------------------------------------------------------------------------------
+# vitkit train / eval / predict / demo ----------------------------------------------------------------
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="a name in configs/ (e.g. digits_vit), a .py file, or a run's config.json",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+        help="override a config field, type-checked: optim.lr=1e-3, train.epochs=5, model.overrides.depth=6",
+    )  # fmt: skip
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train an experiment from configs/ (resumes from its run folder); torchrun runs it on N processes."""
+    import json
+
+    from .train import NonFiniteLossError, load_experiment, train
+
+    experiment = load_experiment(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(experiment.to_dict(), indent=1))
+        return 0
+    try:
+        summary = train(experiment)
+    except NonFiniteLossError as error:
+        print(f"vitkit train: stopped: {error}", file=sys.stderr)
+        return 3
+    if "last" in summary:  # the main process
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint", help="a run folder (its best weights), or a .safetensors training checkpoint"
+    )
+    parser.add_argument("--split", default="test", help="split of the training run's data set")
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+        help="override the data config stored with the checkpoint, e.g. root=/data/cifar10 batch_size=256",
+    )  # fmt: skip
+    parser.add_argument("--out", default=None, help="folder for results.json and the confusion matrix PNG")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Top-1/top-5, per-class accuracy and a confusion matrix PNG of a checkpoint on a split."""
+    import yaml
+
+    from .data import DataConfig, build_loader
+    from .eval.classification import (
+        evaluate_classification,
+        load_classifier,
+        plot_confusion_matrix,
+        resolve_checkpoint,
+        write_results,
+    )
+
+    path = resolve_checkpoint(args.checkpoint)
+    model, classes, data = load_classifier(path)
+    overrides = {}
+    for override in args.overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ValueError(f"override {override!r}: expected key=value, e.g. root=/data/cifar10")
+        overrides[key] = yaml.safe_load(value)
+    config = DataConfig.from_dict(data).replace(**overrides)
+    loader = build_loader(config, args.split)
+    if loader.classes != classes:
+        raise ValueError(
+            f"{path}: trained on classes {classes}, but split {args.split!r} has {loader.classes}"
+        )
+    result = evaluate_classification(model, loader, classes, progress=True)
+    out = Path(args.out) if args.out else path.parent / f"eval_{args.split}"
+    results = write_results(result, out / "results.json", checkpoint=str(path), split=args.split)
+    figure = plot_confusion_matrix(result, out / "confusion_matrix.png")
+    print(
+        f"{path} on {args.split} ({result.num_samples} images): top-1 {result.top_k(1):.2%}, "
+        f"top-5 {result.top_k(5):.2%}, mean per-class {result.metrics()['mean_class_accuracy']:.2%}"
+    )
+    print(f"wrote {results}\nwrote {figure}")
+    return 0
+
+
+def add_predict_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a run folder or a .safetensors training checkpoint")
+    parser.add_argument("images", nargs="+", help="JPEG, PNG, WebP or BMP files")
+    parser.add_argument("--top-k", type=int, default=5)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """The top-k class names and probabilities of each image."""
+    from .data import DataConfig, build_transforms, decode_image
+    from .data.datasets import BadImageError
+    from .eval.classification import load_classifier, predict_images
+
+    model, classes, data = load_classifier(args.checkpoint)
+    config = DataConfig.from_dict(data) if data else DataConfig(img_size=model.config.img_size[0])
+    transform = build_transforms(config, train=False)
+    failed = 0
+    for path in args.images:
+        try:
+            image = transform(decode_image(path), None)
+        except BadImageError as error:
+            print(f"{path}: skipped: {error.reason}", file=sys.stderr)
+            failed += 1
+            continue
+        ranked = predict_images(model, classes, image[None], args.top_k)[0]
+        print(f"{path}: " + ", ".join(f"{name} {probability:.3f}" for name, probability in ranked))
+    return 1 if failed else 0
+
+
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="vit_small_patch16_224", help="model to run on the demo image")
-    parser.add_argument("--out", default="runs/demo", help="folder for the demo's files")
+    parser.add_argument("--out", default="runs/demo", help="run folder of the demo")
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+        help="override the digits_vit config, e.g. train.epochs=5",
+    )  # fmt: skip
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
+    """The main job: train a small ViT on the embedded digits, evaluate it, write results and figures."""
+    from .train import load_experiment, train
 
-    from .io import load, save
-    from .registry import create_model
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(zoo_table("vit_*_patch16_*"))
-    # A test card: a colour gradient with a bright square, so the demo needs no file.
-    y, x = np.mgrid[0:224, 0:224]
-    card = np.stack([x * 255 / 223, y * 255 / 223, np.full_like(x, 128.0)], axis=-1).astype(np.uint8)
-    card[80:144, 80:144] = 255
-    image_path = out / "test_card.png"
-    Image.fromarray(card).save(image_path)
-
-    torch.manual_seed(0)
-    model = create_model(args.model, zero_head=False).eval()
-    pixels = torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"))).permute(2, 0, 1).float()
-    pixels = (pixels / 255 - 0.5) / 0.5
-    start = time.perf_counter()
-    with torch.no_grad():
-        logits = model(pixels[None])
-    elapsed = time.perf_counter() - start
-    top = logits.softmax(-1)[0].topk(3)
-    checkpoint = save(model, out / f"{args.model}.safetensors")
-    same = torch.equal(load(checkpoint)(pixels[None]), logits)
+    started = time.perf_counter()
+    experiment = load_experiment("digits_vit", [f"train.out_dir={args.out}", *args.overrides])
     print(
-        f"\n{args.model} (random init) on {image_path}: {elapsed * 1000:.0f} ms, top-3 classes "
-        f"{top.indices.tolist()} with p={[round(p, 4) for p in top.values.tolist()]}"
+        f"vitkit demo: training {experiment.model.name} with {experiment.model.overrides} on the embedded "
+        f"digits (scikit-learn, 8x8 upsampled to {experiment.data.img_size} px) for {experiment.train.epochs} epochs",
+        file=sys.stderr,
     )
-    print(f"saved {checkpoint}; reloaded model gives identical logits: {same}")
+    summary = train(experiment)
+    out = Path(summary["out_dir"])
+    print(
+        f"\nvitkit demo: test top-1 {summary['top1']:.2%} (top-5 {summary['top5']:.2%}, best {summary['best_top1']:.2%}) "
+        f"after {summary['steps']} steps; {summary['train_time_s']:.0f} s training, "
+        f"{time.perf_counter() - started:.0f} s in all"
+    )
+    for what, key in (
+        ("results (JSON)", "results"),
+        ("loss/accuracy curves (PNG)", "curves"),
+        ("confusion matrix (PNG)", "confusion_matrix"),
+        ("best weights", "best"),
+        ("last weights", "last"),
+        ("metrics (JSONL; CSV beside it)", "metrics"),
+    ):
+        print(f"  {what:32s} {summary[key]}")
+    print(f"  {'resolved config':32s} {out / 'config.json'}")
+    print(f"  {'resumable checkpoints':32s} {out / 'checkpoints'}")
+    print(f"  {'TensorBoard logs':32s} {out / 'tensorboard'}")
+    print(f"next: vitkit eval {out}   |   vitkit predict {out} IMAGE.png")
+    return 0
+
+
+# vitkit plot -----------------------------------------------------------------------------------------
+def add_plot_args(parser: argparse.ArgumentParser) -> None:
+    figures = ("pos-embed", "attention-distance", "filters", "attention")
+    parser.add_argument("figure", choices=figures, help="which figure of the ViT paper (Figures 6 and 7)")
+    parser.add_argument("checkpoint", help="any checkpoint `vitkit.load` reads")
+    parser.add_argument(
+        "images", nargs="*", help="attention-distance: image files or folders; attention: one image"
+    )
+    parser.add_argument("--out", default=None, help="PNG path (default: figures/<figure>.png)")
+    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
+    parser.add_argument("--max-images", type=int, default=64, help="attention-distance: images used")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--layer", type=int, default=-1, help="attention: block of the per-head maps")
+    parser.add_argument("--num-components", type=int, default=28, help="filters: components shown")
+    parser.add_argument("--mean", type=float, nargs=3, default=(0.5, 0.5, 0.5), help="input normalisation")
+    parser.add_argument("--std", type=float, nargs=3, default=(0.5, 0.5, 0.5), help="input normalisation")
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    """Draw a figure of the ViT paper from a checkpoint: position embeddings, attention, filters."""
+    from .analysis.plots import figure_from_checkpoint
+
+    path, message = figure_from_checkpoint(
+        args.figure,
+        args.checkpoint,
+        args.images,
+        out=args.out,
+        img_size=args.img_size,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        layer=args.layer,
+        num_components=args.num_components,
+        mean=tuple(args.mean),
+        std=tuple(args.std),
+    )
+    print(f"{message}\nwrote {path}")
+    return 0
+
+
+# vitkit draw -----------------------------------------------------------------------------------------
+def add_draw_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="registered name or alias, e.g. vit_small_patch16_18x2_224 or B/16")
+    parser.add_argument("--out", default=None, help="path without suffix (default: figures/<name>)")
+    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
+    parser.add_argument("--num-classes", type=int, default=None)
+
+
+def run_draw(args: argparse.Namespace) -> int:
+    """Draw a variant's architecture with its sizes (PNG and SVG) and print its stages and parameters."""
+    from .analysis.draw import draw_architecture, summary
+
+    overrides = {"img_size": args.img_size, "num_classes": args.num_classes}
+    config = get_config(args.name, **{key: value for key, value in overrides.items() if value is not None})
+    out = Path(args.out) if args.out else Path("figures") / args.name.replace("/", "_").replace("+", "_")
+    print(summary(config, args.name))
+    for path in draw_architecture(config, out, args.name):
+        print(f"wrote {path}")
     return 0
 
 
@@ -124,6 +312,11 @@ COMMANDS: list[Command] = [
     ("info", add_info_args, run_info),
     ("zoo", add_zoo_args, run_zoo),
     ("demo", add_demo_args, run_demo),
+    ("train", add_train_args, run_train),
+    ("eval", add_eval_args, run_eval),
+    ("predict", add_predict_args, run_predict),
+    ("plot", add_plot_args, run_plot),
+    ("draw", add_draw_args, run_draw),
 ]
 
 

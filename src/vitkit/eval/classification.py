@@ -18,9 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..io import atomic_write
+from ..io import CheckpointError, atomic_write, load, read_weights
+from ..models.vit import VisionTransformer
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
+# safetensors metadata written with training checkpoints: what `predict` and `vitkit eval` need.
+CLASSES_KEY = "vitkit.classes"
+DATA_KEY = "vitkit.data"
 
 
 @dataclass
@@ -149,3 +153,45 @@ def write_results(result: ClassificationResult, path: str | os.PathLike, **extra
     data = {**extra, **result.to_dict()}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
     return path
+
+
+# Checkpoints with their classes: vitkit eval and vitkit predict -----------------------------------------
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A weight file: the path itself, a run folder's best (else last) weights, or a checkpoint folder's."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors", "model.safetensors"):
+            if (path / name).exists():
+                return path / name
+        raise CheckpointError(
+            f"{path}: no best.safetensors, last.safetensors or model.safetensors in this folder"
+        )
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    return path
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[str], dict[str, Any]]:
+    """(model in eval mode, class names, the training run's data config as a dict) of a training
+    checkpoint. Weights without class names get "0", "1", ... and an empty data config."""
+    path = resolve_checkpoint(path)
+    _, metadata = read_weights(path)
+    model = load(path).eval()
+    classes = json.loads(metadata[CLASSES_KEY]) if CLASSES_KEY in metadata else None
+    if classes is None:
+        classes = [str(index) for index in range(model.config.num_classes)]
+    data = json.loads(metadata[DATA_KEY]) if DATA_KEY in metadata else {}
+    return model, classes, data
+
+
+@torch.no_grad()
+def predict_images(
+    model: VisionTransformer, classes: list[str], images: torch.Tensor, top_k: int = 5
+) -> list[list[tuple[str, float]]]:
+    """Preprocessed images (B, 3, H, W) -> for each, the top-k (class name, probability) pairs."""
+    probabilities = model(images).float().softmax(dim=-1)
+    values, indices = probabilities.topk(min(top_k, len(classes)), dim=-1)
+    return [
+        [(classes[index], float(value)) for value, index in zip(row_values, row_indices, strict=True)]
+        for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True)
+    ]

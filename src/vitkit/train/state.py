@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ..eval.classification import CLASSES_KEY, DATA_KEY
 from ..io import CONFIG_KEY, CheckpointError, atomic_write, read_weights
 from ..models.config import ViTConfig
 
@@ -42,8 +43,6 @@ STATE_NAME = "state.json"
 MODEL_NAME = "model.safetensors"
 EMA_NAME = "ema.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
-CLASSES_KEY = "vitkit.classes"
-DATA_KEY = "vitkit.data"
 _STEP_FOLDER = re.compile(r"^step-(\d{8})$")
 
 
