@@ -182,12 +182,42 @@ def read_config(path: str | os.PathLike) -> ViTConfig:
     return ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
 
 
+def is_native(path: str | os.PathLike) -> bool:
+    """Whether `path` is vitkit's own checkpoint: a folder whose config.json says model_type "vitkit",
+    or a .safetensors file with the config in its metadata. Paths that cannot be read count as
+    native, so that `load` reports them with its own errors."""
+    path = Path(path)
+    if path.is_dir():
+        config_path = path / CONFIG_NAME
+        if not config_path.exists():
+            return False
+        try:
+            return json.loads(config_path.read_text()).get("model_type") == "vitkit"
+        except json.JSONDecodeError:
+            return True
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return not path.exists()
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return CONFIG_KEY in (handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return True
+
+
 def load(
-    path: str | os.PathLike, strict: bool = True, delta: str | os.PathLike | None = None, **overrides: Any
+    path: str | os.PathLike,
+    strict: bool = True,
+    delta: str | os.PathLike | None = None,
+    layout: str | None = None,
+    **overrides: Any,
 ) -> VisionTransformer:
     """Rebuild a saved model. Overrides change the config: e.g. img_size=384 (position embeddings are
     resampled in 2D), num_classes=10 (a new, zero-initialised head). With `delta`, `path` is the base
-    and the result is the task model saved by `vitkit.delta.save_delta` (its config is the delta's)."""
+    and the result is the task model saved by `vitkit.delta.save_delta` (its config is the delta's).
+
+    Checkpoints of other toolkits (vit_jax/big_vision .npz, timm, HF folders, mmpretrain, DeiT) are
+    detected and converted by `vitkit.convert.load_converted`; `layout=` forces a layout, and its
+    options (num_heads=, keep_source_numerics=, pre_logits=) pass through."""
     if delta is not None:
         from .delta import load_delta  # delta.py imports this module
 
@@ -197,6 +227,10 @@ def load(
             )
         return load_delta(load(path, strict=strict), delta)
     path = Path(path)
+    if layout not in (None, "vitkit") or (layout is None and not is_native(path)):
+        from .convert import load_converted  # convert imports this module
+
+        return load_converted(path, layout=layout, strict=strict, **overrides)
     weights_path = path / WEIGHTS_NAME if path.is_dir() else path
     source = read_config(path)
     state, _ = read_weights(weights_path)

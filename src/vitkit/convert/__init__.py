@@ -1,0 +1,293 @@
+"""Checkpoint interoperability: every public ViT layout in and out, proven equal.
+
+    model = vitkit.load("ViT-B_16.npz")                     # layout detected and logged
+    model = vitkit.load("dinov2-small/", keep_source_numerics=True)
+    report = convert("ViT-B_16.npz", "vit-b16-hf", to="hf")  # `vitkit convert SRC DST --to hf`
+
+Layouts (see each module): vit_jax and big_vision .npz (google.py), timm (timm.py), HF ViT and
+DINOv2 folders (hf.py), mmpretrain (mmpretrain.py), DeiT III (deit.py). A foreign checkpoint is read
+safely (`vitkit.io.read_weights`), repaired by the layout's named fixes, mapped onto native keys by
+its key table, and its config is inferred from the tensors (`detect.infer_config`); `vitkit.io.
+load_state` then resamples position embeddings and checks every key and shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import (
+    CONFIG_KEY,
+    CONFIG_NAME,
+    CheckpointError,
+    load,
+    load_state,
+    read_weights,
+    save,
+)
+from ..models.config import ViTConfig
+from ..models.vit import VisionTransformer
+from .detect import LAYOUTS, detect_layout, infer_config
+from .keymap import KeyTable, Layout, State
+
+log = logging.getLogger(__name__)
+
+# `vitkit convert --to` names -> layouts ("npz" is the official vit_jax format).
+TARGETS = {"vitkit": None, "timm": "timm", "hf": "hf", "npz": "vit_jax", "mmpretrain": "mmpretrain"}
+
+# Config fields that tensors cannot tell: given by the user, they describe the source checkpoint.
+HINT_FIELDS = (
+    "num_heads",
+    "pool",
+    "layer_scale_init",
+    "norm_eps",
+    "gelu",
+    "pos_embed_resample",
+    "pos_embed",
+    "dropout",
+    "attn_dropout",
+    "drop_path",
+    "zero_head",
+)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint as read from disk: its tensors in their own layout, and its folder config.json."""
+
+    path: Path
+    layout: str  # a key of LAYOUTS, or "vitkit"
+    state: State
+    config_json: dict | None = None
+
+
+def _read_folder(path: Path) -> tuple[State, dict]:
+    config_path = path / CONFIG_NAME
+    if not config_path.exists():
+        raise CheckpointError(f"{path}: folder has no {CONFIG_NAME}")
+    try:
+        config_json = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_path}: invalid JSON: {error}") from error
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: State = {}
+        for shard in shards:
+            state.update(read_weights(path / shard)[0])
+        return state, config_json
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return read_weights(path / name)[0], config_json
+    raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or shard index in the folder")
+
+
+def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> Checkpoint:
+    """Read any checkpoint file or folder and detect its layout (`layout=` forces one)."""
+    path = Path(path)
+    if layout is not None and layout != "vitkit" and layout not in LAYOUTS:
+        raise CheckpointError(f"unknown layout {layout!r}; known: vitkit, {', '.join(LAYOUTS)}")
+    if path.is_dir():
+        state, config_json = _read_folder(path)
+        model_type = config_json.get("model_type")
+        native = model_type == "vitkit"
+    else:
+        state, metadata = read_weights(path)
+        config_json, model_type, native = None, None, CONFIG_KEY in metadata
+    if layout is None:
+        layout = "vitkit" if native else detect_layout(state, str(path), model_type).name
+        log.info("%s: detected the %s layout", path, layout)
+    else:
+        log.info("%s: reading as the %s layout (forced)", path, layout)
+    return Checkpoint(path, layout, state, config_json)
+
+
+def _check_keys(
+    native: State,
+    source: ViTConfig,
+    table: KeyTable,
+    unused: list[str],
+    missing: list[str],
+    strict: bool,
+    origin: str,
+) -> None:
+    """Compare the converted tensors with the model the config builds; errors name both layouts' keys."""
+    with torch.device("meta"):
+        expected = {key: value.shape for key, value in VisionTransformer(source).state_dict().items()}
+
+    def named(key: str) -> str:
+        foreign = table.foreign_names(key)
+        return f"{key} ({table.name}: {', '.join(foreign)})" if foreign and foreign != [key] else key
+
+    mismatched = [
+        f"{named(key)}: checkpoint {tuple(value.shape)} vs expected {tuple(expected[key])}"
+        for key, value in native.items()
+        if key in expected and value.shape != expected[key]
+    ]
+    if mismatched:
+        raise CheckpointError(f"{origin}: shapes do not match the inferred config: " + "; ".join(mismatched))
+    absent = [named(key) for key in expected if key not in native]
+    unexpected = [key for key in native if key not in expected]
+    problems = {
+        "missing": sorted(set(missing)) + absent,
+        "unused": unused + unexpected,
+    }
+    if any(problems.values()):
+        message = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
+        if strict:
+            raise CheckpointError(
+                f"{origin}: keys do not match ({message}); pass strict=False to load anyway"
+            )
+        log.warning("%s: keys do not match (%s)", origin, message)
+
+
+def to_native(
+    checkpoint: Checkpoint,
+    keep_source_numerics: bool = False,
+    strict: bool = True,
+    progress: bool = False,
+    **known: Any,
+) -> tuple[State, ViTConfig]:
+    """A foreign checkpoint -> (native state dict, the config it describes), keys and shapes checked."""
+    layout = LAYOUTS[checkpoint.layout]
+    origin = str(checkpoint.path)
+    native, unused, missing = layout.read(checkpoint.state, origin, progress=progress)
+    structure, numerics = {}, dict(layout.numerics)
+    if checkpoint.config_json is not None and layout.folder_config is not None:
+        structure, numerics = layout.folder_config(checkpoint.config_json)
+    if keep_source_numerics:
+        log.info("%s: keeping the source's numerics %s", origin, numerics)
+    else:
+        differ = {k: v for k, v in numerics.items() if getattr(ViTConfig, k) != v and k not in known}
+        if differ:
+            log.info(
+                "%s: the source computes with %s; pass keep_source_numerics=True to match it", origin, differ
+            )
+        numerics = {}
+    source = infer_config(native, origin, **{**structure, **numerics, **known})
+    _check_keys(native, source, layout.table_for(checkpoint.state), unused, missing, strict, origin)
+    return native, source
+
+
+def read_model(
+    path: str | os.PathLike,
+    layout: str | None = None,
+    strict: bool = True,
+    keep_source_numerics: bool = False,
+    pre_logits: bool = True,
+    progress: bool = False,
+    **overrides: Any,
+) -> tuple[VisionTransformer, str]:
+    """Any checkpoint -> (model, the layout it was read as). See `load_converted` for the options."""
+    checkpoint = read_checkpoint(path, layout)
+    if checkpoint.layout == "vitkit":
+        if not pre_logits:
+            overrides["representation_size"] = None
+        return load(path, strict=strict, layout="vitkit", **overrides), "vitkit"
+    known = {key: value for key, value in overrides.items() if key in HINT_FIELDS}
+    if "img_size" in overrides and not any(key.endswith("pos_embed") for key in checkpoint.state):
+        known["img_size"] = overrides["img_size"]  # no learned grid to read it from
+    native, source = to_native(checkpoint, keep_source_numerics, strict, progress, **known)
+    if not pre_logits and source.representation_size:
+        # timm and the 2021 vit_jax fine-tuning code drop it too: the head then sees the pooled token.
+        native = {key: value for key, value in native.items() if not key.startswith("pre_logits.")}
+        overrides["representation_size"] = None
+        log.info("%s: dropped the pre-logits layer (pre_logits=False)", path)
+    model = VisionTransformer(source.replace(**overrides))
+    load_state(model, native, source_config=source, strict=strict, origin=str(path))
+    return model, checkpoint.layout
+
+
+def load_converted(
+    path: str | os.PathLike,
+    layout: str | None = None,
+    strict: bool = True,
+    keep_source_numerics: bool = False,
+    pre_logits: bool = True,
+    **overrides: Any,
+) -> VisionTransformer:
+    """Load a checkpoint of any layout as a vitkit model (`vitkit.load` calls this for foreign files).
+
+    - `layout`: force a layout instead of detecting it (vitkit, vit_jax, big_vision, timm, hf,
+      dinov2, mmpretrain, deit).
+    - `keep_source_numerics`: compute as the source toolkit does (tanh GELU for vit_jax/big_vision,
+      HF's LayerNorm eps, the source's position-embedding resampling).
+    - `pre_logits=False`: drop the pre-logits layer of ImageNet-21k checkpoints.
+    - `overrides`: config fields. Those tensors cannot tell (num_heads, pool, ...) describe the
+      source; the others change the model built (img_size=384 resamples, num_classes=10 renews the
+      head).
+    """
+    return read_model(path, layout, strict, keep_source_numerics, pre_logits, **overrides)[0]
+
+
+@dataclass
+class ConversionReport:
+    source_layout: str
+    target: str
+    path: Path
+    config: ViTConfig
+    num_tensors: int
+
+
+def write_layout(model: VisionTransformer, path: str | os.PathLike, to: str, progress: bool = False) -> Path:
+    """Write a model in another layout. The converted tensors are mapped back and compared bitwise
+    with the model's before anything is written."""
+    if to not in TARGETS:
+        raise ValueError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
+    if TARGETS[to] is None:
+        return save(model, path)
+    layout: Layout = LAYOUTS[TARGETS[to]]
+    state = {key: value.detach() for key, value in model.state_dict().items()}
+    foreign = layout.write(state, model.config, progress=progress)
+    back, _, _ = layout.table_for(config=model.config).to_native(foreign)
+    different = [key for key, value in state.items() if key not in back or not torch.equal(back[key], value)]
+    if different:
+        raise CheckpointError(f"{layout.name}: converting back does not give the same tensors: {different}")
+    return layout.save(foreign, Path(path), model.config)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str,
+    layout: str | None = None,
+    strict: bool = True,
+    keep_source_numerics: bool = False,
+    pre_logits: bool = True,
+    progress: bool = False,
+    **overrides: Any,
+) -> ConversionReport:
+    """Convert a checkpoint of any layout into `to` (vitkit, timm, hf, npz, mmpretrain).
+
+    Everything is read, converted and checked in memory first; files are written atomically, so a
+    failed conversion leaves no partial output and an existing `dst` as it was.
+    """
+    if to not in TARGETS:
+        raise ValueError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
+    model, source_layout = read_model(
+        src, layout, strict, keep_source_numerics, pre_logits, progress, **overrides
+    )
+    path = write_layout(model, dst, to, progress=progress)
+    return ConversionReport(source_layout, to, Path(path), model.config, len(model.state_dict()))
+
+
+__all__ = [
+    "LAYOUTS",
+    "TARGETS",
+    "Checkpoint",
+    "ConversionReport",
+    "convert",
+    "detect_layout",
+    "infer_config",
+    "load_converted",
+    "read_checkpoint",
+    "read_model",
+    "to_native",
+    "write_layout",
+]

@@ -1,0 +1,186 @@
+"""Which layout a checkpoint is in, and which ViTConfig its tensors describe.
+
+Detection looks at a few tell-tale keys per layout (`Layout.detect`), in an order where the more
+specific layouts come first (DeiT III before timm, whose names it mostly shares). Config inference
+runs on the native state dict, after conversion, so one function serves every layout. What tensors
+cannot tell is taken from `known` (HF config.json, user overrides): the number of heads (else the
+size table), the pooling of a class-token model without `fc_norm`, a non-square grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ..io import CheckpointError
+from ..models.config import SIZES, ViTConfig, check_fields, hybrid_stride
+from .deit import DEIT
+from .google import BIG_VISION, VIT_JAX
+from .hf import DINOV2, HF_VIT
+from .keymap import Layout
+from .mmpretrain import MMPRETRAIN
+from .timm import TIMM
+
+log = logging.getLogger(__name__)
+
+# Most specific first: DeiT III and DINOv2 share names with timm and HF ViT.
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout for layout in (DINOV2, HF_VIT, MMPRETRAIN, BIG_VISION, VIT_JAX, DEIT, TIMM)
+}
+
+# The LayerScale init only seeds a fresh model; a checkpoint's gammas replace it. DeiT III's value.
+LAYER_SCALE_INIT = 1e-5
+
+
+def detect_layout(keys: Iterable[str], origin: str = "checkpoint", model_type: str | None = None) -> Layout:
+    """The layout whose tell-tale keys the checkpoint has (or whose config.json model_type it names)."""
+    keys = list(keys)
+    if model_type is not None:
+        for layout in LAYOUTS.values():
+            if model_type in layout.model_types:
+                return layout
+        known = sorted(t for layout in LAYOUTS.values() for t in layout.model_types)
+        raise CheckpointError(
+            f"{origin}: config.json model_type {model_type!r} is not supported (known: {known})"
+        )
+    for layout in LAYOUTS.values():
+        if layout.detect(keys):
+            return layout
+    raise CheckpointError(
+        f"{origin}: cannot tell the checkpoint layout from its keys (first: {sorted(keys)[:6]}); "
+        f"pass layout= one of {', '.join(LAYOUTS)}"
+    )
+
+
+def _indices(state: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
+    regex = re.compile(pattern)
+    return sorted({int(m[1]) for key in state if (m := regex.match(key))})
+
+
+def _square_side(rows: int) -> int | None:
+    side = math.isqrt(rows)
+    return side if side * side == rows and side > 0 else None
+
+
+def infer_config(state: Mapping[str, torch.Tensor], origin: str = "checkpoint", **known: Any) -> ViTConfig:
+    """The ViTConfig of a native-layout state dict. Fields in `known` are taken as given."""
+    check_fields(ViTConfig, known, what="ViTConfig")
+    fields: dict[str, Any] = {}
+    notes: list[str] = []
+
+    def shape(key: str) -> torch.Size:
+        return state[key].shape
+
+    # Stem: the patch size and width come from the patch projection.
+    if "patch_embed.backbone.stem.conv.weight" in state:
+        stages = _indices(state, r"^patch_embed\.backbone\.stages\.(\d+)\.")
+        units = [
+            len(_indices(state, rf"^patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\.")) for s in stages
+        ]
+        fields.update(stem="hybrid", hybrid_layers=tuple(units))
+        fields["in_chans"] = shape("patch_embed.backbone.stem.conv.weight")[1]
+        projection = "patch_embed.proj.weight"
+    elif "patch_embed.proj.0.weight" in state:
+        fields.update(stem="hmlp", patch_size=16, in_chans=shape("patch_embed.proj.0.weight")[1])
+        projection = "patch_embed.proj.6.weight"
+    elif "patch_embed.proj.weight" in state:
+        fields.update(stem="patch", in_chans=shape("patch_embed.proj.weight")[1])
+        projection = "patch_embed.proj.weight"
+    else:
+        raise CheckpointError(
+            f"{origin}: no patch embedding found (patch_embed.proj.weight or a hybrid trunk)"
+        )
+    if fields["stem"] != "hmlp":
+        fields["patch_size"] = shape(projection)[-1]
+    width = fields["embed_dim"] = shape(projection)[0]
+
+    # Encoder.
+    depth = _indices(state, r"^blocks\.(\d+)\.")
+    if not depth:
+        raise CheckpointError(f"{origin}: no encoder blocks found")
+    fields["depth"] = len(depth)
+    branches = _indices(state, r"^blocks\.0\.attns\.(\d+)\.")
+    fields["parallel"] = len(branches) or 1
+    attn, mlp = ("blocks.0.attns.0.", "blocks.0.ffns.0.") if branches else ("blocks.0.", "blocks.0.")
+    if f"{mlp}mlp.fc1.weight" in state:
+        fields["mlp_dim"] = shape(f"{mlp}mlp.fc1.weight")[0]
+    fields["qkv_bias"] = f"{attn}attn.qkv.bias" in state
+    if any(f"{attn}{name}.gamma" in state for name in ("ls1", "ls")):
+        fields["layer_scale_init"] = LAYER_SCALE_INIT
+    if "num_heads" not in known:
+        size = next((s for s in SIZES.values() if s["embed_dim"] == width), None)
+        if size is None:
+            raise CheckpointError(
+                f"{origin}: width {width} is not in the size table, so the number of heads is unknown; "
+                f"pass num_heads="
+            )
+        fields["num_heads"] = size["num_heads"]
+        notes.append(f"{size['num_heads']} heads from the size table for width {width}")
+
+    # Tokens, head.
+    fields["class_token"] = "cls_token" in state
+    if "attn_pool.latent" in state:
+        fields["pool"] = "map"
+    elif "fc_norm.weight" in state:
+        fields["pool"] = "gap_fc_norm"
+    elif fields["class_token"]:
+        fields["pool"] = "token"
+        if "pool" not in known:
+            notes.append(
+                "pool 'token' (a class token and no fc_norm; pass pool='gap' for a model that averages)"
+            )
+    else:
+        fields["pool"] = "gap"
+    if "pre_logits.fc.weight" in state:
+        fields["representation_size"] = shape("pre_logits.fc.weight")[0]
+    fields["num_classes"] = shape("head.weight")[0] if "head.weight" in state else 0
+
+    # Positions: the grid (and whether the class token has a slot) from the embedding's length.
+    stride = fields["patch_size"] * (
+        hybrid_stride(fields["hybrid_layers"]) if fields["stem"] == "hybrid" else 1
+    )
+    prefix = int(fields["class_token"])
+    if "pos_embed" in state:
+        fields["pos_embed"] = "learn"
+        rows = shape("pos_embed")[1]
+        if "img_size" in known:
+            size = known["img_size"]
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            patches = (size[0] // stride) * (size[1] // stride)
+            if rows not in (patches, patches + prefix):
+                raise CheckpointError(
+                    f"{origin}: pos_embed has {rows} rows, but img_size {size} gives {patches} patches"
+                )
+            fields["pos_embed_class_slot"] = rows == patches + prefix and prefix > 0
+        else:
+            with_slot = _square_side(rows - prefix) if prefix else None
+            side = with_slot or _square_side(rows)
+            if side is None:
+                raise CheckpointError(
+                    f"{origin}: pos_embed has {rows} rows, not a square grid (+ class slot); pass img_size="
+                )
+            fields["pos_embed_class_slot"] = with_slot is not None or not prefix
+            fields["img_size"] = side * stride
+            notes.append(f"grid {side}x{side} from pos_embed {tuple(shape('pos_embed'))}")
+    elif "pos_embed" not in known:
+        raise CheckpointError(
+            f"{origin}: no position embedding in the checkpoint; pass pos_embed='sincos2d' or 'none'"
+        )
+    elif "img_size" not in known:
+        raise CheckpointError(
+            f"{origin}: no learned position embedding to read the grid from; pass img_size="
+        )
+    if not fields["class_token"]:
+        fields["pos_embed_class_slot"] = True  # nothing to give a slot to: keep the default
+    fields.update(known)
+    try:
+        config = ViTConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{origin}: the tensors describe no valid ViTConfig: {error}") from error
+    log.info("%s: inferred config (%s): %s", origin, "; ".join(notes) or "all from tensors", config)
+    return config
