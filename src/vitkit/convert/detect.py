@@ -52,7 +52,7 @@ def detect_layout(keys: Iterable[str], origin: str = "checkpoint", model_type: s
         if layout.detect(keys):
             return layout
     raise CheckpointError(
-        f"{origin}: cannot tell the checkpoint layout from its keys (first: {sorted(keys)[:6]}); "
+        f"{origin}: not a vitkit checkpoint, and no known layout has its keys (first: {sorted(keys)[:6]}); "
         f"pass layout= one of {', '.join(LAYOUTS)}"
     )
 
