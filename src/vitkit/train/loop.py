@@ -221,7 +221,7 @@ def _parse(data: dict[str, Any] | None, origin: Any, flags: list[str] | None = N
     parser = _parser()
     try:
         namespace = parser.parse_object(data) if data is not None else parser.parse_args(flags or [])
-        return parser.instantiate_classes(namespace).experiment
+        return parser.instantiate(namespace).experiment
     except jsonargparse.ArgumentError as error:
         raise ValueError(f"{origin}: {error}".replace("experiment.", "")) from error
 
@@ -269,7 +269,7 @@ def load_experiment(config: str | Experiment, overrides: list[str] = ()) -> Expe
     import jsonargparse
 
     try:
-        return parser.instantiate_classes(parser.parse_args(flags)).experiment
+        return parser.instantiate(parser.parse_args(flags)).experiment
     except jsonargparse.ArgumentError as error:
         raise ValueError(f"override: {error}".replace("experiment.", "")) from error
 
@@ -312,7 +312,7 @@ class NonFiniteLossError(RuntimeError):
 
 # Metrics --------------------------------------------------------------------------------------------
 CSV_COLUMNS = [
-    "step", "epoch", "split", "loss", "accuracy", "lr", "grad_norm", "samples_per_s", "train_time_s",
+    "step", "epoch", "kind", "split", "loss", "accuracy", "lr", "grad_norm", "samples_per_s", "train_time_s",
     "top1", "top5", "mean_class_accuracy",
 ]  # fmt: skip
 
@@ -356,8 +356,8 @@ class MetricsLog:
         with open(self.csv, "a", newline="") as handle:
             csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore").writerow(row)
         for key, value in row.items():
-            if key not in ("step", "split") and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
+            if key not in ("step", "kind", "split") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{row['kind']}_{row['split']}/{key}", value, row["step"])
 
     def close(self) -> None:
         if self.writer is not None:
@@ -379,8 +379,8 @@ def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    train = [r for r in rows if r["split"] == "train"]
-    evals = [r for r in rows if r["split"] != "train" and "top1" in r]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     loss_axes.set_xlabel("step")
@@ -651,7 +651,7 @@ class Trainer:
                 bar.update(1)
                 if self.progress.step % cfg.log_every == 0 or step_in_epoch == self.steps_per_epoch:
                     row = {
-                        "step": self.progress.step, "epoch": epoch, "split": "train", "lr": lr,
+                        "step": self.progress.step, "epoch": epoch, "kind": "train", "split": "train", "lr": lr,
                         "samples_per_s": batch_size * cfg.accumulation * env.world_size / elapsed,
                         "train_time_s": self.progress.train_time, **totals,
                     }  # fmt: skip
@@ -674,7 +674,7 @@ class Trainer:
             if self.eval_loader is not None and (self.progress.epoch % exp.eval.every == 0 or finished):
                 result = self.evaluate(wrapped, autocast)
                 metrics.write(
-                    {"step": self.progress.step, "epoch": epoch, "split": exp.eval.split,
+                    {"step": self.progress.step, "epoch": epoch, "kind": "eval", "split": exp.eval.split,
                      "train_time_s": self.progress.train_time, **result.metrics()}
                 )  # fmt: skip
                 self.keep_best(result)
