@@ -46,6 +46,7 @@ def test_learned_position_embeddings_exclude_the_class_slot(class_slot):
     pos_embed = patch_position_embeddings(model)
     patches = model.pos_embed[0, 1:] if class_slot else model.pos_embed[0]
     torch.testing.assert_close(pos_embed, patches.detach().reshape(4, 4, 32))
+    assert not pos_embed.requires_grad  # a plain tensor, ready for numpy and plotting
 
 
 def test_a_model_without_position_embeddings_is_a_clear_error():

@@ -29,7 +29,7 @@ def patch_position_embeddings(model: VisionTransformer) -> torch.Tensor:
     with torch.no_grad():
         pos_embed = model.position_embeddings(config.grid_size)  # (1, [prefix +] h*w, D)
     num_prefix = config.num_prefix_tokens if config.pos_embed_class_slot else 0
-    patches = pos_embed[0, num_prefix:].float()
+    patches = pos_embed[0, num_prefix:].detach().float()
     return patches.reshape(*config.grid_size, config.embed_dim)
 
 

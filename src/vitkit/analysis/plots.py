@@ -277,3 +277,62 @@ def plot_attention(
     head_maps = pooled_patch_map(weights[layer][0], grid, prefix, pool)
     save_figure(attention_figure(image, rollout, head_maps, layer), path)
     return rollout, head_maps
+
+
+# One call per figure from a checkpoint file: what `vitkit plot` runs ------------------------------------------
+FIGURES = ("pos-embed", "attention-distance", "filters", "attention")
+
+
+def figure_from_checkpoint(
+    figure: str,
+    checkpoint: str | os.PathLike,
+    inputs: list[str] | None = None,
+    out: str | os.PathLike | None = None,
+    img_size: int | None = None,
+    max_images: int = 64,
+    batch_size: int = 32,
+    layer: int = -1,
+    num_components: int = 28,
+    mean: tuple[float, ...] = VIT_MEAN,
+    std: tuple[float, ...] = VIT_STD,
+) -> tuple[Path, str]:
+    """Load any checkpoint `vitkit.load` reads and draw one of FIGURES; returns (path, a summary line).
+
+    `inputs` are image files or folders: several for "attention-distance" (the first `max_images`),
+    exactly one image for "attention", none for the others. Images are resized and centre-cropped to
+    the model's resolution (or `img_size`, which also resamples the position embeddings).
+    """
+    from ..io import load
+
+    if figure not in FIGURES:
+        raise ValueError(f"unknown figure {figure!r}; choose one of {', '.join(FIGURES)}")
+    inputs = list(inputs or [])
+    needs = {"attention-distance": "image files or folders", "attention": "one image file"}
+    if figure in needs and not inputs:
+        raise ValueError(f"figure {figure!r} needs {needs[figure]}")
+    if figure not in needs and inputs:
+        raise ValueError(f"figure {figure!r} takes no images, got {inputs}")
+    model = load(checkpoint, **({} if img_size is None else {"img_size": img_size})).eval()
+    size = model.config.img_size
+    path = Path(out) if out is not None else Path("figures") / f"{figure}.png"
+    if figure == "pos-embed":
+        similarity = plot_pos_embed(model, path)
+        rows, cols = similarity.shape[:2]
+        return path, f"position-embedding similarity of {rows}x{cols} patches"
+    if figure == "filters":
+        result = plot_filters(model, path, num_components)
+        top = ", ".join(f"{100 * share:.1f}%" for share in result.explained[:3].tolist())
+        return path, f"{len(result.components)} filter components; the first explain {top} of the variance"
+    if figure == "attention-distance":
+        images = normalize(read_images(inputs, size, limit=max_images), mean, std)
+        distances = plot_attention_distance(model, images, path, batch_size)
+        per_layer = ", ".join(f"{d:.1f}" for d in distances.mean(dim=1).tolist())
+        return path, f"mean attention distance (px) per layer over {len(images)} images: {per_layer}"
+    files = image_files(inputs)
+    if len(files) != 1:
+        raise ValueError(
+            f"figure 'attention' takes one image, got {len(files)}: {[str(f) for f in files][:5]}"
+        )
+    rollout, _ = plot_attention(model, read_image(files[0], size), path, layer, mean, std)
+    peak = divmod(int(rollout.argmax()), rollout.shape[1])
+    return path, f"attention rollout of {files[0]}: peak at patch row {peak[0] + 1}, column {peak[1] + 1}"
