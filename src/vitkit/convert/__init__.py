@@ -243,13 +243,13 @@ def write_layout(model: VisionTransformer, path: str | os.PathLike, to: str, pro
     if TARGETS[to] is None:
         return save(model, path)
     layout: Layout = LAYOUTS[TARGETS[to]]
-    state = {key: value.detach() for key, value in model.state_dict().items()}
-    foreign = layout.write(state, model.config, progress=progress)
-    back, _, _ = layout.table_for(config=model.config).to_native(foreign)
+    state, config = layout.prepare(model.state_dict(), model.config)
+    foreign = layout.write(state, config, progress=progress)
+    back, _, _ = layout.table_for(config=config).to_native(foreign)
     different = [key for key, value in state.items() if key not in back or not torch.equal(back[key], value)]
     if different:
         raise CheckpointError(f"{layout.name}: converting back does not give the same tensors: {different}")
-    return layout.save(foreign, Path(path), model.config)
+    return layout.save(foreign, Path(path), config)
 
 
 def convert(

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from ..models.config import ViTConfig
 from .keymap import (
-    CLASS_SLOT,
     CONV,
     HEADS_OUT,
     KV_BIAS,
@@ -100,7 +99,7 @@ VIT_JAX_TABLE = KeyTable(
         *linear("patch_embed.proj", "embedding", kernel=CONV),
         *_hybrid_trunk(),
         rule("cls_token", "cls"),
-        rule("pos_embed", "Transformer/posembed_input/pos_embedding", transform=CLASS_SLOT),
+        rule("pos_embed", "Transformer/posembed_input/pos_embedding"),
         *encoder_block("", attention=1, second_norm=2, mlp=3),
         *norm("norm", "Transformer/encoder_norm"),
         *linear("pre_logits.fc", "pre_logits"),
@@ -232,6 +231,7 @@ VIT_JAX = Layout(
     limits=vit_jax_limits,
     numerics=FLAX_NUMERICS,
     save=_save_vit_jax,
+    needs_class_slot=True,
 )
 
 BIG_VISION = Layout(

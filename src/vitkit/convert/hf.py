@@ -18,7 +18,6 @@ from pathlib import Path
 from ..io import CheckpointError, atomic_write
 from ..models.config import ViTConfig
 from .keymap import (
-    CLASS_SLOT,
     FUSE_QKV,
     Fix,
     KeyTable,
@@ -55,7 +54,7 @@ def attention(layer: str, native: str = "blocks.{i}.") -> list[Rule]:
 def embeddings(prefix: str) -> list[Rule]:
     return [
         rule("cls_token", f"{prefix}embeddings.cls_token"),
-        rule("pos_embed", f"{prefix}embeddings.position_embeddings", transform=CLASS_SLOT),
+        rule("pos_embed", f"{prefix}embeddings.position_embeddings"),
         *renamed("patch_embed.proj", f"{prefix}embeddings.patch_embeddings.projection"),
     ]
 
@@ -216,6 +215,7 @@ HF_VIT = Layout(
     ),
     limits=hf_limits,
     save=save_hf_folder,
+    needs_class_slot=True,
     model_types=("vit",),
     folder_config=vit_folder_config,
 )

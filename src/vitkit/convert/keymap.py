@@ -105,18 +105,6 @@ def _fuse(count: int) -> Transform:
 FUSE_QKV = _fuse(3)
 
 
-def _insert_class_slot(pos_embed: torch.Tensor, config: ViTConfig) -> list[torch.Tensor]:
-    """Layouts that always give the class token a position embedding (vit_jax, HF, mmpretrain) get a
-    zero row for it when the model has none (DeiT III, big_vision): cls + 0 computes the same."""
-    if config.class_token and not config.pos_embed_class_slot:
-        log.info("pos_embed: inserted a zero position embedding for the class token's slot")
-        return [torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[-1]), pos_embed], dim=1)]
-    return [pos_embed]
-
-
-CLASS_SLOT = Transform("insert_class_slot", lambda ts: ts[0], _insert_class_slot)
-
-
 # Templates -------------------------------------------------------------------------------------------
 _PLACEHOLDER = re.compile(r"\{([ibsu])(\+1)?\}")
 
@@ -307,6 +295,7 @@ class Layout:
     - `save(foreign_state, path, config)` writes the layout's files; None for read-only layouts.
     - `parallel_table`/`parallel_marker`: layouts whose parallel blocks reuse the sequential
       block's names (DeiT's paralx2) pick this table when a key contains the marker.
+    - `needs_class_slot`: the layout's position embedding always has the class token's row.
     - `model_types`: the `model_type` values of a folder's config.json in this layout (HF), and
       `folder_config(config_json)` turns that file into (structural config fields, numerics).
     """
@@ -321,6 +310,7 @@ class Layout:
     save: Callable[[State, Path, ViTConfig], Path] | None = None
     parallel_table: KeyTable | None = None
     parallel_marker: str | None = None
+    needs_class_slot: bool = False
     model_types: tuple[str, ...] = ()
     folder_config: Callable[[dict], tuple[dict[str, object], dict[str, object]]] | None = None
 
@@ -346,9 +336,27 @@ class Layout:
         state = self.apply_fixes(dict(state), origin)
         return self.table_for(state).to_native(state, progress=progress)
 
+    def prepare(self, state: Mapping[str, torch.Tensor], config: ViTConfig) -> tuple[State, ViTConfig]:
+        """The model as this layout will hold it: layouts that always give the class token a position
+        embedding (vit_jax, HF, mmpretrain) get a zero row for it when the model has none (DeiT III,
+        big_vision). cls + 0 computes the same, so the function is unchanged."""
+        state = dict(state)
+        if (
+            self.needs_class_slot
+            and config.class_token
+            and not config.pos_embed_class_slot
+            and "pos_embed" in state
+        ):
+            pos_embed = state["pos_embed"]
+            state["pos_embed"] = torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[-1]), pos_embed], dim=1)
+            config = config.replace(pos_embed_class_slot=True)
+            log.info("%s: inserted a zero position embedding for the class token's slot", self.name)
+        return state, config
+
     def write(self, state: Mapping[str, torch.Tensor], config: ViTConfig, progress: bool = False) -> State:
         """Native state -> this layout's state. Refuses configs the layout cannot hold and any key
-        the table leaves over, so a written file always reads back to the same model."""
+        the table leaves over, so a written file always reads back to the same model. Call
+        `prepare` first for layouts that need the class slot."""
         if self.save is None:
             raise CheckpointError(f"the {self.name} layout is read-only")
         problems = self.limits(config)

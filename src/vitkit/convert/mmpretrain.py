@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..models.config import ViTConfig
-from .keymap import CLASS_SLOT, KeyTable, Layout, State, renamed, rule, save_safetensors, save_torch
+from .keymap import KeyTable, Layout, State, renamed, rule, save_safetensors, save_torch
 
 _LAYER = "backbone.layers.{i}."
 
@@ -22,7 +22,7 @@ MMPRETRAIN_TABLE = KeyTable(
     [
         *renamed("patch_embed.proj", "backbone.patch_embed.projection"),
         rule("cls_token", "backbone.cls_token"),
-        rule("pos_embed", "backbone.pos_embed", transform=CLASS_SLOT),
+        rule("pos_embed", "backbone.pos_embed"),
         *renamed("blocks.{i}.norm1", f"{_LAYER}ln1"),
         *renamed("blocks.{i}.attn.qkv", f"{_LAYER}attn.qkv"),
         *renamed("blocks.{i}.attn.proj", f"{_LAYER}attn.proj"),
@@ -67,4 +67,5 @@ MMPRETRAIN = Layout(
     detect=_mmpretrain_keys,
     limits=mmpretrain_limits,
     save=_save,
+    needs_class_slot=True,
 )
