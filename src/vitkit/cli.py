@@ -367,6 +367,150 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# vitkit finetune / pretrain / fewshot (the papers' methods) -------------------------------------------
+def add_finetune_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="pre-trained weights: any file or folder vitkit.load reads")
+    parser.add_argument("--config", default="finetune_cifar10", help="a fine-tuning experiment in configs/")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="fine-tuning resolution (default: config's)"
+    )
+    parser.add_argument(
+        "--freeze", default=None, choices=["none", "attention-only", "head-only"],
+        help="freezing rule; attention-only also writes delta.safetensors (default: the config's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+        help="override a config field: optim.lr=0.01, train.epochs=5, data.root=/data/cifar10",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare-freezing", action="store_true",
+        help="first print trainable parameters, memory and step time of full vs attention-only",
+    )  # fmt: skip
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a pre-trained checkpoint as the ViT paper: new zero head, 2D-interpolated positions."""
+    import dataclasses
+    import json
+
+    from .data.loader import open_dataset
+    from .delta import finetune_model, format_freezing_report, freezing_report, save_delta
+    from .io import save
+    from .train import load_experiment, train
+
+    experiment = load_experiment(args.config, args.overrides)
+    data = experiment.data
+    if args.img_size is not None:
+        data = data.replace(img_size=args.img_size)
+    dataset = open_dataset(data, "train")
+    num_classes = len(getattr(dataset, "dataset", dataset).classes)
+    model = finetune_model(args.checkpoint, num_classes, data.img_size)
+    freeze = args.freeze or experiment.model.freeze
+    if args.compare_freezing:
+        report = freezing_report(model.config, ("none", freeze if freeze != "none" else "attention-only"))
+        print(format_freezing_report(report))
+    out_dir = Path(experiment.train.out_dir)
+    start = save(model, out_dir / "init.safetensors")
+    experiment = dataclasses.replace(
+        experiment,
+        data=data,
+        model=dataclasses.replace(experiment.model, init_from=str(start), overrides={}, freeze=freeze),
+    )
+    summary = train(experiment)
+    if "last" in summary and freeze != "none":
+        from .io import load
+
+        delta = save_delta(load(summary["last"]), args.checkpoint, out_dir / "delta.safetensors")
+        summary["delta"] = str(delta)
+        summary["delta_note"] = (
+            f"vitkit.load({args.checkpoint!r}, delta={str(delta)!r}) rebuilds the task model"
+        )
+    if "last" in summary:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="pretrain_cifar10", help="a pre-training experiment in configs/")
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+        help="override a field: masked.masking=blockwise, masked.target=pixels, model.overrides.stem=hmlp",
+    )  # fmt: skip
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    """Masked-patch pre-training (ViT 4.6 mean colour, BeiT blockwise); writes encoder.safetensors."""
+    import json
+
+    from .train.pretrain import load_pretrain_experiment, pretrain
+
+    experiment = load_pretrain_experiment(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(experiment.to_dict(), indent=1))
+        return 0
+    print(json.dumps(pretrain(experiment), indent=1))
+    return 0
+
+
+def add_fewshot_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="weights to evaluate frozen: any file or folder vitkit.load reads")
+    parser.add_argument(
+        "--root", default="../shared/data/cifar10", help="ImageFolder root with train/ and test/"
+    )
+    parser.add_argument("--dataset", default="imagefolder", help="data set kind (DataConfig.dataset)")
+    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
+    parser.add_argument("--seeds", type=int, default=3, help="draws per shot count")
+    parser.add_argument("--l2-reg", type=float, default=1024.0, help="ridge strength on whitened features")
+    parser.add_argument("--no-probe", action="store_true", help="skip the logistic-regression linear probe")
+    parser.add_argument(
+        "--probe-per-class", type=int, default=500, help="probe training images per class (0: all)"
+    )
+    parser.add_argument(
+        "--max-test", type=int, default=0, help="evaluate on the first N test images (0: all)"
+    )
+    parser.add_argument("--out", default=None, help="write the metrics as JSON here")
+
+
+def run_fewshot(args: argparse.Namespace) -> int:
+    """Few-shot linear evaluation of frozen features (ViT paper): 1/5/10/25 shots, and a linear probe."""
+    import json
+
+    import torch
+    from torch.utils.data import Subset
+
+    from .data import DataConfig, build_transforms
+    from .data.loader import open_dataset
+    from .eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, format_table
+    from .io import atomic_write, load
+
+    model = load(args.checkpoint).eval()
+    img_size = args.img_size or model.config.img_size[0]
+    data = DataConfig(dataset=args.dataset, root=args.root, img_size=img_size, eval_resize="squash")
+    transform = build_transforms(data, train=False)
+    train_set = Transformed(open_dataset(data, "train"), transform)
+    test_set = Transformed(open_dataset(data, "test"), transform)
+    if args.max_test:
+        # A class-balanced cut: every k-th image, since ImageFolder lists the test set class by class.
+        stride = max(len(test_set) // args.max_test, 1)
+        test_set = Subset(test_set, list(range(0, len(test_set), stride))[: args.max_test])
+    config = FewShotConfig(
+        shots=tuple(args.shots), num_seeds=args.seeds, l2_reg=args.l2_reg,
+        linear_probe=not args.no_probe, probe_samples_per_class=args.probe_per_class,
+    )  # fmt: skip
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+
+    metrics = evaluate_fewshot(predict, train_set, test_set, config)
+    print(format_table(metrics, config.shots))
+    if args.out:
+        text = json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=1) + "\n"
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("info", add_info_args, run_info),
     ("zoo", add_zoo_args, run_zoo),
@@ -377,6 +521,9 @@ COMMANDS: list[Command] = [
     ("plot", add_plot_args, run_plot),
     ("draw", add_draw_args, run_draw),
     ("convert", add_convert_args, run_convert),
+    ("finetune", add_finetune_args, run_finetune),
+    ("pretrain", add_pretrain_args, run_pretrain),
+    ("fewshot", add_fewshot_args, run_fewshot),
 ]
 
 

@@ -1,0 +1,50 @@
+"""Fine-tuning as in the ViT paper (section 3.2 and appendix B.1.1), on CIFAR-10 at a higher resolution.
+
+    vitkit finetune runs/pretrain_cifar10/encoder.safetensors --config finetune_cifar10
+    vitkit finetune CHECKPOINT --config finetune_cifar10 --freeze attention-only   # "Three things" #2
+
+`vitkit finetune` loads any checkpoint `vitkit.load` reads, drops its pre-logits layer and head,
+attaches a zero-initialised head for the 10 classes and interpolates the position embeddings in 2D
+from the checkpoint's grid to this config's 48 px (12 x 12 patches of 4 px for a 32 px, patch-4
+pre-trained model). The paper's recipe: SGD with momentum 0.9, no weight decay, gradient clipping at
+global norm 1, linear warmup then cosine decay, batch 512 (here 128 on a CPU), no mixup.
+Data: CIFAR-10 as an ImageFolder (../shared/data/cifar10), 1/10 of train held out is not used here:
+the learning rate is the paper's grid value {0.001, 0.003, 0.01, 0.03} that `benchmarks/reproduce.py`
+found best at this scale (0.03); choose yours on `data.val_fraction`, never on test.
+Expected on a shared 2-core CPU, from the pre-trained 6-layer width-192 encoder of
+configs/pretrain_cifar10.py: about 20 minutes per epoch at 48 px; see benchmarks/reproduce.py for
+measured accuracies.
+"""
+
+from vitkit.data import DataConfig
+from vitkit.train import EvalConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
+
+
+def experiment() -> Experiment:
+    return Experiment(
+        # `vitkit finetune CHECKPOINT` sets init_from to the prepared start; name is then unused.
+        model=ModelConfig(name="vit_tiny_patch4_32", freeze="none"),
+        data=DataConfig(
+            dataset="imagefolder",
+            root="../shared/data/cifar10",
+            img_size=48,
+            batch_size=128,
+            num_workers=2,
+            # The paper's fine-tuning augmentation: random crop and flip only.
+            scale=(0.25, 1.0),
+            hflip=0.5,
+            eval_resize="squash",
+        ),
+        optim=OptimConfig(
+            name="sgd",
+            lr=0.03,
+            momentum=0.9,
+            weight_decay=0.0,
+            clip_grad=1.0,
+            schedule="cosine",
+            warmup_epochs=0.5,
+            min_lr=0.0,
+        ),
+        train=TrainConfig(out_dir="runs/finetune_cifar10", epochs=3, log_every=20, keep_last=1),
+        eval=EvalConfig(split="test", every=1, top_k=(1, 5)),
+    )
