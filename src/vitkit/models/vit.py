@@ -22,8 +22,22 @@ from .pos_embed import resample_pos_embed, sincos_2d
 from .stems import build_stem
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for (B, heads, L, head_dim) inputs, by the fastest kernel for the case.
+
+    SDPA's fused kernels win everywhere except one case: training on CPU, where the flash kernel's
+    backward pass is 1.2x (fp32) to 3.5x (bf16) slower than autograd through three plain ops at ViT
+    sequence lengths (65 and 197 tokens, measured with torch 2.13 on AVX-512). Both compute the same
+    product; tests/test_fastpaths.py holds them equal.
+    """
+    if q.requires_grad and q.device.type == "cpu":
+        weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
+        return F.dropout(weights, dropout) @ v if dropout else weights @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection, computed by SDPA."""
+    """Multi-head self-attention with one fused qkv projection."""
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0, dropout: float = 0.0
@@ -42,9 +56,7 @@ class Attention(nn.Module):
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, L, head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.split_heads(x)
-        dropout = self.attn_dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, heads, L, head_dim)
+        x = attend(*self.split_heads(x), self.attn_dropout if self.training else 0.0)  # (B, heads, L, hd)
         x = x.transpose(1, 2).flatten(2)  # (B, L, D)
         return self.proj_drop(self.proj(x))
 
@@ -144,6 +156,13 @@ class ParallelBlock(nn.Module):
     """ "Three things" #1: x + sum_i MSA_i(LN_i(x)), then x + sum_i MLP_i(LN_i(x)).
 
     Keys follow timm's ParallelThingsBlock: attns.{i}.norm|attn|ls, ffns.{i}.norm|mlp|ls.
+
+    The forward pass runs all branches as one wider layer, with the parameters and FLOPs of the
+    sequential sum but half the kernel calls of the sequential model: one LayerNorm statistics pass,
+    each branch's norm affine folded into its qkv (fc1) weights so that all branches' qkv (fc1) are one
+    matmul, all branches' heads in one attention call, and the output projections (fc2) one matmul over
+    the concatenated branch activations with LayerScale folded in. `forward_branches` is the reference;
+    it also runs in training when dropout or stochastic depth must draw noise per branch.
     """
 
     def __init__(self, config: ViTConfig, drop_path: float = 0.0):
@@ -154,14 +173,64 @@ class ParallelBlock(nn.Module):
         self.ffns = nn.ModuleList(
             [_branch(config, "mlp", _mlp(config), drop_path) for _ in range(config.parallel)]
         )
+        self.noise_per_branch = config.dropout > 0 or drop_path > 0
+        self.norm_eps = config.norm_eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.noise_per_branch:
+            return self.forward_branches(x)
+        x = x + self.fused_attention(x)
+        return x + self.fused_mlp(x)
+
+    def forward_branches(self, x: torch.Tensor) -> torch.Tensor:
         x = x + sum(attn(x) for attn in self.attns)
         return x + sum(ffn(x) for ffn in self.ffns)
+
+    def fused_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_i ls_i(MSA_i(LN_i(x))) in one qkv matmul, one attention call and one projection."""
+        batch, length, dim = x.shape
+        first = self.attns[0].attn
+        x = F.layer_norm(x, (dim,), eps=self.norm_eps)
+        qkv = [_fold_norm(branch.norm, branch.attn.qkv) for branch in self.attns]
+        # Rows ordered (q|k|v, branch, head, head_dim), so the branches' heads sit side by side.
+        weight = torch.stack([w.unflatten(0, (3, dim)) for w, _ in qkv], dim=1).flatten(0, 2)
+        bias = torch.stack([b.unflatten(0, (3, dim)) for _, b in qkv], dim=1).flatten()
+        qkv = F.linear(x, weight, bias).reshape(batch, length, 3, -1, first.head_dim)  # (B, L, 3, p*H, hd)
+        dropout = first.attn_dropout if self.training else 0.0
+        x = attend(*qkv.permute(2, 0, 3, 1, 4).unbind(0), dropout)  # (B, p*H, L, hd)
+        return _fused_output(x.transpose(1, 2).flatten(2), [(b.attn.proj, b.ls) for b in self.attns])
+
+    def fused_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_i ls_i(MLP_i(LN_i(x))) as one fc1 matmul and one fc2 matmul."""
+        x = F.layer_norm(x, x.shape[-1:], eps=self.norm_eps)
+        fc1 = [_fold_norm(branch.norm, branch.mlp.fc1) for branch in self.ffns]
+        hidden = F.linear(x, torch.cat([w for w, _ in fc1]), torch.cat([b for _, b in fc1]))
+        hidden = self.ffns[0].mlp.act(hidden)  # (B, L, parallel * mlp_dim)
+        return _fused_output(hidden, [(b.mlp.fc2, b.ls) for b in self.ffns])
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Each branch's heads, concatenated: (B, parallel * heads, L, L)."""
         return torch.cat([b.attn.attention_weights(b.norm(x)) for b in self.attns], dim=1)
+
+
+def _fold_norm(norm: nn.LayerNorm, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear(norm(x)) = x_hat W'^T + b' for x_hat normalised without affine: W' = W diag(g), b' = W beta + b."""
+    bias = linear.weight @ norm.bias
+    return linear.weight * norm.weight, bias if linear.bias is None else bias + linear.bias
+
+
+def _fused_output(x: torch.Tensor, layers: list[tuple[nn.Linear, nn.Module]]) -> torch.Tensor:
+    """sum_i ls_i(linear_i(x_i)) for x = [x_1 | ... | x_p] concatenated on features: one matmul with K = sum
+    of the branches' widths, LayerScale gamma folded into each weight's rows and bias."""
+    weights, bias = [], 0
+    for linear, scale in layers:
+        if isinstance(scale, LayerScale):
+            weights.append(linear.weight * scale.gamma[:, None])
+            bias = bias + linear.bias * scale.gamma
+        else:
+            weights.append(linear.weight)
+            bias = bias + linear.bias
+    return F.linear(x, torch.cat(weights, dim=1), bias)
 
 
 class AttentionPool(nn.Module):
