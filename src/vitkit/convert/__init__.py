@@ -152,12 +152,21 @@ def to_native(
     keep_source_numerics: bool = False,
     strict: bool = True,
     progress: bool = False,
+    fallback_img_size: int | tuple[int, int] | None = None,
     **known: Any,
 ) -> tuple[State, ViTConfig]:
-    """A foreign checkpoint -> (native state dict, the config it describes), keys and shapes checked."""
+    """A foreign checkpoint -> (native state dict, the config it describes), keys and shapes checked.
+
+    `known` gives config fields the tensors cannot tell; `fallback_img_size` is the resolution of a
+    checkpoint without a learned position embedding (nothing to read the grid from)."""
     layout = LAYOUTS[checkpoint.layout]
     origin = str(checkpoint.path)
     native, unused, missing = layout.read(checkpoint.state, origin, progress=progress)
+    if not native:
+        raise CheckpointError(
+            f"{origin}: no key matches the {layout.name} layout (first keys: {sorted(checkpoint.state)[:4]}); "
+            "leave layout= unset to detect it"
+        )
     structure, numerics = {}, dict(layout.numerics)
     if checkpoint.config_json is not None and layout.folder_config is not None:
         structure, numerics = layout.folder_config(checkpoint.config_json)
@@ -170,6 +179,8 @@ def to_native(
                 "%s: the source computes with %s; pass keep_source_numerics=True to match it", origin, differ
             )
         numerics = {}
+    if "pos_embed" not in native and "img_size" not in structure and fallback_img_size is not None:
+        structure["img_size"] = fallback_img_size
     source = infer_config(native, origin, **{**structure, **numerics, **known})
     _check_keys(native, source, layout.table_for(checkpoint.state), unused, missing, strict, origin)
     return native, source
@@ -191,9 +202,14 @@ def read_model(
             overrides["representation_size"] = None
         return load(path, strict=strict, layout="vitkit", **overrides), "vitkit"
     known = {key: value for key, value in overrides.items() if key in HINT_FIELDS}
-    if "img_size" in overrides and not any(key.endswith("pos_embed") for key in checkpoint.state):
-        known["img_size"] = overrides["img_size"]  # no learned grid to read it from
-    native, source = to_native(checkpoint, keep_source_numerics, strict, progress, **known)
+    native, source = to_native(
+        checkpoint,
+        keep_source_numerics,
+        strict,
+        progress,
+        fallback_img_size=overrides.get("img_size"),
+        **known,
+    )
     if not pre_logits and source.representation_size:
         # timm and the 2021 vit_jax fine-tuning code drop it too: the head then sees the pooled token.
         native = {key: value for key, value in native.items() if not key.startswith("pre_logits.")}
