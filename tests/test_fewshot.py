@@ -112,3 +112,23 @@ def test_bad_input_is_named():
         fit_ridge(torch.randn(4, 3), torch.zeros(5, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="labels span"):
         fit_ridge(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), 2)
+
+
+def test_fewshot_command_on_digits(tmp_path, capsys):
+    import json
+
+    import vitkit
+    from helpers import tiny_config
+    from vitkit.cli import main
+
+    torch.manual_seed(0)
+    vitkit.save(vitkit.VisionTransformer(tiny_config(img_size=16, patch_size=4)), tmp_path / "m.safetensors")
+    out = tmp_path / "fewshot.json"
+    argv = ["fewshot", str(tmp_path / "m.safetensors"), "--dataset", "digits", "--shots", "1", "5"]
+    assert (
+        main([*argv, "--seeds", "2", "--probe-per-class", "20", "--max-test", "100", "--out", str(out)]) == 0
+    )
+    assert "| 5-shot |" in capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    # Even random features of a ViT beat chance (10%) on digits with 5 shots.
+    assert metrics["num_test"] == 100 and metrics["5shot"] > 0.2 and 0 < metrics["linear_probe"] <= 1
