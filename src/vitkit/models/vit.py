@@ -188,13 +188,13 @@ class ParallelBlock(nn.Module):
 
     def fused_attention(self, x: torch.Tensor) -> torch.Tensor:
         """sum_i ls_i(MSA_i(LN_i(x))) in one qkv matmul, one attention call and one projection."""
-        batch, length, dim = x.shape
-        first = self.attns[0].attn
-        x = F.layer_norm(x, (dim,), eps=self.norm_eps)
+        batch, length, _ = x.shape
+        first, shape = self.attns[0].attn, self.attns[0].norm.normalized_shape
+        x = F.layer_norm(x, shape, eps=self.norm_eps)
         qkv = [_fold_norm(branch.norm, branch.attn.qkv) for branch in self.attns]
         # Rows ordered (q|k|v, branch, head, head_dim), so the branches' heads sit side by side.
-        weight = torch.stack([w.unflatten(0, (3, dim)) for w, _ in qkv], dim=1).flatten(0, 2)
-        bias = torch.stack([b.unflatten(0, (3, dim)) for _, b in qkv], dim=1).flatten()
+        weight = torch.stack([w.unflatten(0, (3, -1)) for w, _ in qkv], dim=1).flatten(0, 2)
+        bias = torch.stack([b.unflatten(0, (3, -1)) for _, b in qkv], dim=1).flatten()
         qkv = F.linear(x, weight, bias).reshape(batch, length, 3, -1, first.head_dim)  # (B, L, 3, p*H, hd)
         dropout = first.attn_dropout if self.training else 0.0
         x = attend(*qkv.permute(2, 0, 3, 1, 4).unbind(0), dropout)  # (B, p*H, L, hd)
@@ -202,7 +202,7 @@ class ParallelBlock(nn.Module):
 
     def fused_mlp(self, x: torch.Tensor) -> torch.Tensor:
         """sum_i ls_i(MLP_i(LN_i(x))) as one fc1 matmul and one fc2 matmul."""
-        x = F.layer_norm(x, x.shape[-1:], eps=self.norm_eps)
+        x = F.layer_norm(x, self.ffns[0].norm.normalized_shape, eps=self.norm_eps)
         fc1 = [_fold_norm(branch.norm, branch.mlp.fc1) for branch in self.ffns]
         hidden = F.linear(x, torch.cat([w for w, _ in fc1]), torch.cat([b for _, b in fc1]))
         hidden = self.ffns[0].mlp.act(hidden)  # (B, L, parallel * mlp_dim)
