@@ -511,6 +511,35 @@ def run_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+# vitkit export ----------------------------------------------------------------------------------------
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="native vitkit checkpoint (.safetensors file or folder)")
+    parser.add_argument("output", help="ONNX file to write, e.g. model.onnx")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="resolution of the graph (default: the checkpoint's)"
+    )
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint to ONNX (dynamic batch), checked against PyTorch with onnxruntime."""
+    from .export import export_onnx
+    from .io import load
+
+    overrides = {} if args.img_size is None else {"img_size": args.img_size}
+    model = load(args.checkpoint, **overrides)
+    check = export_onnx(model, args.output, check=not args.no_check)
+    size = "x".join(map(str, model.config.img_size))
+    print(f"wrote {args.output}: images (batch, {model.config.in_chans}, {size}) -> logits (batch, "
+          f"{model.config.num_classes}), dynamic batch")  # fmt: skip
+    if check is not None:
+        print(
+            f"onnxruntime vs PyTorch on a batch of {check.batch_size}: max |error| {check.max_abs_error:.2e} "
+            f"(logits up to {check.max_abs_logit:.2f})"
+        )
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("info", add_info_args, run_info),
     ("zoo", add_zoo_args, run_zoo),
@@ -524,6 +553,7 @@ COMMANDS: list[Command] = [
     ("finetune", add_finetune_args, run_finetune),
     ("pretrain", add_pretrain_args, run_pretrain),
     ("fewshot", add_fewshot_args, run_fewshot),
+    ("export", add_export_args, run_export),
 ]
 
 
