@@ -23,6 +23,7 @@ import difflib
 import importlib.util
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -600,10 +601,10 @@ class Trainer:
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         batch_size = exp.data.batch_size
-        last_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        last_step = cfg.max_steps or math.inf
         result = None
         wrapped.train()
-        while self.progress.step < last_step:
+        while self.progress.epoch < cfg.epochs and self.progress.step < last_step:
             epoch = self.progress.epoch
             step_in_epoch = self.progress.position // (batch_size * cfg.accumulation)
             batches = self.batches(epoch, self.progress.position)
@@ -670,7 +671,7 @@ class Trainer:
             bar.close()
             if step_in_epoch == self.steps_per_epoch:
                 self.progress.epoch, self.progress.position = epoch + 1, 0
-            finished = self.progress.step >= last_step
+            finished = self.progress.step >= last_step or self.progress.epoch >= cfg.epochs
             if self.eval_loader is not None and (self.progress.epoch % exp.eval.every == 0 or finished):
                 result = self.evaluate(wrapped, autocast)
                 metrics.write(
