@@ -8,12 +8,12 @@ attaches a zero-initialised head for the 10 classes and interpolates the positio
 from the checkpoint's grid to this config's 48 px (12 x 12 patches of 4 px for a 32 px, patch-4
 pre-trained model). The paper's recipe: SGD with momentum 0.9, no weight decay, gradient clipping at
 global norm 1, linear warmup then cosine decay, batch 512 (here 128 on a CPU), no mixup.
-Data: CIFAR-10 as an ImageFolder (../shared/data/cifar10), 1/10 of train held out is not used here:
-the learning rate is the paper's grid value {0.001, 0.003, 0.01, 0.03} that `benchmarks/reproduce.py`
-found best at this scale (0.03); choose yours on `data.val_fraction`, never on test.
-Expected on a shared 2-core CPU, from the pre-trained 6-layer width-192 encoder of
-configs/pretrain_cifar10.py: about 20 minutes per epoch at 48 px; see benchmarks/reproduce.py for
-measured accuracies.
+Data: CIFAR-10 as an ImageFolder (../shared/data/cifar10). The learning rate is one value of the
+paper's fine-tuning grid {0.001, 0.003, 0.01, 0.03}, not tuned here: choose yours on a held-out
+part of train (`--set data.val_fraction=0.1 --set eval.split=val`), never on test.
+Expected time and accuracy: not measured yet on a whole run; a 48 px step of the 6-layer, width-192
+model at batch 128 costs about 2.5x a 32 px step (144 vs 64 tokens). benchmarks/reproduce.py
+measures this recipe (full vs attention-only, with vs without interpolation) within a budget.
 """
 
 from vitkit.data import DataConfig
