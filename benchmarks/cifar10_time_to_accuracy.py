@@ -1,0 +1,100 @@
+"""CIFAR-10 test top-1 against training wall time on this machine, with the curve as a PNG.
+
+    python benchmarks/cifar10_time_to_accuracy.py                       # the full recipe (configs/cifar10_vit.py)
+    python benchmarks/cifar10_time_to_accuracy.py --quick               # a 2-minute check that it all works
+
+Wall time counts training steps only (data loading included; evaluation and checkpoints excluded).
+Prints the top-1 after each epoch, the time to reach each threshold, and the ratio of the time to the
+target accuracy over the budget (< 1: the target was met in time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from vitkit.io import atomic_write
+from vitkit.train import load_experiment, train
+from vitkit.train.loop import read_metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="cifar10_vit")
+    parser.add_argument("--out", default="runs/bench_cifar10")
+    parser.add_argument("--budget-minutes", type=float, default=30.0)
+    parser.add_argument("--target", type=float, default=0.85, help="top-1 to reach within the budget")
+    parser.add_argument("--quick", action="store_true", help="60 steps, evaluated on 2%% of train held out")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+
+    overrides = [f"train.out_dir={args.out}", "train.resume=never"]
+    if args.quick:
+        overrides += ["train.max_steps=60", "data.val_fraction=0.02", "eval.split=val", "train.epochs=1"]
+    experiment = load_experiment(args.config, overrides + args.overrides)
+    started = time.perf_counter()
+    summary = train(experiment)
+    wall = time.perf_counter() - started
+
+    evals = [row for row in read_metrics(Path(args.out) / "metrics.jsonl") if row["kind"] == "eval"]
+    print(f"\n{args.config}: {summary['steps']} steps, {wall / 60:.1f} min in all\n")
+    print("| epoch | train minutes | top-1 |\n|---:|---:|---:|")
+    for row in evals:
+        print(f"| {row['epoch'] + 1} | {row['train_time_s'] / 60:.1f} | {row['top1']:.2%} |")
+    for threshold in (0.5, 0.6, 0.7, 0.75, 0.8, args.target):
+        reached = next((row for row in evals if row["top1"] >= threshold), None)
+        when = f"{reached['train_time_s'] / 60:.1f} min" if reached else "not reached"
+        print(f"time to {threshold:.0%}: {when}")
+    reached = next((row for row in evals if row["top1"] >= args.target), None)
+    if reached:
+        ratio = reached["train_time_s"] / 60 / args.budget_minutes
+        print(
+            f"target {args.target:.0%}: reached at {ratio:.2f} x the {args.budget_minutes:.0f}-minute budget"
+        )
+    else:
+        best = max((row["top1"] for row in evals), default=0.0)
+        print(
+            f"target {args.target:.0%}: not reached; best {best:.2%} ({best / args.target:.2f} x the target)"
+        )
+    figure_path = plot(evals, Path(args.out) / "time_to_accuracy.png", args.target, args.budget_minutes)
+    results = Path(args.out) / "time_to_accuracy.json"
+    rows = [{"train_minutes": row["train_time_s"] / 60, "top1": row["top1"]} for row in evals]
+    atomic_write(
+        results,
+        lambda tmp: Path(tmp).write_text(json.dumps({"config": args.config, "curve": rows}, indent=1)),
+    )
+    print(f"wrote {figure_path}\nwrote {results}")
+
+
+def plot(evals: list[dict], path: Path, target: float, budget_minutes: float) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(
+        [row["train_time_s"] / 60 for row in evals],
+        [row["top1"] for row in evals],
+        marker="o",
+        label="test top-1",
+    )
+    axes.axhline(target, color="grey", linestyle="--", label=f"target {target:.0%}")
+    axes.axvline(budget_minutes, color="grey", linestyle=":", label=f"{budget_minutes:.0f}-minute budget")
+    axes.set_xlabel("training wall time (minutes)")
+    axes.set_ylabel("top-1")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    plt.close(figure)
+    return path
+
+
+if __name__ == "__main__":
+    main()
