@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..models.config import ViTConfig
-from ..models.vit import Attention, AttentionPool, VisionTransformer
+from ..models.vit import Attention, AttentionPool, ParallelBlock, VisionTransformer
 
 NORM_OPS_PER_ELEMENT = 5  # mean, subtract, variance, divide, affine: fvcore's count for an affine norm
 
@@ -91,6 +91,10 @@ def count(
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules()]
+    # Parallel blocks run fused kernels; count their branches module by module, as the model's function.
+    parallel_blocks = [module for module in model.modules() if isinstance(module, ParallelBlock)]
+    for block in parallel_blocks:
+        block.forward = block.forward_branches
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -98,6 +102,8 @@ def count(
     finally:
         for handle in handles:
             handle.remove()
+        for block in parallel_blocks:
+            del block.forward
 
     params_by_component: dict[str, int] = defaultdict(int)
     for name, param in model.named_parameters():
