@@ -1,0 +1,538 @@
+"""Speed side by side: vitkit against HuggingFace transformers (and timm where it imports), same weights.
+
+    make bench                                  # = .venv/bin/python benchmarks/speed.py
+    .venv/bin/python benchmarks/speed.py --quick   # Ti/16 and B/16, 3 repetitions, no compile: ~5 min
+
+In one process, with the candidates' repetitions interleaved (so a load spike hits all of them alike),
+for ViT-Ti/16 and ViT-S/16 (batch 32) and ViT-B/16 (batch 16) at 224, in fp32 and bf16:
+- inference throughput and batch-1 latency of vitkit, the peers, and (with --compile, the default
+  outside --quick) each of them under torch.compile;
+- the ceiling: the same model's matrix products alone (patch projection, qkv, q k^T, attention x v,
+  projection, fc1, fc2, head; torch.mm/bmm in the same dtype) -- "% ceiling" is ceiling time over
+  model time, and MFU is the model's FLOPs (vitkit.analysis.flops) per second over the matmul rate of
+  those same shapes;
+- training-step throughput (forward, cross-entropy, backward, AdamW) of ViT-Ti/16 at 224 (batch 32)
+  and of a CIFAR-size ViT-Ti/4 at 32 px (batch 128), bf16 meaning autocast over fp32 weights;
+- "Three things" #1: ViT-S 18x2 with the fused ParallelBlock, the same model branch by branch, and
+  the sequential ViT-S 36x1 with the same parameters, in inference and training;
+- peak memory: the rise of the peak RSS during a first call in a fresh process (reset through
+  /proc/self/clear_refs), or torch.cuda.max_memory_allocated on a GPU.
+Ratios are against the best peer of the same row group (compiled or not). Medians of the repetitions.
+
+Inference in bf16 stores the weights in bf16 (every candidate alike); fp32 is fp32 throughout.
+On CUDA (--device cuda), SDPA picks flash attention in every candidate; timings synchronise the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import gc
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitkit import create_model
+from vitkit.analysis.flops import count
+from vitkit.models.config import ViTConfig
+from vitkit.models.vit import VisionTransformer
+
+INFERENCE_MODELS = {"Ti/16": 32, "S/16": 32, "B/16": 16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# Peers, built offline with vitkit's weights ---------------------------------------------------------
+class HFClassifier(nn.Module):
+    """transformers' ViTForImageClassification returning logits, so every candidate is images -> logits."""
+
+    def __init__(self, model: VisionTransformer):
+        super().__init__()
+        from transformers import ViTConfig as HFConfig
+        from transformers import ViTForImageClassification
+
+        c = model.config
+        if c.parallel != 1 or c.stem != "patch" or c.pool != "token" or c.layer_scale_init:
+            raise ValueError(f"HF ViT has no equivalent of this config: {c}")
+        hf_config = HFConfig(
+            hidden_size=c.embed_dim,
+            num_hidden_layers=c.depth,
+            num_attention_heads=c.num_heads,
+            intermediate_size=c.mlp_dim,
+            hidden_act="gelu" if c.gelu == "exact" else "gelu_pytorch_tanh",
+            layer_norm_eps=c.norm_eps,
+            image_size=c.img_size[0],
+            patch_size=c.patch_size,
+            num_channels=c.in_chans,
+            qkv_bias=c.qkv_bias,
+            num_labels=c.num_classes,
+            attn_implementation="sdpa",
+        )
+        self.hf = ViTForImageClassification(hf_config)
+        self.hf.load_state_dict(hf_state(model), strict=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.hf(pixel_values=images).logits
+
+
+def hf_state(model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """vitkit (timm) names -> transformers 5 ViT names; the fused qkv splits into q, k, v."""
+    s = model.state_dict()
+    out = {
+        "vit.embeddings.cls_token": s["cls_token"],
+        "vit.embeddings.position_embeddings": s["pos_embed"],
+        "vit.embeddings.patch_embeddings.projection.weight": s["patch_embed.proj.weight"],
+        "vit.embeddings.patch_embeddings.projection.bias": s["patch_embed.proj.bias"],
+        "vit.layernorm.weight": s["norm.weight"],
+        "vit.layernorm.bias": s["norm.bias"],
+        "classifier.weight": s["head.weight"],
+        "classifier.bias": s["head.bias"],
+    }
+    for i in range(model.config.depth):
+        ours, theirs = f"blocks.{i}.", f"vit.layers.{i}."
+        for part in ("weight", "bias"):
+            for name, tensor in zip(("q", "k", "v"), s[f"{ours}attn.qkv.{part}"].chunk(3), strict=True):
+                out[f"{theirs}attention.{name}_proj.{part}"] = tensor
+            for mine, hf in (
+                ("attn.proj", "attention.o_proj"),
+                ("norm1", "layernorm_before"),
+                ("norm2", "layernorm_after"),
+                ("mlp.fc1", "mlp.fc1"),
+                ("mlp.fc2", "mlp.fc2"),
+            ):
+                out[f"{theirs}{hf}.{part}"] = s[f"{ours}{mine}.{part}"]
+    return out
+
+
+def timm_model(model: VisionTransformer) -> nn.Module:
+    """timm's VisionTransformer loads vitkit's state dict unchanged (same names)."""
+    import timm
+
+    c = model.config
+    peer = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        img_size=c.img_size,
+        patch_size=c.patch_size,
+        embed_dim=c.embed_dim,
+        depth=c.depth,
+        num_heads=c.num_heads,
+        mlp_ratio=c.mlp_dim / c.embed_dim,
+        num_classes=c.num_classes,
+    )
+    peer.load_state_dict(model.state_dict(), strict=True)
+    return peer
+
+
+def peers(model: VisionTransformer, notes: list[str]) -> dict[str, nn.Module]:
+    """The peers that can be built here; the reason for each one that cannot goes into `notes`."""
+    out: dict[str, nn.Module] = {}
+    for name, build in (("hf", HFClassifier), ("timm", timm_model)):
+        try:
+            out[name] = build(model)
+        except ImportError as error:
+            note = f"{name}: not importable here ({error})"
+            if note not in notes:
+                notes.append(note)
+    return out
+
+
+# Timing ------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    times: list[float] = field(default_factory=list)
+    peak_mb: float = float("nan")
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_peak(run: Callable[[], object], device: torch.device) -> float:
+    """Extra memory at the peak of one call: the CUDA allocator's peak, or on CPU the rise of the peak
+    RSS, which is only the call's own in a process that has not yet freed memory to reuse (the
+    allocator keeps freed pages): hence `peak_in_fresh_process`."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    base = current_rss_mb()
+    run()
+    return peak_rss_mb() - base
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], object]], reps: int, device: torch.device, warmup: int = 2
+) -> dict[str, Result]:
+    """Median wall time of each candidate, the repetitions of all candidates interleaved."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = {name: Result() for name in candidates}
+    for name, run in candidates.items():
+        for _ in range(warmup):
+            run()
+        if device.type == "cuda":
+            results[name].peak_mb = measure_peak(run, device)
+    for _ in range(reps):
+        for name, run in candidates.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            results[name].times.append(time.perf_counter() - start)
+    return results
+
+
+def peak_in_fresh_process(kind: str, key: str, dtype_name: str, candidate: str) -> float:
+    """Peak extra RSS of one first call (inference) or step (training) of an eager candidate, measured
+    in a new process so that no earlier call's freed memory hides its allocations."""
+    command = [sys.executable, __file__, "--peak-child", kind, key, dtype_name, candidate]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak-memory child {command[2:]} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def peak_child(kind: str, key: str, dtype_name: str, candidate: str) -> None:
+    dtype, device = DTYPES[dtype_name], torch.device("cpu")
+    torch.manual_seed(0)
+    if kind == "inference":
+        model = create_model(key, zero_head=False)
+        module = candidates_for(model, dtype, device, False, [])[candidate]
+        images = torch.randn(INFERENCE_MODELS[key], 3, *model.config.img_size, dtype=dtype)
+        with torch.inference_mode():
+            print(measure_peak(functools.partial(module, images), device))
+        return
+    config, batch = train_configs()[key]
+    model = VisionTransformer(config.replace(zero_head=False))
+    module = {"vitkit": model, **peers(model, [])}[candidate].train()
+    images = torch.randn(batch, 3, *config.img_size)
+    labels = torch.randint(0, config.num_classes, (batch,))
+    print(measure_peak(training_step(module, images, labels, dtype), device))
+
+
+def add_fresh_peaks(
+    args: argparse.Namespace,
+    device: torch.device,
+    results: dict[str, Result],
+    kind: str,
+    key: str,
+    dtype: str,
+) -> None:
+    """On CPU, each eager candidate's peak memory from a fresh process (compiled ones are left blank)."""
+    if device.type != "cpu" or not args.memory:
+        return
+    for name, result in results.items():
+        if "+compile" not in name and not name.startswith("ceiling"):
+            result.peak_mb = peak_in_fresh_process(kind, key, dtype, name)
+
+
+def megabytes(value: float) -> str:
+    return f"{value:.0f}" if math.isfinite(value) else ""
+
+
+# The ceiling: the model's matrix products alone --------------------------------------------------------
+def matmul_ceiling(
+    config: ViTConfig, batch: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Callable[[], None], float]:
+    """A function running every matrix product of one forward pass (and their FLOPs), nothing else."""
+    tokens, dim, mlp, heads = config.num_tokens, config.embed_dim, config.mlp_dim, config.num_heads
+    rows, head_dim = batch * tokens, config.head_dim
+    patch_in = config.in_chans * config.patch_size**2
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    products = [(rand(batch * config.num_patches, patch_in), rand(patch_in, dim))]
+    block = [
+        (rand(rows, dim), rand(dim, 3 * dim)),
+        (rand(batch * heads, tokens, head_dim), rand(batch * heads, head_dim, tokens)),
+        (rand(batch * heads, tokens, tokens), rand(batch * heads, tokens, head_dim)),
+        (rand(rows, dim), rand(dim, dim)),
+        (rand(rows, dim), rand(dim, mlp)),
+        (rand(rows, mlp), rand(mlp, dim)),
+    ]
+    products += block * config.depth + [(rand(batch, dim), rand(dim, config.num_classes))]
+    # 2 FLOPs per multiply-accumulate; a 3D operand is a batch of products.
+    flops = sum(2 * a[..., 0].numel() * a.shape[-1] * b.shape[-1] for a, b in products)
+
+    def run() -> None:
+        for a, b in products:
+            torch.matmul(a, b)
+
+    return run, float(flops)
+
+
+# Benchmarks --------------------------------------------------------------------------------------------
+def candidates_for(
+    model: VisionTransformer, dtype: torch.dtype, device: torch.device, compile_: bool, notes: list[str]
+) -> dict[str, nn.Module]:
+    modules = {"vitkit": copy.deepcopy(model), **peers(model, notes)}
+    modules = {name: m.to(device=device, dtype=dtype).eval() for name, m in modules.items()}
+    if compile_:
+        modules.update(
+            {f"{name}+compile": torch.compile(m, dynamic=False) for name, m in list(modules.items())}
+        )
+    return modules
+
+
+def check_same_outputs(modules: dict[str, nn.Module], images: torch.Tensor, dtype: torch.dtype) -> None:
+    """The comparison is only fair if every candidate computes the same function."""
+    with torch.inference_mode():
+        reference = modules["vitkit"](images[:2]).float()
+        for name, module in modules.items():
+            error = (module(images[:2]).float() - reference).abs().max().item()
+            tolerance = 0.05 if dtype == torch.bfloat16 else 1e-3
+            if error > tolerance * max(reference.abs().max().item(), 1.0):
+                raise RuntimeError(f"{name} differs from vitkit by {error:.3g}: not the same weights")
+
+
+def ratio_column(results: dict[str, Result], name: str, speed: Callable[[Result], float]) -> str:
+    peer_speeds = [speed(r) for n, r in results.items() if not n.startswith(("vitkit", "ceiling"))]
+    if not peer_speeds or name.startswith("ceiling"):
+        return ""
+    return f"{speed(results[name]) / max(peer_speeds):.2f}x"
+
+
+def bench_inference(args: argparse.Namespace, device: torch.device, notes: list[str]) -> list[str]:
+    rows = [
+        "| model | batch | dtype | candidate | img/s | vs best peer | % ceiling | MFU | "
+        "latency b=1 (ms) | vs best peer | peak MB |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for variant in args.models:
+        batch = INFERENCE_MODELS[variant]
+        torch.manual_seed(0)
+        model = create_model(variant, zero_head=False)
+        flops_per_image = count(model.config).flops
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            modules = candidates_for(model, dtype, device, args.compile, notes)
+            images = torch.randn(batch, 3, *model.config.img_size, device=device, dtype=dtype)
+            check_same_outputs(modules, images, dtype)
+            ceiling, ceiling_flops = matmul_ceiling(model.config, batch, dtype, device)
+            with torch.inference_mode():
+                runs = {name: functools.partial(m, images) for name, m in modules.items()}
+                throughput = interleaved({**runs, "ceiling (matmuls)": ceiling}, args.reps, device)
+                single = images[:1]
+                latency = interleaved(
+                    {name: functools.partial(m, single) for name, m in modules.items()}, args.reps, device
+                )
+            add_fresh_peaks(args, device, throughput, "inference", variant, dtype_name)
+            ceiling_time = throughput["ceiling (matmuls)"].median
+            matmul_rate = ceiling_flops / ceiling_time
+            for name, result in throughput.items():
+                is_ceiling = name.startswith("ceiling")
+                images_per_s = batch / result.median
+                cells = [
+                    variant,
+                    str(batch),
+                    dtype_name,
+                    name,
+                    f"{images_per_s:.1f}",
+                    ratio_column(throughput, name, lambda r: 1 / r.median),
+                    "100%" if is_ceiling else f"{100 * ceiling_time / result.median:.0f}%",
+                    ""
+                    if is_ceiling
+                    else f"{100 * flops_per_image * batch / result.median / matmul_rate:.0f}%",
+                    "" if is_ceiling else f"{1000 * latency[name].median:.1f}",
+                    "" if is_ceiling else ratio_column(latency, name, lambda r: 1 / r.median),
+                    "" if is_ceiling else megabytes(result.peak_mb),
+                ]
+                rows.append("| " + " | ".join(cells) + " |")
+            print("\n".join(rows[-len(throughput) :]), flush=True)
+            del modules
+        del model
+    return rows
+
+
+def train_configs() -> dict[str, tuple[ViTConfig, int]]:
+    tiny = create_model("Ti/16").config
+    cifar = tiny.replace(img_size=32, patch_size=4, num_classes=10)
+    return {"Ti/16 @224": (tiny, 32), "Ti/4 @32 (CIFAR)": (cifar, 128)}
+
+
+def training_step(
+    module: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype
+) -> Callable[[], None]:
+    """One step as a training loop runs it: autocast forward (bf16) or fp32, backward, AdamW."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6)
+
+    def step() -> None:
+        with torch.autocast(images.device.type, dtype, enabled=dtype != torch.float32):
+            loss = F.cross_entropy(module(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_training(args: argparse.Namespace, device: torch.device, notes: list[str]) -> list[str]:
+    rows = [
+        "| model | batch | precision | candidate | img/s | vs best peer | MFU | peak MB |",
+        "|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for label, (config, batch) in train_configs().items():
+        torch.manual_seed(0)
+        model = VisionTransformer(config.replace(zero_head=False))
+        flops_per_image = 3 * count(config).flops  # forward + backward (2x)
+        images = torch.randn(batch, 3, *config.img_size, device=device)
+        labels = torch.randint(0, config.num_classes, (batch,), device=device)
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            modules = {"vitkit": model, **peers(model, notes)}
+            modules = {name: m.to(device).train() for name, m in modules.items()}
+            if args.compile:
+                modules.update(
+                    {f"{name}+compile": torch.compile(m, dynamic=False) for name, m in list(modules.items())}
+                )
+            # Each candidate has its own AdamW; the weights barely move (lr 1e-6), the work is the same.
+            steps = {name: training_step(m, images, labels, dtype) for name, m in modules.items()}
+            ceiling, ceiling_flops = matmul_ceiling(config, batch, dtype, device)
+            results = interleaved({**steps, "ceiling (matmuls)": ceiling}, args.reps, device)
+            matmul_rate = ceiling_flops / results.pop("ceiling (matmuls)").median
+            add_fresh_peaks(args, device, results, "training", label, dtype_name)
+            for name, result in results.items():
+                cells = [
+                    label,
+                    str(batch),
+                    "fp32" if dtype == torch.float32 else f"{dtype_name} autocast",
+                    name,
+                    f"{batch / result.median:.1f}",
+                    ratio_column(results, name, lambda r: 1 / r.median),
+                    f"{100 * flops_per_image * batch / result.median / matmul_rate:.0f}%",
+                    megabytes(result.peak_mb),
+                ]
+                rows.append("| " + " | ".join(cells) + " |")
+            print("\n".join(rows[-len(results) :]), flush=True)
+    return rows
+
+
+def bench_parallel(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """ "Three things" #1: ViT-S 18x2 computed fused, branch by branch, and as the sequential 36x1."""
+    rows = [
+        "| model | batch | dtype | mode | candidate | img/s | vs sequential 36x1 |",
+        "|---|---:|---|---|---|---:|---:|",
+    ]
+    batch = 8 if args.quick else 16
+    torch.manual_seed(0)
+    parallel = create_model("vit_small_patch16_18x2_224", zero_head=False)
+    sequential = create_model("vit_small_patch16_36x1_224", zero_head=False)
+    assert parallel.num_params() == sequential.num_params()
+    branches = copy.deepcopy(parallel)
+    for block in branches.blocks:
+        block.forward = block.forward_branches  # the reference path, for comparison only
+    models = {"18x2 fused": parallel, "18x2 branch by branch": branches, "36x1 sequential": sequential}
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        images = torch.randn(batch, 3, 224, 224, device=device)
+        for mode in ("inference", "training"):
+            if mode == "inference":
+                modules = {n: copy.deepcopy(m).to(device, dtype).eval() for n, m in models.items()}
+                runs = {
+                    n: functools.partial(torch.inference_mode()(m), images.to(dtype))
+                    for n, m in modules.items()
+                }
+            else:
+                modules = {n: copy.deepcopy(m).to(device).train() for n, m in models.items()}
+                runs = {n: training_step(m, images, labels, dtype) for n, m in modules.items()}
+            results = interleaved(runs, args.reps, device)
+            reference = results["36x1 sequential"].median
+            for name, result in results.items():
+                cells = [
+                    "S/16 36 blocks' parameters", str(batch), dtype_name, mode, name,
+                    f"{batch / result.median:.1f}", f"{reference / result.median:.2f}x",
+                ]  # fmt: skip
+                rows.append("| " + " | ".join(cells) + " |")
+            print("\n".join(rows[-len(results) :]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Ti/16 and B/16, 3 repetitions, no compile")
+    parser.add_argument("--models", nargs="+", choices=list(INFERENCE_MODELS), default=None)
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per candidate")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["inference", "training", "parallel"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--memory", action=argparse.BooleanOptionalAction, default=True, help="peak memory column"
+    )
+    parser.add_argument("--peak-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peak_child:
+        peak_child(*args.peak_child)
+        return
+    args.models = args.models or (["Ti/16", "B/16"] if args.quick else list(INFERENCE_MODELS))
+    args.reps = args.reps or (3 if args.quick else 7)
+    args.compile = (not args.quick) if args.compile is None else args.compile
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in every candidate
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"# vitkit speed: torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, "
+        f"{args.reps} interleaved repetitions (medians), compile={args.compile}\n"
+    )
+    notes: list[str] = []
+    tables = []
+    if "inference" not in args.skip:
+        print("## Inference (224 px)\n")
+        tables.append(bench_inference(args, device, notes))
+    if "training" not in args.skip:
+        print("\n## Training step (forward, cross-entropy, backward, AdamW)\n")
+        tables.append(bench_training(args, device, notes))
+    if "parallel" not in args.skip:
+        print('\n## Parallel blocks ("Three things" #1), same parameters\n')
+        tables.append(bench_parallel(args, device))
+    for table in tables:
+        print("\n" + "\n".join(table))
+    for note in notes:
+        print(f"\nnote: {note}")
+    print(
+        "\nnote: peak MB is the extra memory of one call or step above the process before it "
+        "(CUDA allocator peak on a GPU; on CPU the peak-RSS rise in a fresh process)"
+    )
+
+
+if __name__ == "__main__":
+    main()
