@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from vitkit.data.cache import CachedImages
 from vitkit.data.datasets import (
     Digits,
     ImageFolder,
@@ -34,11 +35,18 @@ from vitkit.data.datasets import (
     stratified_split,
 )
 from vitkit.data.mixup import Mixup
-from vitkit.data.transforms import VIT_MEAN, VIT_STD, Interpolation, build_transforms
+from vitkit.data.transforms import (
+    VIT_MEAN,
+    VIT_STD,
+    Interpolation,
+    build_transforms,
+    pad_crop_flip_batch,
+)
 
 DatasetName = Literal["digits", "imagefolder", "shards", "synthetic"]
 AutoAugment = Literal["none", "randaugment", "3aug"]
 EvalResize = Literal["crop", "squash"]
+TrainCrop = Literal["inception", "pad"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,17 @@ class DataConfig:
     seed: int = 0
     # Split "val" is this fraction of each class of "train", held out (and removed from "train").
     val_fraction: float = 0.0
-    # Train augmentation.
+    # Decode every image once into one uint8 tensor in memory (images of one size), kept in
+    # `cache_dir` as a .npy file when set, so later epochs and runs read no JPEG (see cache.py).
+    cache: bool = False
+    cache_dir: str = ""
+    # Train augmentation. "inception": random-resized crop of `scale` and `ratio`; "pad": the classic
+    # CIFAR crop, a random img_size window of the image zero-padded by `crop_padding` pixels.
+    train_crop: TrainCrop = "inception"
+    crop_padding: int = 4
+    # Crop and flip whole uint8 batches in the loading process instead of each image in workers: on a
+    # few CPU cores, per-image Python costs more than the arithmetic. Needs cache and train_crop "pad".
+    batch_augment: bool = False
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
@@ -104,6 +122,7 @@ class DataConfig:
             ("dataset", DatasetName),
             ("auto_augment", AutoAugment),
             ("eval_resize", EvalResize),
+            ("train_crop", TrainCrop),
             ("interpolation", Interpolation),
             ("on_bad", OnBad),
             ("verify", Verify),
@@ -120,7 +139,7 @@ class DataConfig:
             "synthetic_size",
             "synthetic_classes",
         )
-        non_negative = ("num_workers", "seed", "mixup", "cutmix", "color_jitter")
+        non_negative = ("num_workers", "seed", "mixup", "cutmix", "color_jitter", "crop_padding")
         probabilities = ("hflip", "random_erasing", "mixup_prob", "mixup_switch_prob", "label_smoothing")
         low, high = self.scale
         checks = {
@@ -136,6 +155,16 @@ class DataConfig:
             "std must be > 0": min(self.std) > 0,
             "datasets 'imagefolder' and 'shards' need a root": bool(self.root)
             or self.dataset in ("digits", "synthetic"),
+            "cache does not apply to dataset 'shards' (a stream)": not self.cache or self.dataset != "shards",
+            "batch_augment needs cache=True and train_crop='pad', and supports no per-image augmentation "
+            "(auto_augment 'none', color_jitter 0, random_erasing 0)": not self.batch_augment
+            or (
+                self.cache
+                and self.train_crop == "pad"
+                and self.auto_augment == "none"
+                and self.color_jitter == 0
+                and self.random_erasing == 0
+            ),
         }
         failed = [message for message, ok in checks.items() if not ok]
         if failed:
@@ -265,6 +294,52 @@ class SeededTransform(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
 
+class AugmentedBatches:
+    """Train batches cut from an in-memory uint8 cache and augmented whole in this process.
+
+    The sampler's keys are taken in chunks of batch_size; each chunk's images are gathered by index,
+    pad-cropped, flipped and normalised at once, drawing from a generator seeded by (seed, epoch,
+    position of the chunk's first sample). Batches so depend on neither timing nor workers, and a run
+    resumed at a batch boundary sees the batches of the uninterrupted run.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, cfg: DataConfig) -> None:
+        self.indices = None
+        if isinstance(dataset, Subset):
+            dataset, self.indices = dataset.dataset, torch.as_tensor(dataset.indices)
+        if not isinstance(dataset, CachedImages):
+            raise TypeError(f"batch augmentation reads a CachedImages, got {type(dataset).__name__}")
+        self.images = dataset.images  # (N, 3, H, W) uint8
+        self.targets = torch.as_tensor(dataset.targets)
+        self.sampler = sampler
+        self.cfg = cfg
+        # Normalize's (pixel / 255 - mean) / std as one multiply-add over the batch.
+        std = torch.tensor(cfg.std)[:, None, None]
+        self.scale, self.shift = 1 / (255 * std), -torch.tensor(cfg.mean)[:, None, None] / std
+
+    def __len__(self) -> int:
+        if self.cfg.drop_last:
+            return len(self.sampler) // self.cfg.batch_size
+        return math.ceil(len(self.sampler) / self.cfg.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.cfg
+        keys = list(self.sampler)
+        for start in range(0, len(keys), cfg.batch_size):
+            chunk = keys[start : start + cfg.batch_size]
+            if len(chunk) < cfg.batch_size and cfg.drop_last:
+                return
+            index = torch.tensor([key[0] for key in chunk])
+            if self.indices is not None:
+                index = self.indices[index]
+            _, epoch, position = chunk[0]
+            generator = seeded_generator("batch", cfg.seed, epoch, position)
+            images = pad_crop_flip_batch(
+                self.images[index], cfg.img_size, cfg.crop_padding, cfg.hflip, generator
+            )
+            yield torch.addcmul(self.shift, images.float(), self.scale), self.targets[index]
+
+
 # The loader -------------------------------------------------------------------------------------
 
 
@@ -331,16 +406,19 @@ class Loader:
                 num_repeats=cfg.repeated_aug if self.train else 1,
                 pad=self.train,
             )
-            self.loader = DataLoader(
-                SeededTransform(self.dataset, transform, cfg.seed),
-                batch_size=cfg.batch_size,
-                sampler=self.sampler,
-                num_workers=cfg.num_workers,
-                drop_last=drop_last,
-                pin_memory=pin_memory,
-                persistent_workers=cfg.num_workers > 0,
-                generator=worker_seeds,
-            )
+            if self.train and cfg.batch_augment:
+                self.loader: Any = AugmentedBatches(self.dataset, self.sampler, cfg)
+            else:
+                self.loader = DataLoader(
+                    SeededTransform(self.dataset, transform, cfg.seed),
+                    batch_size=cfg.batch_size,
+                    sampler=self.sampler,
+                    num_workers=cfg.num_workers,
+                    drop_last=drop_last,
+                    pin_memory=pin_memory,
+                    persistent_workers=cfg.num_workers > 0,
+                    generator=worker_seeds,
+                )
         base = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
         self.classes: list[str] = list(base.classes)
         self.class_to_idx: dict[str, int] = dict(base.class_to_idx)
@@ -414,6 +492,13 @@ def open_dataset(cfg: DataConfig, split: str) -> Dataset:
         full = open_dataset(cfg.replace(val_fraction=0.0), "train")
         kept, held_out = stratified_split(full.targets, cfg.val_fraction, cfg.seed)
         return Subset(full, kept if split == "train" else held_out)
+    dataset = _open_files(cfg, split)
+    if cfg.cache:
+        return CachedImages(dataset, cache_dir=cfg.cache_dir, name=split)
+    return dataset
+
+
+def _open_files(cfg: DataConfig, split: str) -> Dataset:
     if cfg.dataset == "digits":
         return Digits(split)  # type: ignore[arg-type]
     if cfg.dataset == "synthetic":

@@ -259,6 +259,51 @@ class RandomResizedCrop:
 
 
 @dataclass(frozen=True)
+class RandomPadCrop:
+    """The classic CIFAR crop: zero-pad each side by `padding` pixels, then a random size x size window
+    (shifts of up to `padding` pixels, no rescaling)."""
+
+    size: int
+    padding: int = 4
+
+    def __call__(self, image: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+        padded = F.pad(image, (self.padding,) * 4)
+        top = _randint(0, padded.shape[-2] - self.size + 1, generator)
+        left = _randint(0, padded.shape[-1] - self.size + 1, generator)
+        return padded[:, top : top + self.size, left : left + self.size]
+
+
+def crop_batch(
+    images: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, flips: torch.Tensor, size: int
+) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size): image i's window at (tops[i], lefts[i]), mirrored where
+    flips[i]; one gather for the whole batch instead of B Python-level crops."""
+    batch, channels, _, width = images.shape
+    offsets = torch.arange(size)
+    rows = tops[:, None] + offsets  # (B, size)
+    columns = lefts[:, None] + offsets
+    columns = torch.where(flips[:, None], columns.flip(1), columns)
+    # Flat pixel index of each output pixel, the same for every channel: (B, C, size * size).
+    pixels = (rows[:, :, None] * width + columns[:, None, :]).reshape(batch, 1, -1)
+    gathered = images.flatten(2).gather(2, pixels.expand(-1, channels, -1))
+    return gathered.reshape(batch, channels, size, size)
+
+
+def pad_crop_flip_batch(
+    images: torch.Tensor, size: int, padding: int, hflip: float, generator: Generator = None
+) -> torch.Tensor:
+    """`RandomPadCrop` then `RandomHorizontalFlip` on a whole uint8 batch (B, 3, H, W) -> (B, 3, size, size)."""
+    padded = F.pad(images, (padding,) * 4)
+    batch, _, height, width = padded.shape
+    if height < size or width < size:
+        raise ValueError(f"pad_crop_flip_batch: images {tuple(images.shape)} padded by {padding} < {size}")
+    tops = torch.randint(0, height - size + 1, (batch,), generator=generator)
+    lefts = torch.randint(0, width - size + 1, (batch,), generator=generator)
+    flips = torch.rand(batch, generator=generator) < hflip
+    return crop_batch(padded, tops, lefts, flips, size)
+
+
+@dataclass(frozen=True)
 class RandomHorizontalFlip:
     prob: float = 0.5
 
@@ -481,7 +526,10 @@ def build_transforms(cfg: DataConfig, train: bool) -> Compose:
         if cfg.eval_resize == "squash":
             return Compose((SquashResize(cfg.img_size, cfg.interpolation), normalize))
         return Compose((ResizeCenterCrop(cfg.img_size, cfg.crop_pct, cfg.interpolation), normalize))
-    steps: list = [RandomResizedCrop(cfg.img_size, tuple(cfg.scale), tuple(cfg.ratio), cfg.interpolation)]
+    if cfg.train_crop == "pad":
+        steps: list = [RandomPadCrop(cfg.img_size, cfg.crop_padding)]
+    else:
+        steps = [RandomResizedCrop(cfg.img_size, tuple(cfg.scale), tuple(cfg.ratio), cfg.interpolation)]
     if cfg.hflip > 0:
         steps.append(RandomHorizontalFlip(cfg.hflip))
     if cfg.auto_augment == "randaugment":
