@@ -8,7 +8,12 @@ Each configuration runs in a fresh subprocess, so its peak resident memory (`ru_
 "peak RSS" is the whole process (weights, gradients, AdamW state, activations, the Python runtime),
 "step peak" is the rise above the RSS after building the model, i.e. what one training step adds.
 On a GPU (--device cuda) both come from the CUDA allocator instead. Step time is the median of the
-timed steps after one warm-up step. Ratios are against full fine-tuning in the same run.
+timed steps after one warm-up step. Ratios are against full fine-tuning in the same run. The
+configurations run one after another, so on a shared machine a change of load shows in the step
+times (not in the memory): read step times from a quiet machine.
+
+Measured (2-core AVX-512 CPU shared with other jobs, torch 2.13, `--quick`: ViT-S/16 at 224, batch 16,
+fp32): step peak 1728 MB full, 0.77x attention-only, 0.61x full + checkpointing, 0.32x both.
 """
 
 from __future__ import annotations
