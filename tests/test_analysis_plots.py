@@ -76,3 +76,12 @@ def test_read_images_resizes_crops_and_names_bad_files(tmp_path):
         plots.read_images([tmp_path / "images"], (16, 16))
     with pytest.raises(FileNotFoundError, match="missing"):
         plots.read_images([tmp_path / "missing"], (16, 16))
+
+
+def test_read_images_limit_spreads_over_the_folders(tmp_path):
+    for label, value in (("a", 10), ("b", 120), ("c", 240)):
+        (tmp_path / label).mkdir()
+        for index in range(4):
+            Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(tmp_path / label / f"{index}.png")
+    images = plots.read_images([tmp_path], (8, 8), limit=3)
+    assert images[:, 0, 0, 0].tolist() == [10, 120, 240]  # one per class folder, not the first three

@@ -85,8 +85,13 @@ def read_image(path: str | os.PathLike, size: tuple[int, int]) -> torch.Tensor:
 def read_images(
     sources: list[str | os.PathLike], size: tuple[int, int], limit: int | None = None
 ) -> torch.Tensor:
-    """The first `limit` images of files and folders as uint8 (B, 3, H, W)."""
-    files = image_files(sources)[:limit]
+    """Images of files and folders as uint8 (B, 3, H, W); at most `limit`, evenly spaced in sorted order.
+
+    Even spacing rather than the first few keeps every class of an ImageFolder tree in the sample.
+    """
+    files = image_files(sources)
+    if limit is not None and len(files) > limit:
+        files = [files[i * len(files) // limit] for i in range(limit)]
     return torch.stack([read_image(path, size) for path in files])
 
 
@@ -175,7 +180,7 @@ def plot_attention_distance(
 
 # Figure 7, left: patch-embedding filters -------------------------------------------------------------------
 def filters_figure(result: FilterComponents, num_columns: int = 7) -> Figure:
-    """Principal components (K, C, P, P) as small images, each scaled to its own [min, max].
+    """Principal components (K, C, P, P) as small images, each scaled by its largest |weight|.
 
     Three channels are shown as RGB, any other number as the mean over channels in grey.
     """
@@ -187,8 +192,8 @@ def filters_figure(result: FilterComponents, num_columns: int = 7) -> Figure:
     figure.suptitle("Principal components of the patch-embedding filters")
     for index in range(num_components):
         component = components[index]
-        low, high = component.min(), component.max()
-        scaled = ((component - low) / (high - low).clamp_min(1e-12)).numpy()
+        # Zero maps to mid-grey, so the sign of each pixel weight reads off the picture.
+        scaled = (0.5 + component / (2 * component.abs().max().clamp_min(1e-12))).numpy()
         axes = figure.add_subplot(num_rows, num_columns, index + 1)
         if component.shape[0] == 3:
             axes.imshow(scaled.transpose(1, 2, 0), interpolation="nearest")
@@ -298,7 +303,7 @@ def figure_from_checkpoint(
 ) -> tuple[Path, str]:
     """Load any checkpoint `vitkit.load` reads and draw one of FIGURES; returns (path, a summary line).
 
-    `inputs` are image files or folders: several for "attention-distance" (the first `max_images`),
+    `inputs` are image files or folders: several for "attention-distance" (`max_images` of them, spread over the folders),
     exactly one image for "attention", none for the others. Images are resized and centre-cropped to
     the model's resolution (or `img_size`, which also resamples the position embeddings).
     """
