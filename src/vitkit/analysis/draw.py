@@ -14,12 +14,16 @@ import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..models.config import ViTConfig
 from ..models.vit import VisionTransformer
 from .flops import count, human
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -268,7 +272,7 @@ def _draw_block(axes, config: ViTConfig, top: float) -> None:
             )
 
 
-def architecture_figure(config: ViTConfig, name: str = ""):
+def architecture_figure(config: ViTConfig, name: str = "") -> Figure:
     """The pipeline of `stages(config)` as boxes with shapes and parameters, and one block below."""
     from matplotlib.figure import Figure
 
