@@ -147,3 +147,12 @@ def test_interrupted_save_keeps_previous_file(model, tmp_path, monkeypatch):
         vitkit.save(model, path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+def test_saved_files_get_the_usual_permissions(model, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = vitkit.save(model, tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
