@@ -7,8 +7,11 @@ the loop runs the same lines at every world size. Only the main process (rank 0)
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -65,17 +68,32 @@ def setup(device: DeviceName = "auto") -> Env:
 
 def cleanup() -> None:
     if dist.is_initialized():
+        # FSDP's modules sit in reference cycles with their hooks: free them (and the collective
+        # work they hold) now, while the process group is alive, not at interpreter exit.
+        gc.collect()
         dist.destroy_process_group()
 
 
 def wrap(model: VisionTransformer, env: Env, strategy: Strategy = "ddp") -> nn.Module:
     """DDP (a full replica per process, gradients all-reduced) or FSDP (parameters sharded per
-    encoder block, for models that do not fit one device). One process: the model itself."""
+    encoder block, for models that do not fit one device). One process: the model itself.
+
+    FSDP shards in place and replaces every parameter by its shard (a DTensor): build the optimiser
+    over `model.parameters()` after this call, never before.
+    """
     if not env.distributed:
         return model
     if strategy == "ddp":
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if strategy == "fsdp":
+        return shard(model)
+    raise ValueError(f"train.strategy={strategy!r}: expected 'ddp' or 'fsdp'")
+
+
+def shard(model: VisionTransformer) -> VisionTransformer:
+    """FSDP2 in place: each encoder block is one unit (its parameters are gathered for its forward
+    and backward only), the root holds the rest (stem, tokens, final norm, head)."""
     from torch.distributed.fsdp import fully_shard
 
     for module in model.modules():
@@ -83,6 +101,34 @@ def wrap(model: VisionTransformer, env: Env, strategy: Strategy = "ddp") -> nn.M
             fully_shard(module)
     fully_shard(model)
     return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP sharded this model (its parameters are DTensor shards, its state dict too)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
+
+
+def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) of micro-batches whose gradients
+    are only accumulated; the last micro-batch of a step syncs their sum."""
+    if enabled:
+        return contextlib.nullcontext()
+    if is_sharded(model):
+        return _fsdp_no_sync(unwrap(model))
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def unwrap(model: nn.Module) -> VisionTransformer:
@@ -96,17 +142,89 @@ def unwrap(model: nn.Module) -> VisionTransformer:
     return inner
 
 
+# Checkpoint state: unsharded on save, resharded on load ---------------------------------------------
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded model state on CPU (gathers FSDP shards; every rank must call it)."""
-    from torch.distributed.tensor import DTensor
+    """The unsharded model state on CPU, with the plain VisionTransformer's keys.
 
-    state = unwrap(model).state_dict()
+    Under FSDP every rank must call it: the shards are gathered to rank 0, which alone receives the
+    tensors (the other ranks get an empty dict, so no rank holds two copies of a large model).
+    """
+    if not is_sharded(model):
+        return {key: value.detach().cpu() for key, value in unwrap(model).state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(unwrap(model), options=_gather_options())
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser state in `optimizer.state_dict()`'s form (parameters numbered in param-group
+    order), unsharded on CPU; under FSDP every rank must call it and only rank 0 receives it."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(unwrap(model), optimizer, options=_gather_options())
+    if not state:
+        return state
+    # DCP names parameters by their fully qualified name; checkpoints number them like
+    # optimizer.state_dict(), so one file resumes at any world size and strategy.
+    names = [name for group in state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
     return {
-        key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
-        for key, value in state.items()
+        "state": {index[name]: entry for name, entry in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]
+        ],
     }
 
 
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) state; under FSDP each rank keeps its own shard of every tensor."""
+    if not is_sharded(model):
+        unwrap(model).load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # set_model_state_dict consumes the dict it is given.
+    set_model_state_dict(unwrap(model), dict(state), options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full optimiser state in `optimizer.state_dict()`'s form (as `full_optimizer_state`
+    returns it); under FSDP each rank keeps the shard of each moment that matches its parameters."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {param: name for name, param in unwrap(model).named_parameters()}
+    ordered = [names[param] for group in optimizer.param_groups for param in group["params"]]
+    saved = [index for group in state["param_groups"] for index in group["params"]]
+    if len(saved) != len(ordered):
+        raise ValueError(
+            f"the checkpoint's optimiser state has {len(saved)} parameters, this optimiser {len(ordered)} "
+            "(a different model or freezing rule?)"
+        )
+    by_name = {
+        "state": {ordered[index]: entry for index, entry in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [ordered[index] for index in group["params"]]}
+            for group in state["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(
+        unwrap(model), optimizer, by_name, options=StateDictOptions(full_state_dict=True)
+    )
+
+
+def _gather_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # cpu_offload with full_state_dict: gathered shard by shard onto rank 0's CPU memory.
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+# Collectives --------------------------------------------------------------------------------------------
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes, in place; the identity for one process."""
     if dist.is_initialized():
@@ -118,6 +236,28 @@ def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def even_batches(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_batches: int, empty_images: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's `num_batches` batches, then empty ones (`empty_images`, (0, C, H, W)) up to the
+    most any rank has.
+
+    An FSDP forward is collective (each block gathers its shards from every rank), so every rank
+    must run as many as the others; evaluation splits ranks unevenly, and an empty batch adds
+    nothing to the counts.
+    """
+    most = int(all_reduce_max(torch.tensor(num_batches)).item())
+    yield from batches
+    for _ in range(most - num_batches):
+        yield empty_images, torch.zeros(0, dtype=torch.int64)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

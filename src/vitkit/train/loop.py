@@ -15,7 +15,6 @@ Only this file and `distributed.py` know about devices and ranks.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import dataclasses
@@ -143,6 +142,7 @@ class Experiment:
             ("precision", Precision),
             ("resume", Resume),
             ("device", distributed.DeviceName),
+            ("strategy", distributed.Strategy),
         ):
             if getattr(train, name) not in get_args(allowed):
                 raise ValueError(
@@ -443,8 +443,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
-        if cfg.strategy == "fsdp" and (cfg.ema_decay > 0 or cfg.compile):
-            raise ValueError("train.strategy='fsdp' supports neither ema_decay > 0 nor compile")
+        if cfg.strategy == "fsdp" and cfg.compile:
+            raise ValueError("train.strategy='fsdp' does not support train.compile; use 'ddp' to compile")
         data = experiment.data
         self.train_loader = build_loader(data, "train", rank=env.rank, world_size=env.world_size)
         self.classes = self.train_loader.classes
@@ -459,6 +459,11 @@ class Trainer:
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         self.model = model.to(env.device)
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        # FSDP replaces the parameters by their shards: wrap before the optimiser takes them.
+        self.wrapped = distributed.wrap(self.model, env, cfg.strategy)
+        if self.ema is not None and distributed.is_sharded(self.wrapped):
+            # Sharded like the weights it follows: each rank averages its own shards.
+            distributed.shard(self.ema.model)
         self.optimizer = build_optimizer(self.model, experiment.optim)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
         self.steps_per_epoch = len(self.train_loader) // cfg.accumulation
@@ -483,12 +488,12 @@ class Trainer:
         if folder is None:
             return None
         checkpoint: Checkpoint = load_checkpoint(folder)
-        distributed.unwrap(self.model).load_state_dict(checkpoint.model)
-        self.optimizer.load_state_dict(checkpoint.optimizer)
+        distributed.load_model_state(self.wrapped, checkpoint.model)
+        distributed.load_optimizer_state(self.wrapped, self.optimizer, checkpoint.optimizer)
         if self.ema is not None:
             if checkpoint.ema is None:
                 raise ValueError(f"{folder}: has no EMA weights but train.ema_decay > 0")
-            self.ema.model.load_state_dict(checkpoint.ema)
+            distributed.load_model_state(self.ema.model, checkpoint.ema)
         if checkpoint.scaler:
             self.scaler.load_state_dict(checkpoint.scaler)
         self.progress = checkpoint.progress
@@ -523,16 +528,18 @@ class Trainer:
         """A resumable checkpoint of the whole state; every rank calls it, rank 0 writes."""
         rng = distributed.all_gather_object(self.capture_rng())
         weights = distributed.full_state_dict(wrapped)
+        optimizer = distributed.full_optimizer_state(wrapped, self.optimizer)
+        ema = distributed.full_state_dict(self.ema.model) if self.ema is not None else None
         if not self.env.main_process:
             return None
         folder = save_checkpoint(
             self.checkpoint_dir,
             model=weights,
             metadata=self.metadata,
-            optimizer=self.optimizer.state_dict(),
+            optimizer=optimizer,
             progress=self.progress,
             rng=rng,
-            ema=self.ema.model.state_dict() if self.ema is not None else None,
+            ema=ema,
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
         )
         apply_retention(self.checkpoint_dir, self.exp.train.keep_last)
@@ -549,9 +556,14 @@ class Trainer:
             with autocast():
                 return model(images)
 
+        batches = self.eval_loader
+        if distributed.is_sharded(model):
+            config = distributed.unwrap(model).config
+            empty = torch.zeros(0, config.in_chans, *config.img_size)
+            batches = distributed.even_batches(batches, len(self.eval_loader), empty)
         result = evaluate_classification(
             predict,
-            self.eval_loader,
+            batches,
             self.classes,
             top_k=self.exp.eval.top_k,
             to_device=lambda tensor: tensor.to(self.env.device, non_blocking=True),
@@ -566,10 +578,10 @@ class Trainer:
         if self.progress.best_metric is not None and top1 <= self.progress.best_metric:
             return
         self.progress.best_metric, self.progress.best_step = top1, self.progress.step
+        use_ema = self.ema is not None and self.exp.eval.use_ema
+        weights = distributed.full_state_dict(self.ema.model if use_ema else self.wrapped)
         if self.env.main_process:
-            use_ema = self.ema is not None and self.exp.eval.use_ema
-            model = self.ema.model if use_ema else distributed.unwrap(self.model)
-            write_weights(self.out_dir / "best.safetensors", model.state_dict(), self.metadata)
+            write_weights(self.out_dir / "best.safetensors", weights, self.metadata)
 
     # The loop ---------------------------------------------------------------------------------------------
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -590,9 +602,7 @@ class Trainer:
             classes_json = json.dumps(self.train_loader.class_to_idx, indent=1) + "\n"
             atomic_write(self.out_dir / "class_to_idx.json", lambda tmp: Path(tmp).write_text(classes_json))
         metrics = MetricsLog(self.out_dir, main, resumed_step)
-        wrapped = distributed.wrap(self.model, env, cfg.strategy)
-        if cfg.compile:
-            wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         objective = get_objective(cfg.objective)
         dtype = _DTYPES.get(cfg.precision, torch.float32)
 
@@ -621,14 +631,18 @@ class Trainer:
                 for micro in range(cfg.accumulation):
                     batch = next(batches)
                     # Gradients are all-reduced on the last micro-batch only.
-                    sync = micro == cfg.accumulation - 1 or not hasattr(wrapped, "no_sync")
-                    with contextlib.nullcontext() if sync else wrapped.no_sync():
+                    with distributed.gradient_sync(wrapped, enabled=micro == cfg.accumulation - 1):
                         with autocast():
                             loss, step_metrics = objective(wrapped, batch)
                         finite = distributed.all_reduce_min(torch.isfinite(loss.detach()).float().cpu())
                         if finite.item() == 0:
+                            value = loss.item()
+                            # Every rank stops together, also those whose own loss was finite.
+                            what = (
+                                value if not math.isfinite(value) else f"on another rank (here {value:.4g})"
+                            )
                             raise NonFiniteLossError(
-                                f"non-finite loss {loss.item()} at step {step} (epoch {epoch}, micro-batch "
+                                f"non-finite loss {what} at step {step} (epoch {epoch}, micro-batch "
                                 f"{micro}) before the optimiser step; the last good checkpoint is "
                                 f"{find_resumable(self.checkpoint_dir)[0] or 'none (no checkpoint written yet)'}"
                             )
