@@ -94,6 +94,11 @@ class TrainConfig:
     epochs: int = 10
     # Stop after this many optimiser steps (0: the full schedule); the schedule still spans `epochs`.
     max_steps: int = 0
+    # A wall-clock budget for the training steps, in minutes (0: none), for time-to-accuracy runs: the
+    # lr schedule advances by the larger of the fraction of steps and the fraction of the budget spent,
+    # and training stops when the budget is spent, so the schedule anneals fully whatever the machine's
+    # speed (`epochs` is then an upper bound). Timing makes such a run not bitwise reproducible.
+    time_budget_minutes: float = 0.0
     seed: int = 0
     objective: str = "supervised"
     device: distributed.DeviceName = "auto"
@@ -154,6 +159,7 @@ class Experiment:
             "train.keep_last must be >= 1": train.keep_last >= 1,
             "train.log_every must be >= 1": train.log_every >= 1,
             "train.num_threads must be >= 0": train.num_threads >= 0,
+            "train.time_budget_minutes must be >= 0": train.time_budget_minutes >= 0,
             "train.ema_decay must be in [0, 1)": 0 <= train.ema_decay < 1,
             "eval.every must be >= 1": self.eval.every >= 1,
         }
@@ -584,6 +590,17 @@ class Trainer:
             write_weights(self.out_dir / "best.safetensors", weights, self.metadata)
 
     # The loop ---------------------------------------------------------------------------------------------
+    def budget_spent(self) -> float:
+        """The fraction of train.time_budget_minutes spent on training steps (0 without a budget); the
+        slowest rank's time, so that all ranks follow one lr schedule and stop at the same step."""
+        budget = self.exp.train.time_budget_minutes * 60
+        if not budget:
+            return 0.0
+        return (
+            distributed.all_reduce_max(torch.tensor(self.progress.train_time, dtype=torch.float64)).item()
+            / budget
+        )
+
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.train_loader.set_epoch(epoch)
         self.train_loader.set_start(start)
@@ -614,7 +631,7 @@ class Trainer:
         last_step = cfg.max_steps or math.inf
         result = None
         wrapped.train()
-        while self.progress.epoch < cfg.epochs and self.progress.step < last_step:
+        while self.progress.epoch < cfg.epochs and self.progress.step < last_step and self.budget_spent() < 1:
             epoch = self.progress.epoch
             step_in_epoch = self.progress.position // (batch_size * cfg.accumulation)
             batches = self.batches(epoch, self.progress.position)
@@ -623,9 +640,13 @@ class Trainer:
                 desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True,
             )  # fmt: skip
             while step_in_epoch < self.steps_per_epoch and self.progress.step < last_step:
+                spent = self.budget_spent()
+                if spent >= 1:
+                    break
                 started = time.perf_counter()
                 step = self.progress.step
-                lr = learning_rate(exp.optim, step, self.total_steps, self.warmup_steps)
+                schedule_step = max(step, spent * self.total_steps)
+                lr = learning_rate(exp.optim, schedule_step, self.total_steps, self.warmup_steps)
                 set_lr(self.optimizer, lr)
                 totals: dict[str, float] = {}
                 for micro in range(cfg.accumulation):
@@ -685,7 +706,11 @@ class Trainer:
             bar.close()
             if step_in_epoch == self.steps_per_epoch:
                 self.progress.epoch, self.progress.position = epoch + 1, 0
-            finished = self.progress.step >= last_step or self.progress.epoch >= cfg.epochs
+            finished = (
+                self.progress.step >= last_step
+                or self.progress.epoch >= cfg.epochs
+                or self.budget_spent() >= 1
+            )
             if self.eval_loader is not None and (self.progress.epoch % exp.eval.every == 0 or finished):
                 result = self.evaluate(wrapped, autocast)
                 metrics.write(
