@@ -95,7 +95,8 @@ def test_two_fsdp_processes_equal_one_process_with_the_doubled_batch(runs):
 def test_fsdp_checkpoint_loads_with_vitkit_load_and_resumes_in_one_process(runs, tmp_path, caplog):
     folder = checkpoint(runs / "fsdp", 3 * STEPS_PER_EPOCH)
     model, reference = (
-        vitkit.load(f / "model.safetensors").eval() for f in (folder, checkpoint(runs / "single", 12))
+        vitkit.load(f / "model.safetensors").eval()
+        for f in (folder, checkpoint(runs / "single", 3 * STEPS_PER_EPOCH))
     )
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_one_process_checkpoint_resumes_under_fsdp(runs, tmp_path):
     assert json.loads((tmp_path / "resumed" / "results.json").read_text())["steps"] == 4 * STEPS_PER_EPOCH
     assert_close_weights(last_weights(tmp_path / "resumed"), last_weights(runs / "reference"))
     ema = [
-        read_weights(checkpoint(f, 16) / "ema.safetensors")[0]
+        read_weights(checkpoint(f, 4 * STEPS_PER_EPOCH) / "ema.safetensors")[0]
         for f in (tmp_path / "resumed", runs / "reference")
     ]
     assert_close_weights(*ema)

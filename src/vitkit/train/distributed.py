@@ -3,6 +3,10 @@
 The only importer of torch.distributed. Under `torchrun --nproc_per_node N -m vitkit train ...` the
 environment names this process's rank; without it everything here degrades to one process, so
 the loop runs the same lines at every world size. Only the main process (rank 0) writes files.
+
+Checkpoints hold the unsharded state in one layout for every strategy (FSDP's shards are gathered to
+rank 0, its parameter names turned back into optimiser indices), so a run resumes at any world size,
+under DDP, FSDP or in one process, and `vitkit.load` reads its weights.
 """
 
 from __future__ import annotations
