@@ -1,5 +1,7 @@
-"""Data: data sets yielding (uint8 image, label), tensor transforms, mixup, and `build_loader`."""
+"""Data: data sets yielding (uint8 image, label), a decoded-image cache, tensor transforms, mixup, and
+`build_loader`."""
 
+from vitkit.data.cache import CachedImages
 from vitkit.data.datasets import (
     BadImageError,
     Digits,
@@ -19,6 +21,7 @@ __all__ = [
     "VIT_MEAN",
     "VIT_STD",
     "BadImageError",
+    "CachedImages",
     "DataConfig",
     "Digits",
     "ImageFolder",
