@@ -22,22 +22,8 @@ from .pos_embed import resample_pos_embed, sincos_2d
 from .stems import build_stem
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for (B, heads, L, head_dim) inputs, by the fastest kernel for the case.
-
-    SDPA's fused kernels win everywhere except one case: training on CPU, where the flash kernel's
-    backward pass is 1.2x (fp32) to 3.5x (bf16) slower than autograd through three plain ops at ViT
-    sequence lengths (65 and 197 tokens, measured with torch 2.13 on AVX-512). Both compute the same
-    product; tests/test_fastpaths.py holds them equal.
-    """
-    if q.requires_grad and q.device.type == "cpu":
-        weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
-        return F.dropout(weights, dropout) @ v if dropout else weights @ v
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection."""
+    """Multi-head self-attention with one fused qkv projection, computed by SDPA."""
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0, dropout: float = 0.0
@@ -56,7 +42,9 @@ class Attention(nn.Module):
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, L, head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = attend(*self.split_heads(x), self.attn_dropout if self.training else 0.0)  # (B, heads, L, hd)
+        q, k, v = self.split_heads(x)
+        dropout = self.attn_dropout if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, heads, L, head_dim)
         x = x.transpose(1, 2).flatten(2)  # (B, L, D)
         return self.proj_drop(self.proj(x))
 
@@ -197,7 +185,7 @@ class ParallelBlock(nn.Module):
         bias = torch.stack([b.unflatten(0, (3, -1)) for _, b in qkv], dim=1).flatten()
         qkv = F.linear(x, weight, bias).reshape(batch, length, 3, -1, first.head_dim)  # (B, L, 3, p*H, hd)
         dropout = first.attn_dropout if self.training else 0.0
-        x = attend(*qkv.permute(2, 0, 3, 1, 4).unbind(0), dropout)  # (B, p*H, L, hd)
+        x = F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), dropout_p=dropout)
         return _fused_output(x.transpose(1, 2).flatten(2), [(b.attn.proj, b.ls) for b in self.attns])
 
     def fused_mlp(self, x: torch.Tensor) -> torch.Tensor:
