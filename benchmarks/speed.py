@@ -21,6 +21,14 @@ Ratios are against the best peer of the same row group (compiled or not). Median
 
 Inference in bf16 stores the weights in bf16 (every candidate alike); fp32 is fp32 throughout.
 On CUDA (--device cuda), SDPA picks flash attention in every candidate; timings synchronise the device.
+
+Seen on a 2-core AVX-512 (avx512_bf16, no AMX) CPU shared with other jobs (load 4-11, so absolute
+img/s are low and noisy; ratios are within one run), torch 2.13, transformers 5.23, timm not importable:
+- inference, vitkit vs HF: Ti/16 fp32 1.20x, bf16 1.12x-1.21x (HF+compile 0.96x of HF eager; vitkit
+  53-59% of the bf16 ceiling); B/16 fp32 1.09x (76% of ceiling), bf16 1.03x;
+- training step, bf16 autocast: Ti/16 @224 b32 1.29x, Ti/4 @32 b128 1.23x (isolated runs of 5
+  repetitions); in one --quick run fp32 0.91x and 1.03x (noisy).
+On this CPU bf16 matmuls (oneDNN brgemm avx512_core_bf16) are not faster than fp32 ones.
 """
 
 from __future__ import annotations
