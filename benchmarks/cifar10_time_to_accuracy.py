@@ -3,6 +3,7 @@
     python benchmarks/cifar10_time_to_accuracy.py                       # the full recipe (configs/cifar10_vit.py)
     python benchmarks/cifar10_time_to_accuracy.py --quick               # a 2-minute check that it all works
     python benchmarks/cifar10_time_to_accuracy.py --budget-minutes 5    # the same recipe annealed in 5 minutes
+    python benchmarks/cifar10_time_to_accuracy.py --loader-only         # data images/s: cache vs JPEG per image
 
 Wall time counts training steps only (data loading included; evaluation, checkpoints and the one-time
 decoding of the image cache excluded). The budget is the run's `train.time_budget_minutes`: the lr
@@ -15,6 +16,7 @@ result depends on how much of the CPU the run had).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from vitkit.data import DataConfig, build_loader
 from vitkit.io import atomic_write
 from vitkit.train import load_experiment, train
 from vitkit.train.loop import read_metrics
@@ -39,7 +42,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="60 steps, evaluated on 2%% of train held out")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--figure", type=Path, help="also copy the curve PNG here")
+    parser.add_argument(
+        "--loader-only", action="store_true", help="time the train loader against per-image JPEG decoding"
+    )
     args = parser.parse_args()
+    if args.loader_only:
+        compare_loaders(load_experiment(args.config, args.overrides).data)
+        return
 
     overrides = [
         f"train.out_dir={args.out}",
@@ -105,6 +114,23 @@ def main() -> None:
         shutil.copyfile(figure_path, args.figure)
         print(f"copied the curve to {args.figure}")
     print(f"wrote {figure_path}\nwrote {results}")
+
+
+def compare_loaders(data: DataConfig, num_batches: int = 20) -> None:
+    """Images/s of the config's train loader against the baseline that decodes and augments each JPEG
+    (random-resized crop and flip, no cache), in this one run."""
+    baseline = data.replace(cache=False, batch_augment=False, train_crop="inception", scale=(0.35, 1.0))
+    speeds = {}
+    for name, cfg in (("per-image JPEG (baseline)", baseline), ("config", data)):
+        loader = build_loader(cfg, "train")  # the cache is decoded (or loaded) here, outside the timing
+        started = time.perf_counter()
+        for _ in itertools.islice(loader, num_batches):
+            pass
+        speeds[name] = num_batches * cfg.batch_size / (time.perf_counter() - started)
+    base = speeds["per-image JPEG (baseline)"]
+    for name, speed in speeds.items():
+        print(f"{name:>26}: {speed:8.0f} images/s  ({speed / base:.1f}x)")
+    print(f"load average {os.getloadavg()[0]:.1f}")
 
 
 def plot(evals: list[dict], path: Path, target: float, budget_minutes: float) -> Path:
