@@ -11,7 +11,6 @@ seed gives the same batches whatever `num_workers` is, and a run resumed mid-epo
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import math
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from vitkit.data.transforms import (
     build_transforms,
     pad_crop_flip_batch,
 )
+from vitkit.models.config import check_fields
 
 DatasetName = Literal["digits", "imagefolder", "shards", "synthetic"]
 AutoAugment = Literal["none", "randaugment", "3aug"]
@@ -173,7 +173,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataConfig:
         """Build from plain data (e.g. JSON); unknown keys are errors."""
-        _check_fields(data)
+        check_fields(cls, data, what="DataConfig")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,19 +181,8 @@ class DataConfig:
         return {name: list(value) if isinstance(value, tuple) else value for name, value in data.items()}
 
     def replace(self, **overrides: Any) -> DataConfig:
-        _check_fields(overrides)
+        check_fields(DataConfig, overrides, what="DataConfig")
         return dataclasses.replace(self, **overrides)
-
-
-def _check_fields(data: dict[str, Any]) -> None:
-    known = [field.name for field in dataclasses.fields(DataConfig)]
-    unknown = [key for key in data if key not in known]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=3)
-            hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise TypeError(f"unknown DataConfig field(s): {', '.join(hints)}")
 
 
 # Sampling ---------------------------------------------------------------------------------------
