@@ -15,7 +15,8 @@ from the budget) squashes to 32 px, the images' own size.
 
 Measured speed on the 2-core Xeon (AVX-512, torch 2.13), training steps of 128 images, fp32: 260-280
 images/s with 1 thread whatever the machine's load; 2 threads reach 480 images/s only on an idle
-machine and fall to 40-120 images/s when other jobs share the cores, hence 1 thread here. bf16
+machine and fall to 40-120 images/s when other jobs share the cores (a 10-minute run with 2 threads,
+started at load average 1.0, averaged 39 images/s and reached 32.8%), hence 1 thread here. bf16
 autocast is slower on this CPU (0.5-0.75x), width 192 halves the speed, and torch.compile took 54 s
 to compile for no measurable gain. Decoding a JPEG per image in the loop ran at 130 images/s on the
 loaded machine, below the model's speed; the cache and batch augmentation serve 15,000 images/s
