@@ -164,17 +164,23 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable .npz file (truncated or corrupt?): {error}") from error
 
 
+def read_folder_config(folder: Path) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint folder (vitkit's or HuggingFace's)."""
+    config_path = folder / CONFIG_NAME
+    if not config_path.exists():
+        raise CheckpointError(f"{folder}: folder has no {CONFIG_NAME}")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_path}: invalid JSON: {error}") from error
+
+
 def read_config(path: str | os.PathLike) -> ViTConfig:
     """The ViTConfig stored with a native checkpoint (file metadata or the folder's config.json)."""
     path = Path(path)
     if path.is_dir():
+        data = read_folder_config(path)
         config_path = path / CONFIG_NAME
-        if not config_path.exists():
-            raise CheckpointError(f"{path}: folder has no {CONFIG_NAME}")
-        try:
-            data = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_path}: invalid JSON: {error}") from error
         if data.pop("model_type", None) != "vitkit":
             raise CheckpointError(f"{config_path}: not a vitkit config (model_type is not 'vitkit')")
         return ViTConfig.from_dict(data)

@@ -76,23 +76,6 @@ def stages(config: ViTConfig) -> list[Stage]:
                 f"{patch}x{patch} cells -> {dim}",
             )
         )
-    elif config.stem == "hmlp":
-        out.append(
-            Stage(
-                "patches",
-                (num_patches, config.in_chans * patch * patch),
-                0,
-                f"{rows}x{cols} patches of {patch}x{patch}",
-            )
-        )
-        out.append(
-            Stage(
-                "hMLP stem",
-                (num_patches, dim),
-                _num_params(model.patch_embed),
-                "4x4, 2x2, 2x2 linear + LN + GELU",
-            )
-        )
     else:
         out.append(
             Stage(
@@ -102,12 +85,15 @@ def stages(config: ViTConfig) -> list[Stage]:
                 f"{rows}x{cols} patches of {patch}x{patch}",
             )
         )
+        hmlp = config.stem == "hmlp"
         out.append(
             Stage(
-                "patch embedding",
+                "hMLP stem" if hmlp else "patch embedding",
                 (num_patches, dim),
                 _num_params(model.patch_embed),
-                f"linear {config.in_chans * patch * patch} -> {dim}",
+                "4x4, 2x2, 2x2 linear + LN + GELU"
+                if hmlp
+                else f"linear {config.in_chans * patch * patch} -> {dim}",
             )
         )
     positions = {"learn": "learned positions", "sincos2d": "fixed sin-cos positions", "none": ""}

@@ -24,10 +24,10 @@ import torch
 
 from ..io import (
     CONFIG_KEY,
-    CONFIG_NAME,
     CheckpointError,
     load,
     load_state,
+    read_folder_config,
     read_weights,
     save,
 )
@@ -68,13 +68,7 @@ class Checkpoint:
 
 
 def _read_folder(path: Path) -> tuple[State, dict]:
-    config_path = path / CONFIG_NAME
-    if not config_path.exists():
-        raise CheckpointError(f"{path}: folder has no {CONFIG_NAME}")
-    try:
-        config_json = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_path}: invalid JSON: {error}") from error
+    config_json = read_folder_config(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
