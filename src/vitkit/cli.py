@@ -19,6 +19,13 @@ from .registry import get_config, list_models
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
+def add_set_arg(parser: argparse.ArgumentParser, text: str) -> None:
+    """`--set KEY=VALUE`, repeatable: the type-checked config overrides every experiment command takes."""
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], help=help
+    )
+
+
 # vitkit info ------------------------------------------------------------------------------------------
 def add_info_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registered name or alias, e.g. vit_base_patch16_384 or B/16")
@@ -100,10 +107,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="a name in configs/ (e.g. digits_vit), a .py file, or a run's config.json",
     )
-    parser.add_argument(
-        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-        help="override a config field, type-checked: optim.lr=1e-3, train.epochs=5, model.overrides.depth=6",
-    )  # fmt: skip
+    add_set_arg(
+        parser,
+        "override a config field, type-checked: optim.lr=1e-3, train.epochs=5, model.overrides.depth=6",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -132,10 +139,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "checkpoint", help="a run folder (its best weights), or a .safetensors training checkpoint"
     )
     parser.add_argument("--split", default="test", help="split of the training run's data set")
-    parser.add_argument(
-        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-        help="override the data config stored with the checkpoint, e.g. root=/data/cifar10 batch_size=256",
-    )  # fmt: skip
+    add_set_arg(
+        parser, "override the data config stored with the checkpoint, e.g. root=/data/cifar10 batch_size=256"
+    )
     parser.add_argument("--out", default=None, help="folder for results.json and the confusion matrix PNG")
 
 
@@ -208,10 +214,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run folder of the demo")
-    parser.add_argument(
-        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-        help="override the digits_vit config, e.g. train.epochs=5",
-    )  # fmt: skip
+    add_set_arg(parser, "override the digits_vit config, e.g. train.epochs=5")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -378,10 +381,7 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
         "--freeze", default=None, choices=["none", "attention-only", "head-only"],
         help="freezing rule; attention-only also writes delta.safetensors (default: the config's)",
     )  # fmt: skip
-    parser.add_argument(
-        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-        help="override a config field: optim.lr=0.01, train.epochs=5, data.root=/data/cifar10",
-    )  # fmt: skip
+    add_set_arg(parser, "override a config field: optim.lr=0.01, train.epochs=5, data.root=/data/cifar10")
     parser.add_argument(
         "--compare-freezing", action="store_true",
         help="first print trainable parameters, memory and step time of full vs attention-only",
@@ -432,10 +432,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="pretrain_cifar10", help="a pre-training experiment in configs/")
-    parser.add_argument(
-        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-        help="override a field: masked.masking=blockwise, masked.target=pixels, model.overrides.stem=hmlp",
-    )  # fmt: skip
+    add_set_arg(
+        parser, "override a field: masked.masking=blockwise, masked.target=pixels, model.overrides.stem=hmlp"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
