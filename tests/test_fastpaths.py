@@ -59,6 +59,31 @@ def test_fused_parallel_block_in_bf16():
             torch.testing.assert_close(block(x).float(), reference, **BF16)
 
 
+def test_inference_keeps_the_fused_weights_until_a_parameter_changes(monkeypatch):
+    block = _parallel_block(2, layer_scale_init=0.1).eval()
+    fused = []
+    fuse = block._fuse
+    monkeypatch.setattr(block, "_fuse", lambda: fused.append(1) or fuse())
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        first = block(x)
+        torch.testing.assert_close(block(x), first)
+        assert len(fused) == 1  # built once, then kept
+        block.ffns[1].mlp.fc2.weight.mul_(2.0)  # an optimizer-style in-place update
+        torch.testing.assert_close(block(x), block.forward_branches(x), rtol=1e-5, atol=1e-5)
+        assert len(fused) == 2
+        state = {k: v + 0.1 for k, v in block.state_dict().items()}
+        block.load_state_dict(state)  # copy_ into the same storage
+        torch.testing.assert_close(block(x), block.forward_branches(x), rtol=1e-5, atol=1e-5)
+        assert len(fused) == 3
+        with torch.autocast("cpu", torch.bfloat16):  # kept across autocast: the fold is in fp32
+            torch.testing.assert_close(block(x).float(), block.forward_branches(x), **BF16)
+        assert block(x).dtype == torch.float32 and len(fused) == 3
+    block.train()  # gradients on: rebuilt per call, so they reach the branch parameters
+    block(x).sum().backward()
+    assert block._fused_cache is None and block.attns[0].norm.weight.grad is not None
+
+
 def test_parallel_block_draws_noise_per_branch_on_the_reference_path():
     block = _parallel_block(2, drop_path=0.5).train()
     x = torch.randn(8, 17, 32)

@@ -149,7 +149,8 @@ class ParallelBlock(nn.Module):
     sequential sum but half the kernel calls of the sequential model: one LayerNorm statistics pass,
     each branch's norm affine folded into its qkv (fc1) weights so that all branches' qkv (fc1) are one
     matmul, all branches' heads in one attention call, and the output projections (fc2) one matmul over
-    the concatenated branch activations with LayerScale folded in. `forward_branches` is the reference;
+    the concatenated branch activations with LayerScale folded in. In inference the folded weights are
+    built once and kept (`fused_weights`). `forward_branches` is the reference;
     it also runs in training when dropout or stochastic depth must draw noise per branch.
     """
 
@@ -163,38 +164,87 @@ class ParallelBlock(nn.Module):
         )
         self.noise_per_branch = config.dropout > 0 or drop_path > 0
         self.norm_eps = config.norm_eps
+        self._fused_cache: tuple[tuple, dict] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.noise_per_branch:
             return self.forward_branches(x)
-        x = x + self.fused_attention(x)
-        return x + self.fused_mlp(x)
+        weights = self.fused_weights()
+        x = x + self.fused_attention(x, weights)
+        return x + self.fused_mlp(x, weights)
 
     def forward_branches(self, x: torch.Tensor) -> torch.Tensor:
         x = x + sum(attn(x) for attn in self.attns)
         return x + sum(ffn(x) for ffn in self.ffns)
 
-    def fused_attention(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """All branches' qkv, proj, fc1 and fc2 as one (weight, bias) each, norms and LayerScale folded in.
+
+        With gradients on they are rebuilt on every call (so gradients reach the branch parameters);
+        in inference they are kept until a parameter changes (its storage or in-place version counter),
+        the module moves (`to`, `half`, ...) or its mode is switched, so a served model does no weight
+        work per call. The cache costs one extra copy of the block's weights while it lives.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self._is_sharded():
+            return self._fuse()
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        if self._fused_cache is None or self._fused_cache[0] != key:
+            self._fused_cache = (key, self._fuse())
+        return self._fused_cache[1]
+
+    def _fuse(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        # Folded in the parameters' dtype whatever autocast says: F.linear casts at use.
+        with torch.autocast(self.attns[0].norm.weight.device.type, enabled=False):
+            return self._fold_all()
+
+    def _fold_all(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        qkv = [_fold_norm(branch.norm, branch.attn.qkv) for branch in self.attns]
+        fc1 = [_fold_norm(branch.norm, branch.mlp.fc1) for branch in self.ffns]
+        return {
+            # Rows ordered (q|k|v, branch, head, head_dim), so the branches' heads sit side by side.
+            "qkv": (
+                torch.stack([w.unflatten(0, (3, -1)) for w, _ in qkv], dim=1).flatten(0, 2),
+                torch.stack([b.unflatten(0, (3, -1)) for _, b in qkv], dim=1).flatten(),
+            ),
+            "proj": _fold_output([(b.attn.proj, b.ls) for b in self.attns]),
+            "fc1": (torch.cat([w for w, _ in fc1]), torch.cat([b for _, b in fc1])),
+            "fc2": _fold_output([(b.mlp.fc2, b.ls) for b in self.ffns]),
+        }
+
+    def _is_sharded(self) -> bool:
+        # FSDP gathers and frees parameters around each call: nothing may outlive it.
+        return type(self) is not ParallelBlock and type(self).__name__.startswith("FSDP")
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(), ...: the cache is of the old tensors
+        self._fused_cache = None
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        self._fused_cache = None
+        return super().train(mode)
+
+    def fused_attention(self, x: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
         """sum_i ls_i(MSA_i(LN_i(x))) in one qkv matmul, one attention call and one projection."""
+        weights = weights or self.fused_weights()
         batch, length, _ = x.shape
         first, shape = self.attns[0].attn, self.attns[0].norm.normalized_shape
         x = F.layer_norm(x, shape, eps=self.norm_eps)
-        qkv = [_fold_norm(branch.norm, branch.attn.qkv) for branch in self.attns]
-        # Rows ordered (q|k|v, branch, head, head_dim), so the branches' heads sit side by side.
-        weight = torch.stack([w.unflatten(0, (3, -1)) for w, _ in qkv], dim=1).flatten(0, 2)
-        bias = torch.stack([b.unflatten(0, (3, -1)) for _, b in qkv], dim=1).flatten()
-        qkv = F.linear(x, weight, bias).reshape(batch, length, 3, -1, first.head_dim)  # (B, L, 3, p*H, hd)
+        qkv = F.linear(x, *weights["qkv"]).reshape(batch, length, 3, -1, first.head_dim)  # (B, L, 3, p*H, hd)
         dropout = first.attn_dropout if self.training else 0.0
         x = F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), dropout_p=dropout)
-        return _fused_output(x.transpose(1, 2).flatten(2), [(b.attn.proj, b.ls) for b in self.attns])
+        return F.linear(x.transpose(1, 2).flatten(2), *weights["proj"])
 
-    def fused_mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_mlp(self, x: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
         """sum_i ls_i(MLP_i(LN_i(x))) as one fc1 matmul and one fc2 matmul."""
+        weights = weights or self.fused_weights()
         x = F.layer_norm(x, self.ffns[0].norm.normalized_shape, eps=self.norm_eps)
-        fc1 = [_fold_norm(branch.norm, branch.mlp.fc1) for branch in self.ffns]
-        hidden = F.linear(x, torch.cat([w for w, _ in fc1]), torch.cat([b for _, b in fc1]))
-        hidden = self.ffns[0].mlp.act(hidden)  # (B, L, parallel * mlp_dim)
-        return _fused_output(hidden, [(b.mlp.fc2, b.ls) for b in self.ffns])
+        hidden = F.linear(x, *weights["fc1"])  # (B, L, parallel * mlp_dim)
+        act = self.ffns[0].mlp.act
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            hidden = act(hidden)
+        else:  # in place: no second buffer of B x L x parallel * mlp_dim in inference
+            hidden = torch.ops.aten.gelu_(hidden, approximate=act.approximate)
+        return F.linear(hidden, *weights["fc2"])
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Each branch's heads, concatenated: (B, parallel * heads, L, L)."""
@@ -207,9 +257,9 @@ def _fold_norm(norm: nn.LayerNorm, linear: nn.Linear) -> tuple[torch.Tensor, tor
     return linear.weight * norm.weight, bias if linear.bias is None else bias + linear.bias
 
 
-def _fused_output(x: torch.Tensor, layers: list[tuple[nn.Linear, nn.Module]]) -> torch.Tensor:
-    """sum_i ls_i(linear_i(x_i)) for x = [x_1 | ... | x_p] concatenated on features: one matmul with K = sum
-    of the branches' widths, LayerScale gamma folded into each weight's rows and bias."""
+def _fold_output(layers: list[tuple[nn.Linear, nn.Module]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_i ls_i(linear_i(x_i)) for x = [x_1 | ... | x_p] concatenated on features is one linear layer
+    with K = the sum of the branches' widths: LayerScale gamma folded into each weight's rows and bias."""
     weights, bias = [], 0
     for linear, scale in layers:
         if isinstance(scale, LayerScale):
@@ -218,7 +268,7 @@ def _fused_output(x: torch.Tensor, layers: list[tuple[nn.Linear, nn.Module]]) ->
         else:
             weights.append(linear.weight)
             bias = bias + linear.bias
-    return F.linear(x, torch.cat(weights, dim=1), bias)
+    return torch.cat(weights, dim=1), bias
 
 
 class AttentionPool(nn.Module):
