@@ -86,3 +86,59 @@ def test_bad_overrides_are_named(tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
         load_pretrain_experiment(config, ["masked.target=tokens", "masked.vocab_size=8"])
     assert isinstance(load_pretrain_experiment(config), PretrainExperiment)
+
+
+def _run(config: str, out_dir, *overrides: str) -> dict:
+    from vitkit.train.pretrain import pretrain
+
+    return pretrain(load_pretrain_experiment(config, [f"train.out_dir={out_dir}", *overrides]))
+
+
+def test_pretraining_resumes_bitwise_and_keeps_an_ema_encoder(tmp_path):
+    """The shared loop's checkpoints: stopping at step 5 and going on to 12 gives the weights of one
+    uninterrupted run (the masks are drawn from (seed, rank, step), the data order is resumable)."""
+    config = write_config(tmp_path)
+    straight = _run(config, tmp_path / "straight", "train.ema_decay=0.9")
+    _run(config, tmp_path / "resumed", "train.ema_decay=0.9", "train.max_steps=5")
+    resumed = _run(config, tmp_path / "resumed", "train.ema_decay=0.9")
+    assert straight["steps"] == resumed["steps"] == 12
+    for name in ("masked_model", "encoder", "encoder_ema"):
+        ours = vitkit.io.read_weights(tmp_path / "resumed" / f"{name}.safetensors")[0]
+        theirs = vitkit.io.read_weights(tmp_path / "straight" / f"{name}.safetensors")[0]
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), (name, key)
+    ema, raw = vitkit.load(straight["encoder_ema"]), vitkit.load(straight["encoder"])
+    assert not torch.equal(ema.blocks[0].mlp.fc1.weight, raw.blocks[0].mlp.fc1.weight)
+    # Only the new run's rows after the checkpoint are logged again: steps 4, 8, 12 once each.
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [4, 8, 12]
+
+
+def test_pretraining_refuses_a_supervised_objective_setting(tmp_path):
+    with pytest.raises(ValueError, match="train.objective"):
+        load_pretrain_experiment(write_config(tmp_path), ["train.objective=other"])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_pretraining_runs_under_torchrun(tmp_path, strategy):
+    import os
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "vitkit", "pretrain", "--config", config, "--set", f"train.strategy={strategy}",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [4, 8, 12] and rows[-1]["loss"] < rows[0]["loss"]
+    encoder = vitkit.load(tmp_path / "run" / "encoder.safetensors")
+    whole = vitkit.io.read_weights(tmp_path / "run" / "masked_model.safetensors")[0]
+    assert not any(key.startswith(("module.", "_orig_mod.")) for key in whole)
+    assert torch.equal(whole["encoder.blocks.1.mlp.fc2.weight"], encoder.blocks[1].mlp.fc2.weight)

@@ -95,7 +95,7 @@ def wrap(model: VisionTransformer, env: Env, strategy: Strategy = "ddp") -> nn.M
     raise ValueError(f"train.strategy={strategy!r}: expected 'ddp' or 'fsdp'")
 
 
-def shard(model: VisionTransformer) -> VisionTransformer:
+def shard(model: nn.Module) -> nn.Module:
     """FSDP2 in place: each encoder block is one unit (its parameters are gathered for its forward
     and backward only), the root holds the rest (stem, tokens, final norm, head)."""
     from torch.distributed.fsdp import fully_shard
@@ -135,14 +135,15 @@ def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def unwrap(model: nn.Module) -> VisionTransformer:
-    """The plain VisionTransformer under torch.compile and DDP wrappers: the one whose state dict is
-    saved, so checkpoints never carry `_orig_mod.` or `module.` prefixes."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model (a VisionTransformer, or the masked-patch model of pre-training) under
+    torch.compile and DDP wrappers: the one whose state dict is saved, so checkpoints never carry
+    `_orig_mod.` or `module.` prefixes."""
     inner = getattr(model, "_orig_mod", model)
     inner = getattr(inner, "module", inner)
     inner = getattr(inner, "_orig_mod", inner)
-    if not isinstance(inner, VisionTransformer):
-        raise TypeError(f"cannot unwrap {type(model).__name__} to a VisionTransformer")
+    if isinstance(inner, nn.parallel.DistributedDataParallel) or hasattr(inner, "_orig_mod"):
+        raise TypeError(f"cannot unwrap {type(model).__name__}: wrapped more than once")
     return inner
 
 

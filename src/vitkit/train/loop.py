@@ -142,33 +142,37 @@ class Experiment:
 
     def __post_init__(self) -> None:
         check_fields(ViTConfig, self.model.overrides, what="model.overrides (ViTConfig)")
-        train = self.train
-        for name, allowed in (
-            ("precision", Precision),
-            ("resume", Resume),
-            ("device", distributed.DeviceName),
-            ("strategy", distributed.Strategy),
-        ):
-            if getattr(train, name) not in get_args(allowed):
-                raise ValueError(
-                    f"train.{name}={getattr(train, name)!r}: expected one of {get_args(allowed)}"
-                )
-        checks = {
-            "train.epochs must be >= 1": train.epochs >= 1,
-            "train.accumulation must be >= 1": train.accumulation >= 1,
-            "train.keep_last must be >= 1": train.keep_last >= 1,
-            "train.log_every must be >= 1": train.log_every >= 1,
-            "train.num_threads must be >= 0": train.num_threads >= 0,
-            "train.time_budget_minutes must be >= 0": train.time_budget_minutes >= 0,
-            "train.ema_decay must be in [0, 1)": 0 <= train.ema_decay < 1,
-            "eval.every must be >= 1": self.eval.every >= 1,
-        }
-        failed = [message for message, ok in checks.items() if not ok]
+        failed = check_train_config(self.train)
+        if self.eval.every < 1:
+            failed.append("eval.every must be >= 1")
         if failed:
             raise ValueError(f"invalid experiment: {'; '.join(failed)}")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def check_train_config(train: TrainConfig) -> list[str]:
+    """The train section's errors (a value outside its choices raises at once; bounds come back as
+    messages, so that one error names them all)."""
+    for name, allowed in (
+        ("precision", Precision),
+        ("resume", Resume),
+        ("device", distributed.DeviceName),
+        ("strategy", distributed.Strategy),
+    ):
+        if getattr(train, name) not in get_args(allowed):
+            raise ValueError(f"train.{name}={getattr(train, name)!r}: expected one of {get_args(allowed)}")
+    checks = {
+        "train.epochs must be >= 1": train.epochs >= 1,
+        "train.accumulation must be >= 1": train.accumulation >= 1,
+        "train.keep_last must be >= 1": train.keep_last >= 1,
+        "train.log_every must be >= 1": train.log_every >= 1,
+        "train.num_threads must be >= 0": train.num_threads >= 0,
+        "train.time_budget_minutes must be >= 0": train.time_budget_minutes >= 0,
+        "train.ema_decay must be in [0, 1)": 0 <= train.ema_decay < 1,
+    }
+    return [message for message, ok in checks.items() if not ok]
 
 
 # Configs from files and the CLI ---------------------------------------------------------------------
@@ -391,12 +395,14 @@ def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     loss_axes.set_xlabel("step")
-    loss_axes.set_ylabel("cross-entropy")
+    loss_axes.set_ylabel("loss")
     loss_axes.set_yscale("log")
     loss_axes.legend()
-    accuracy_axes.plot(
-        [r["step"] for r in train], [r["accuracy"] for r in train], alpha=0.5, label="train batch"
-    )
+    scored = [r for r in train if "accuracy" in r]  # a regression objective has none
+    if scored:
+        accuracy_axes.plot(
+            [r["step"] for r in scored], [r["accuracy"] for r in scored], alpha=0.5, label="train batch"
+        )
     if evals:
         accuracy_axes.plot(
             [r["step"] for r in evals],
@@ -408,7 +414,8 @@ def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
     accuracy_axes.set_ylabel("accuracy")
     accuracy_axes.set_ylim(0, 1)
     accuracy_axes.grid(alpha=0.3)
-    accuracy_axes.legend()
+    if scored or evals:
+        accuracy_axes.legend()
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
     plt.close(figure)
@@ -435,6 +442,11 @@ def train(experiment: Experiment) -> dict[str, Any]:
 
 
 class Trainer:
+    """One training run of an experiment. What differs between tasks is in the hooks `build_model`,
+    `build_optimizer`, `build_eval_loader`, `build_metadata`, `objective` and `finish`: supervised
+    classification here, masked-patch pre-training in `pretrain.py`; the loop, resumption, DDP/FSDP,
+    EMA, precision, budget and logging are shared."""
+
     def __init__(self, experiment: Experiment, env: distributed.Env):
         self.exp = experiment
         self.env = env
@@ -451,18 +463,17 @@ class Trainer:
             torch.set_num_threads(cfg.num_threads)
         if cfg.strategy == "fsdp" and cfg.compile:
             raise ValueError("train.strategy='fsdp' does not support train.compile; use 'ddp' to compile")
+        self._objective = get_objective(cfg.objective)
         data = experiment.data
         self.train_loader = build_loader(data, "train", rank=env.rank, world_size=env.world_size)
         self.classes = self.train_loader.classes
-        self.eval_loader = None
-        if experiment.eval.split:
-            self.eval_loader = build_loader(
-                data, experiment.eval.split, rank=env.rank, world_size=env.world_size
-            )
+        self.eval_loader = self.build_eval_loader()
         # The same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
         seed_everything(cfg.seed)
-        model = build_model(experiment.model, data.img_size, self.train_loader.num_classes)
-        model.set_grad_checkpointing(cfg.grad_checkpointing)
+        model = self.build_model()
+        for module in model.modules():
+            if isinstance(module, VisionTransformer):
+                module.set_grad_checkpointing(cfg.grad_checkpointing)
         self.model = model.to(env.device)
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         # FSDP replaces the parameters by their shards: wrap before the optimiser takes them.
@@ -470,7 +481,7 @@ class Trainer:
         if self.ema is not None and distributed.is_sharded(self.wrapped):
             # Sharded like the weights it follows: each rank averages its own shards.
             distributed.shard(self.ema.model)
-        self.optimizer = build_optimizer(self.model, experiment.optim)
+        self.optimizer = self.build_optimizer()
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
         self.steps_per_epoch = len(self.train_loader) // cfg.accumulation
         if self.steps_per_epoch == 0:
@@ -480,7 +491,29 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = round(experiment.optim.warmup_epochs * self.steps_per_epoch)
         self.progress = Progress()
-        self.metadata = model_metadata(model.config, self.classes, data.to_dict())
+        self.metadata = self.build_metadata()
+
+    # The task's hooks ---------------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.exp.model, self.exp.data.img_size, self.train_loader.num_classes)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Over `self.model`'s parameters, after FSDP has replaced them by their shards."""
+        return build_optimizer(self.model, self.exp.optim)
+
+    def build_eval_loader(self):
+        split = self.exp.eval.split
+        if not split:
+            return None
+        return build_loader(self.exp.data, split, rank=self.env.rank, world_size=self.env.world_size)
+
+    def build_metadata(self) -> dict[str, str]:
+        """What makes the weight files self-describing (config, classes, data)."""
+        return model_metadata(self.model.config, self.classes, self.exp.data.to_dict())
+
+    def objective(self, wrapped: torch.nn.Module, batch, micro: int) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's loss and metrics (under autocast; the loop does the rest)."""
+        return self._objective(wrapped, batch)
 
     # Resume ---------------------------------------------------------------------------------------------
     def resume(self) -> int | None:
@@ -620,7 +653,6 @@ class Trainer:
             atomic_write(self.out_dir / "class_to_idx.json", lambda tmp: Path(tmp).write_text(classes_json))
         metrics = MetricsLog(self.out_dir, main, resumed_step)
         wrapped = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        objective = get_objective(cfg.objective)
         dtype = _DTYPES.get(cfg.precision, torch.float32)
 
         def autocast():
@@ -654,7 +686,7 @@ class Trainer:
                     # Gradients are all-reduced on the last micro-batch only.
                     with distributed.gradient_sync(wrapped, enabled=micro == cfg.accumulation - 1):
                         with autocast():
-                            loss, step_metrics = objective(wrapped, batch)
+                            loss, step_metrics = self.objective(wrapped, batch, micro)
                         finite = distributed.all_reduce_min(torch.isfinite(loss.detach()).float().cpu())
                         if finite.item() == 0:
                             value = loss.item()

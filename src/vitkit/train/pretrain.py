@@ -1,11 +1,12 @@
 """Masked-patch pre-training runs: the experiment config and its loop (`vitkit pretrain`).
 
 The model is `models.masked.MaskedPatchModel`: an encoder, a learnable [mask] embedding and a per-patch
-head, trained on unlabelled images (labels are ignored). The loop reuses the training system's parts:
-the data pipeline, the optimiser's parameter groups (no decay on norms, biases, positions, tokens and
-the mask embedding) and its warmup-cosine schedule, one autocast context. Each epoch it writes the
-encoder as a native checkpoint, `encoder.safetensors`, which `vitkit finetune` starts from, and the
-whole pre-training model (encoder, mask embedding, head) as `masked_model.safetensors`.
+head, trained on unlabelled images (labels are ignored). It runs on the training loop of `loop.py`
+(`PretrainTrainer` fills its hooks), so it resumes bitwise from its checkpoints, runs under torchrun
+(DDP or FSDP), and has accumulation, EMA, bf16 autocast, a time budget and the metrics logs. The
+optimiser's groups add the mask embedding (no decay) and the head to the encoder's. At the end it
+writes the encoder as a native checkpoint, `encoder.safetensors`, which `vitkit finetune` starts from,
+and the whole pre-training model (encoder, mask embedding, head) as `masked_model.safetensors`.
 """
 
 from __future__ import annotations
@@ -15,29 +16,34 @@ import importlib
 import importlib.util
 import json
 import logging
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
-from tqdm import tqdm
 
-from ..data import DataConfig, build_loader
+from ..data import DataConfig
 from ..data.datasets import derive_seed
-from ..io import atomic_write, save
 from ..models.config import ViTConfig, check_fields
 from ..models.masked import MaskedConfig, MaskedPatchModel
 from ..registry import create_model
 from . import distributed
-from .loop import ModelConfig, OptimConfig, TrainConfig, config_dirs, seed_everything
-from .optim import learning_rate, param_groups, set_lr
+from .loop import (
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    Trainer,
+    check_train_config,
+    config_dirs,
+    plot_curves,
+    read_metrics,
+)
+from .optim import param_groups
+from .state import model_metadata, write_weights
 
 log = logging.getLogger(__name__)
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MASKED_KEY = "vitkit.masked"  # safetensors metadata: the MaskedConfig of a whole masked model
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,11 @@ class PretrainExperiment:
 
     def __post_init__(self) -> None:
         check_fields(ViTConfig, self.model.overrides, what="model.overrides (ViTConfig)")
-        if self.train.precision == "fp16":
-            raise ValueError("pre-training supports precision fp32 and bf16")
+        failed = check_train_config(self.train)
+        if self.train.objective != "supervised":
+            failed.append("train.objective is not used by pre-training: its objective is masked.*")
+        if failed:
+            raise ValueError(f"invalid pre-training experiment: {'; '.join(failed)}")
         if (self.masked.target == "tokens") != bool(self.tokenizer):
             raise ValueError("masked.target='tokens' and tokenizer='module:factory' go together")
 
@@ -140,81 +149,72 @@ def build_pretrain_optimizer(model: MaskedPatchModel, cfg: OptimConfig) -> torch
 
 
 def pretrain(experiment: PretrainExperiment) -> dict[str, Any]:
-    """Run masked-patch pre-training to the end; returns a summary with the encoder's path."""
-    cfg = experiment.train
-    env = distributed.setup(cfg.device)
-    if env.world_size > 1:
-        raise ValueError("vitkit pretrain runs on one process; use vitkit train for multi-process runs")
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_json = json.dumps(experiment.to_dict(), indent=1) + "\n"
-    atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(config_json))
-    seed_everything(cfg.seed)
-    loader = build_loader(experiment.data, "train")
-    model = build_masked_model(experiment).to(env.device).train()
-    model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
-    optimizer = build_pretrain_optimizer(model, experiment.optim)
-    steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    warmup_steps = round(experiment.optim.warmup_epochs * steps_per_epoch)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    dtype = _DTYPES.get(cfg.precision, torch.float32)
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    step, started, row = 0, time.perf_counter(), {}
-    for epoch in range(cfg.epochs):
-        if step >= last_step:
-            break
-        loader.set_epoch(epoch)
-        bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
-        for images, _ in bar:
-            lr = learning_rate(experiment.optim, step, total_steps, warmup_steps)
-            set_lr(optimizer, lr)
-            # Masks from (seed, step): a rerun draws the same corruption at every step.
-            generator = torch.Generator().manual_seed(derive_seed("masking", cfg.seed, step))
-            with torch.autocast(env.device.type, dtype=dtype, enabled=cfg.precision != "fp32"):
-                loss, metrics = model(images.to(env.device), generator)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite pre-training loss {loss.item()} at step {step}")
-            loss.backward()
-            if experiment.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, experiment.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-            if step % cfg.log_every == 0 or step == last_step:
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "lr": lr,
-                    "time_s": time.perf_counter() - started,
-                    **metrics,
-                }
-                with open(metrics_path, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-            if step >= last_step:
-                break
-        bar.close()
-        paths = save_pretrained(model, out_dir)
-        print(f"pretrain epoch {epoch + 1}: loss {metrics['loss']:.4f}; wrote {paths[0]}", file=sys.stderr)
-    return {
-        "out_dir": str(out_dir),
-        "steps": step,
-        "time_s": round(time.perf_counter() - started, 2),
-        "encoder": str(out_dir / "encoder.safetensors"),
-        **{key: value for key, value in row.items() if key in ("loss", "accuracy")},
-    }
+    """Run masked-patch pre-training to the end on the shared training loop (resuming from the run
+    folder's newest valid checkpoint); returns a summary with the encoder's path."""
+    env = distributed.setup(experiment.train.device)
+    try:
+        return PretrainTrainer(experiment, env).run()
+    finally:
+        distributed.cleanup()
 
 
-def save_pretrained(model: MaskedPatchModel, out_dir: Path) -> tuple[Path, Path]:
-    """The encoder as a native checkpoint, and the whole masked model's tensors beside it."""
-    encoder_path = save(model.encoder, out_dir / "encoder.safetensors")
-    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    metadata = {"format": "pt", "vitkit.masked": json.dumps(model.config.to_dict())}
-    whole = out_dir / "masked_model.safetensors"
-    atomic_write(whole, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+class PretrainTrainer(Trainer):
+    """The shared loop (resume, DDP/FSDP, accumulation, EMA, precision, budget, logging) with the
+    masked-patch model, its optimiser groups and objective, no evaluation, and the encoder as output."""
+
+    def build_model(self) -> MaskedPatchModel:
+        return build_masked_model(self.exp)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return build_pretrain_optimizer(self.model, self.exp.optim)
+
+    def build_eval_loader(self) -> None:
+        return None
+
+    def build_metadata(self) -> dict[str, str]:
+        metadata = model_metadata(self.model.encoder.config, None, self.exp.data.to_dict())
+        return {**metadata, MASKED_KEY: json.dumps(self.model.config.to_dict())}
+
+    def objective(self, wrapped: torch.nn.Module, batch, micro: int) -> tuple[torch.Tensor, dict]:
+        images, _ = batch  # labels are not used
+        # Masks from (seed, rank, step, micro-batch): a resumed run draws the same corruption.
+        seed = derive_seed("masking", self.exp.train.seed, self.env.rank, self.progress.step, micro)
+        return wrapped(images, torch.Generator().manual_seed(seed))
+
+    def finish(self, wrapped: torch.nn.Module, autocast, result) -> dict[str, Any]:
+        weights = distributed.full_state_dict(wrapped)
+        ema = distributed.full_state_dict(self.ema.model) if self.ema is not None else None
+        summary: dict[str, Any] = {"out_dir": str(self.out_dir), "steps": self.progress.step}
+        if not self.env.main_process:
+            return summary
+        encoder, whole = save_pretrained(weights, self.metadata, self.out_dir)
+        summary.update(
+            train_time_s=round(self.progress.train_time, 2),
+            encoder=str(encoder),
+            masked_model=str(whole),
+            metrics=str(self.out_dir / "metrics.jsonl"),
+            curves=str(plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")),
+        )
+        if ema is not None:
+            summary["encoder_ema"] = str(save_pretrained(ema, self.metadata, self.out_dir, suffix="_ema")[0])
+        rows = [row for row in read_metrics(self.out_dir / "metrics.jsonl") if row["kind"] == "train"]
+        if rows:
+            summary.update({key: rows[-1][key] for key in ("loss", "accuracy") if key in rows[-1]})
+        return summary
+
+
+def save_pretrained(
+    weights: dict[str, torch.Tensor], metadata: dict[str, str], out_dir: Path, suffix: str = ""
+) -> tuple[Path, Path]:
+    """The encoder as a native checkpoint (`vitkit.load`, `vitkit finetune`), and the whole masked
+    model (encoder, mask embedding, head) beside it."""
+    prefix = "encoder."
+    encoder = {key.removeprefix(prefix): value for key, value in weights.items() if key.startswith(prefix)}
+    encoder_metadata = {key: value for key, value in metadata.items() if key != MASKED_KEY}
+    encoder_path, whole = (
+        out_dir / f"encoder{suffix}.safetensors",
+        out_dir / f"masked_model{suffix}.safetensors",
+    )
+    write_weights(encoder_path, encoder, encoder_metadata)
+    write_weights(whole, weights, metadata)
     return encoder_path, whole
