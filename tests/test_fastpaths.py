@@ -84,6 +84,35 @@ def test_inference_keeps_the_fused_weights_until_a_parameter_changes(monkeypatch
     assert block._fused_cache is None and block.attns[0].norm.weight.grad is not None
 
 
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_inference_in_place_ops_equal_the_gradient_path_and_spare_the_input(parallel):
+    """In inference, blocks apply GELU and the MLP residual in place on their own fresh tensors: the
+    values equal the autograd path's, and the caller's tensor is left as it was."""
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny_config(parallel=parallel, layer_scale_init=0.5)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    reference = model(images)  # gradients on: out of place
+    with torch.inference_mode():
+        torch.testing.assert_close(model(images), reference, rtol=1e-5, atol=1e-6)
+        tokens = torch.randn(2, 17, 32)
+        kept = tokens.clone()
+        for block in model.blocks:
+            block(tokens)
+            torch.testing.assert_close(tokens, kept, rtol=0, atol=0)
+        intermediates = model.forward_intermediates(images, attention=True)
+    grad_intermediates = model.forward_intermediates(images, attention=True)
+    for ours, theirs in zip(_tensors(intermediates), _tensors(grad_intermediates), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for item in value for t in _tensors(item)] if isinstance(value, (list, tuple)) else []
+
+
 def test_parallel_block_draws_noise_per_branch_on_the_reference_path():
     block = _parallel_block(2, drop_path=0.5).train()
     x = torch.randn(8, 17, 32)

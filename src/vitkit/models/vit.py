@@ -66,7 +66,14 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return self.drop2(self.fc2(self.drop1(_gelu(self.act, self.fc1(x)))))
+
+
+def _gelu(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
+    """GELU, in place on a fresh activation when no gradient needs the input: one buffer less."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return act(x)
+    return torch.ops.aten.gelu_(x, approximate=act.approximate)
 
 
 class LayerScale(nn.Module):
@@ -134,7 +141,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        mlp = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if torch.is_grad_enabled() and (x.requires_grad or mlp.requires_grad):
+            return x + mlp
+        return x.add_(mlp)  # x is this block's own tensor: summed in place in inference
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn.attention_weights(self.norm1(x))
@@ -239,11 +249,7 @@ class ParallelBlock(nn.Module):
         weights = weights or self.fused_weights()
         x = F.layer_norm(x, self.ffns[0].norm.normalized_shape, eps=self.norm_eps)
         hidden = F.linear(x, *weights["fc1"])  # (B, L, parallel * mlp_dim)
-        act = self.ffns[0].mlp.act
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            hidden = act(hidden)
-        else:  # in place: no second buffer of B x L x parallel * mlp_dim in inference
-            hidden = torch.ops.aten.gelu_(hidden, approximate=act.approximate)
+        hidden = _gelu(self.ffns[0].mlp.act, hidden)
         return F.linear(hidden, *weights["fc2"])
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
