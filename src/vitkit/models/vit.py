@@ -21,13 +21,14 @@ from .config import ViTConfig
 from .pos_embed import resample_pos_embed, sincos_2d
 from .stems import build_stem
 
-# Sequence lengths up to which CPU training computes attention as softmax(q k^T) v with autograd rather
-# than SDPA's flash kernel, whose CPU backward is slow for short sequences. Forward + backward, one
-# thread, (batch, heads, length): bf16 (128, 3, 65) 95 -> 24 ms, (32, 3, 197) 76 -> 44 ms, (4, 12, 577)
-# 247 -> 174 ms; fp32 (128, 3, 65) 29 -> 19 ms, equal at 197 and 2x slower at 577. The explicit path
-# keeps the (B, heads, L, L) probabilities for the backward pass, so it is bounded. Inference always
-# uses SDPA (its flash forward is as fast as the explicit product or faster).
-EXPLICIT_TRAINING_ATTENTION_MAX_LEN = {torch.float32: 128, torch.bfloat16: 640, torch.float16: 640}
+# Sequence lengths up to which CPU training in bf16/fp16 computes attention as softmax(q k^T) v with
+# autograd rather than SDPA's flash kernel, whose CPU backward is slow in low precision. Forward +
+# backward, one thread, (batch, heads, length), bf16: (128, 3, 65) 95 -> 24 ms, (32, 3, 197) 76 -> 44 ms,
+# (16, 12, 197) 148 -> 86 ms, (4, 12, 577) 247 -> 174 ms. In fp32 the kernels tie at 197 tokens and,
+# inside a model (strided q, k, v), SDPA wins at 65 too, so fp32 stays on SDPA. The explicit path keeps
+# the (B, heads, L, L) probabilities for the backward pass, hence the bound. Inference always uses SDPA
+# (its flash forward is as fast as the explicit product or faster).
+EXPLICIT_TRAINING_ATTENTION_MAX_LEN = {torch.bfloat16: 640, torch.float16: 640}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -63,6 +64,16 @@ class Attention(nn.Module):
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, length, _ = x.shape
+        if torch.is_grad_enabled() and self.qkv.weight.requires_grad:
+            # Training: q, k and v as three products with slices of the one qkv weight. The backward
+            # pass then adds three input gradients instead of stacking the three head gradients
+            # into one (B, L, 3D) tensor and copying it back to the fused layout.
+            weights = self.qkv.weight.chunk(3)
+            biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
+            return tuple(
+                F.linear(x, w, b).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+                for w, b in zip(weights, biases, strict=True)
+            )
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, L, head_dim)
 
