@@ -504,6 +504,12 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per candidate")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--freezing",
+        action="store_true",
+        help="inductor freezing for every compiled inference candidate (weights as constants, "
+        "prepacked for oneDNN on CPU)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["inference", "training", "parallel"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -517,7 +523,12 @@ def main() -> None:
         return
     args.models = args.models or (["Ti/16", "B/16"] if args.quick else list(INFERENCE_MODELS))
     args.reps = args.reps or (3 if args.quick else 7)
-    args.compile = (not args.quick) if args.compile is None else args.compile
+    args.compile = ((not args.quick) if args.compile is None else args.compile) or args.freezing
+    if args.freezing:
+        import torch._inductor.config as inductor_config
+
+        # Applies to every candidate alike; inductor freezes graphs compiled in inference only.
+        inductor_config.freezing = True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -526,7 +537,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"# vitkit speed: torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, "
-        f"{args.reps} interleaved repetitions (medians), compile={args.compile}\n"
+        f"{args.reps} interleaved repetitions (medians), compile={args.compile}, freezing={args.freezing}\n"
     )
     notes: list[str] = []
     tables = []
