@@ -49,7 +49,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection, computed by SDPA."""
+    """Multi-head self-attention with one fused qkv projection, computed by `attention` (SDPA, or the
+    explicit product in short-sequence low-precision CPU training)."""
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0, dropout: float = 0.0
