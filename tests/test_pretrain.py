@@ -142,3 +142,35 @@ def test_pretraining_runs_under_torchrun(tmp_path, strategy):
     whole = vitkit.io.read_weights(tmp_path / "run" / "masked_model.safetensors")[0]
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in whole)
     assert torch.equal(whole["encoder.blocks.1.mlp.fc2.weight"], encoder.blocks[1].mlp.fc2.weight)
+
+
+def test_pretrain_then_finetune_at_a_higher_resolution_from_the_command_line(tmp_path, capsys):
+    """The issue's path: `vitkit pretrain`, then `vitkit finetune` of its encoder (24 px from 16 px)."""
+    assert main(["pretrain", "--config", write_config(tmp_path), "--set", "train.max_steps=4"]) == 0
+    encoder_path = json.loads(capsys.readouterr().out)["encoder"]
+    config = tmp_path / "ft.py"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            from vitkit.data import DataConfig
+            from vitkit.train import EvalConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
+
+            def experiment():
+                return Experiment(
+                    model=ModelConfig(),
+                    data=DataConfig(dataset="digits", img_size=24, batch_size=32, num_workers=0),
+                    optim=OptimConfig(name="sgd", lr=0.05, weight_decay=0.0, clip_grad=1.0),
+                    train=TrainConfig(out_dir="{tmp_path / "ft"}", epochs=1, max_steps=3, log_every=3),
+                    eval=EvalConfig(split=""),
+                )
+            """
+        )
+    )
+    assert main(["finetune", encoder_path, "--config", str(config)]) == 0
+    task = vitkit.load(json.loads(capsys.readouterr().out)["last"])
+    encoder = vitkit.load(encoder_path)
+    assert task.config.img_size == (24, 24) and task.config.num_classes == 10
+    assert encoder.pos_embed.shape[1] == 1 + 16 and task.pos_embed.shape[1] == 1 + 36
+    # Started from the pre-trained encoder: a block's weights moved from it by 3 SGD steps only.
+    moved = (task.blocks[0].mlp.fc1.weight - encoder.blocks[0].mlp.fc1.weight).abs().max()
+    assert 0 < moved < 0.1 * encoder.blocks[0].mlp.fc1.weight.abs().max()
