@@ -389,6 +389,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device, notes: list[
                 rows.append("| " + " | ".join(cells) + " |")
             print("\n".join(rows[-len(throughput) :]), flush=True)
             del modules
+            fresh_compiler()
         del model
     return rows
 
@@ -453,7 +454,15 @@ def bench_training(args: argparse.Namespace, device: torch.device, notes: list[s
                 ]
                 rows.append("| " + " | ".join(cells) + " |")
             print("\n".join(rows[-len(results) :]), flush=True)
+            fresh_compiler()
     return rows
+
+
+def fresh_compiler() -> None:
+    """Forget every compiled graph. The models of one run share their forward functions' code, so
+    without this the compile cache fills across models and dynamo falls back to eager for later ones
+    (its recompile limit), which would time eager code under a "+compile" label."""
+    torch._dynamo.reset()
 
 
 def bench_parallel(args: argparse.Namespace, device: torch.device) -> list[str]:
