@@ -39,7 +39,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
         and length <= EXPLICIT_TRAINING_ATTENTION_MAX_LEN.get(q.dtype, 0)
-        and not torch.compiler.is_compiling()
     ):
         weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
         if dropout_p > 0:
