@@ -22,15 +22,17 @@ Ratios are against the best peer of the same row group (compiled or not). Median
 Inference in bf16 stores the weights in bf16 (every candidate alike); fp32 is fp32 throughout.
 On CUDA (--device cuda), SDPA picks flash attention in every candidate; timings synchronise the device.
 
-Seen on a 2-core AVX-512 (avx512_bf16, no AMX) CPU shared with other jobs (load 4-11, so absolute
-img/s are low and noisy; ratios are within one run), torch 2.13, transformers 5.23, timm not importable:
-- inference, vitkit vs HF: Ti/16 fp32 1.20x, bf16 1.12x-1.21x (HF+compile 0.96x of HF eager; vitkit
-  53-59% of the bf16 ceiling); B/16 fp32 1.09x (76% of ceiling), bf16 1.03x;
-- training step, bf16 autocast: Ti/16 @224 b32 1.29x, Ti/4 @32 b128 1.23x (isolated runs of 5
-  repetitions); in one --quick run fp32 0.91x and 1.03x (noisy).
-On this CPU bf16 matmuls (oneDNN brgemm avx512_core_bf16) are not faster than fp32 ones.
-Parallel blocks (--skip inference training, quiet machine), ViT-S 18x2 fused vs 36x1 sequential at
-batch 8: 1.02x fp32 and 0.99x bf16 inference, 1.06x and 1.01x training; branch by branch 0.95x.
+Seen on the quiet 2-core AVX-512 (avx512_bf16, no AMX) development CPU, `make bench` from a fresh
+clone (35 min), torch 2.13, transformers 5.23, timm not importable. vitkit vs the best peer
+(transformers eager or compiled), with vitkit's share of the matmul ceiling:
+- inference: Ti/16 fp32 1.03x (75%), bf16 1.01x (85%); S/16 fp32 1.00x (84%), bf16 0.99x (88%);
+  B/16 fp32 1.01x (90%), bf16 1.02x (95%). Against transformers eager, fp32 is 1.08x-1.12x.
+- training steps: Ti/16 @224 b32 fp32 0.99x, bf16 autocast 1.12x; Ti/4 @32 b128 fp32 0.98x, bf16
+  autocast 1.29x (explicit short-sequence attention; CPU flash backward is slow in bf16).
+- parallel blocks, ViT-S 18x2 vs 36x1 at batch 16: fp32 0.99x inference, 1.06x training; bf16 0.99x
+  and 1.03x.
+On this CPU bf16 matmuls run at 0.6x the fp32 rate (oneDNN brgemm avx512_core_bf16), for every
+candidate alike.
 """
 
 from __future__ import annotations
