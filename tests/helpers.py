@@ -1,5 +1,8 @@
 """Tiny configs shared by the tests: width 32, depth 2, 32 px images run in milliseconds."""
 
+import textwrap
+from pathlib import Path
+
 from vitkit.models.config import ViTConfig
 
 
@@ -15,3 +18,27 @@ def tiny_config(**overrides) -> ViTConfig:
         zero_head=False,
     )
     return ViTConfig(**{**base, **overrides})
+
+
+def write_finetune_config(path: Path, out_dir: Path, max_steps: int) -> Path:
+    """A `vitkit finetune --config` file: the paper's recipe (SGD, no decay, clipping) on digits at
+    24 px, `max_steps` steps, no evaluation."""
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            from vitkit.data import DataConfig
+            from vitkit.train import EvalConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
+
+            def experiment():
+                return Experiment(
+                    model=ModelConfig(),
+                    data=DataConfig(dataset="digits", img_size=24, batch_size=32, num_workers=0, hflip=0.0),
+                    optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, clip_grad=1.0,
+                                      warmup_epochs=0.1, min_lr=0.0),
+                    train=TrainConfig(out_dir="{out_dir}", epochs=1, max_steps={max_steps}, log_every=3),
+                    eval=EvalConfig(split=""),
+                )
+            """
+        )
+    )
+    return path

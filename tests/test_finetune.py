@@ -3,13 +3,12 @@ fine-tuning with its delta, and the recipe config."""
 
 import importlib.util
 import json
-import textwrap
 from pathlib import Path
 
 import torch
 
 import vitkit
-from helpers import tiny_config
+from helpers import tiny_config, write_finetune_config
 from vitkit.cli import main
 from vitkit.delta import finetune_model
 from vitkit.models.pos_embed import resample_pos_embed
@@ -59,25 +58,7 @@ def test_finetune_command_attention_only_writes_a_bitwise_delta(tmp_path, capsys
     torch.manual_seed(0)
     base = VisionTransformer(tiny_config(img_size=16, patch_size=4, num_classes=0))
     vitkit.save(base, tmp_path / "base.safetensors")
-    config = tmp_path / "ft.py"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            from vitkit.data import DataConfig
-            from vitkit.train import EvalConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
-
-            def experiment():
-                return Experiment(
-                    model=ModelConfig(),
-                    data=DataConfig(dataset="digits", img_size=24, batch_size=32, num_workers=0, hflip=0.0),
-                    optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, clip_grad=1.0,
-                                      warmup_epochs=0.1, min_lr=0.0),
-                    train=TrainConfig(out_dir="{tmp_path / "ft"}", epochs=1, max_steps=6, log_every=3),
-                    eval=EvalConfig(split=""),
-                )
-            """
-        )
-    )
+    config = write_finetune_config(tmp_path / "ft.py", tmp_path / "ft", max_steps=6)
     code = main(
         [
             "finetune",

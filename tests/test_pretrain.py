@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import vitkit
+from helpers import write_finetune_config
 from vitkit.cli import main
 from vitkit.models.masked import MaskedPatchModel
-from vitkit.train.pretrain import PretrainExperiment, build_masked_model, load_pretrain_experiment
+from vitkit.train.pretrain import PretrainExperiment, build_masked_model, load_pretrain_experiment, pretrain
 
 
 def write_config(tmp_path, masked: str = "MaskedConfig()", model_overrides: str = "") -> str:
@@ -89,8 +90,6 @@ def test_bad_overrides_are_named(tmp_path):
 
 
 def _run(config: str, out_dir, *overrides: str) -> dict:
-    from vitkit.train.pretrain import pretrain
-
     return pretrain(load_pretrain_experiment(config, [f"train.out_dir={out_dir}", *overrides]))
 
 
@@ -148,24 +147,7 @@ def test_pretrain_then_finetune_at_a_higher_resolution_from_the_command_line(tmp
     """The issue's path: `vitkit pretrain`, then `vitkit finetune` of its encoder (24 px from 16 px)."""
     assert main(["pretrain", "--config", write_config(tmp_path), "--set", "train.max_steps=4"]) == 0
     encoder_path = json.loads(capsys.readouterr().out)["encoder"]
-    config = tmp_path / "ft.py"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            from vitkit.data import DataConfig
-            from vitkit.train import EvalConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
-
-            def experiment():
-                return Experiment(
-                    model=ModelConfig(),
-                    data=DataConfig(dataset="digits", img_size=24, batch_size=32, num_workers=0),
-                    optim=OptimConfig(name="sgd", lr=0.05, weight_decay=0.0, clip_grad=1.0),
-                    train=TrainConfig(out_dir="{tmp_path / "ft"}", epochs=1, max_steps=3, log_every=3),
-                    eval=EvalConfig(split=""),
-                )
-            """
-        )
-    )
+    config = write_finetune_config(tmp_path / "ft.py", tmp_path / "ft", max_steps=3)
     assert main(["finetune", encoder_path, "--config", str(config)]) == 0
     task = vitkit.load(json.loads(capsys.readouterr().out)["last"])
     encoder = vitkit.load(encoder_path)

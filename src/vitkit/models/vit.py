@@ -241,11 +241,8 @@ class ParallelBlock(nn.Module):
     def _fuse(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         # Folded in the parameters' dtype whatever autocast says: F.linear casts at use.
         with torch.autocast(self.attns[0].norm.weight.device.type, enabled=False):
-            return self._fold_all()
-
-    def _fold_all(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        qkv = [_fold_norm(branch.norm, branch.attn.qkv) for branch in self.attns]
-        fc1 = [_fold_norm(branch.norm, branch.mlp.fc1) for branch in self.ffns]
+            qkv = [_fold_norm(branch.norm, branch.attn.qkv) for branch in self.attns]
+            fc1 = [_fold_norm(branch.norm, branch.mlp.fc1) for branch in self.ffns]
         return {
             # Rows ordered (q|k|v, branch, head, head_dim), so the branches' heads sit side by side.
             "qkv": (

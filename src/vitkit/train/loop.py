@@ -443,7 +443,8 @@ def train(experiment: Experiment) -> dict[str, Any]:
 
 class Trainer:
     """One training run of an experiment. What differs between tasks is in the hooks `build_model`,
-    `build_optimizer`, `build_eval_loader`, `build_metadata`, `objective` and `finish`: supervised
+    `build_optimizer`, `build_eval_loader`, `build_metadata`, `objective`, `gather_final` and
+    `write_final`: supervised
     classification here, masked-patch pre-training in `pretrain.py`; the loop, resumption, DDP/FSDP,
     EMA, precision, budget and logging are shared."""
 
@@ -514,6 +515,15 @@ class Trainer:
     def objective(self, wrapped: torch.nn.Module, batch, micro: int) -> tuple[torch.Tensor, dict]:
         """One micro-batch's loss and metrics (under autocast; the loop does the rest)."""
         return self._objective(wrapped, batch)
+
+    def gather_final(self, wrapped: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """The final states to write, unsharded (every rank calls it; FSDP gathers to rank 0)."""
+        return {"weights": distributed.full_state_dict(wrapped)}
+
+    def write_final(self, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, str]:
+        """Write the final weight files (main process); their paths for the summary."""
+        write_weights(self.out_dir / "last.safetensors", states["weights"], self.metadata)
+        return {"last": str(self.out_dir / "last.safetensors")}
 
     # Resume ---------------------------------------------------------------------------------------------
     def resume(self) -> int | None:
@@ -762,14 +772,13 @@ class Trainer:
         """The final results file and figures (main process); the summary returned to the caller."""
         if self.eval_loader is not None and result is None:
             result = self.evaluate(wrapped, autocast)
-        weights = distributed.full_state_dict(wrapped)
+        states = self.gather_final(wrapped)
         summary: dict[str, Any] = {"out_dir": str(self.out_dir), "steps": self.progress.step}
         if not self.env.main_process:
             return summary
-        write_weights(self.out_dir / "last.safetensors", weights, self.metadata)
+        summary["train_time_s"] = round(self.progress.train_time, 2)
+        summary.update(self.write_final(states))
         summary.update(
-            train_time_s=round(self.progress.train_time, 2),
-            last=str(self.out_dir / "last.safetensors"),
             metrics=str(self.out_dir / "metrics.jsonl"),
             curves=str(plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")),
         )

@@ -36,7 +36,6 @@ from .loop import (
     Trainer,
     check_train_config,
     config_dirs,
-    plot_curves,
     read_metrics,
 )
 from .optim import param_groups
@@ -181,26 +180,23 @@ class PretrainTrainer(Trainer):
         seed = derive_seed("masking", self.exp.train.seed, self.env.rank, self.progress.step, micro)
         return wrapped(images, torch.Generator().manual_seed(seed))
 
-    def finish(self, wrapped: torch.nn.Module, autocast, result) -> dict[str, Any]:
-        weights = distributed.full_state_dict(wrapped)
-        ema = distributed.full_state_dict(self.ema.model) if self.ema is not None else None
-        summary: dict[str, Any] = {"out_dir": str(self.out_dir), "steps": self.progress.step}
-        if not self.env.main_process:
-            return summary
-        encoder, whole = save_pretrained(weights, self.metadata, self.out_dir)
-        summary.update(
-            train_time_s=round(self.progress.train_time, 2),
-            encoder=str(encoder),
-            masked_model=str(whole),
-            metrics=str(self.out_dir / "metrics.jsonl"),
-            curves=str(plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")),
-        )
-        if ema is not None:
-            summary["encoder_ema"] = str(save_pretrained(ema, self.metadata, self.out_dir, suffix="_ema")[0])
+    def gather_final(self, wrapped: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        states = super().gather_final(wrapped)
+        if self.ema is not None:
+            states["ema"] = distributed.full_state_dict(self.ema.model)
+        return states
+
+    def write_final(self, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+        encoder, whole = save_pretrained(states["weights"], self.metadata, self.out_dir)
+        written: dict[str, Any] = {"encoder": str(encoder), "masked_model": str(whole)}
+        if "ema" in states:
+            written["encoder_ema"] = str(
+                save_pretrained(states["ema"], self.metadata, self.out_dir, "_ema")[0]
+            )
         rows = [row for row in read_metrics(self.out_dir / "metrics.jsonl") if row["kind"] == "train"]
         if rows:
-            summary.update({key: rows[-1][key] for key in ("loss", "accuracy") if key in rows[-1]})
-        return summary
+            written.update({key: rows[-1][key] for key in ("loss", "accuracy") if key in rows[-1]})
+        return written
 
 
 def save_pretrained(
