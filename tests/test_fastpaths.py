@@ -1,8 +1,10 @@
 """Every fast path computes what its reference computes, in fp32 and within bf16 rounding.
 
-The fast path of models/vit.py is the fused ParallelBlock (one LayerNorm statistics pass, norms and
+The fast paths are the fused ParallelBlock of models/vit.py (one LayerNorm statistics pass, norms and
 LayerScale folded into the dense layers, all branches in one matmul and one attention call), held
-equal to `forward_branches`. The CUDA paths (bf16 autocast, SDPA's flash kernel, torch.compile) are
+equal to `forward_branches`, and the kernel choices of models/kernels.py (bf16 products on fp32 units
+on CPUs without AMX, explicit attention in low-precision CPU training), held equal to F.linear and
+SDPA. The CUDA paths (bf16 autocast, SDPA's flash kernel, torch.compile) are
 checked against the CPU fp32 model when a GPU is present.
 """
 
@@ -13,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_config
-from vitkit.models.vit import ParallelBlock, VisionTransformer, attention
+from vitkit.models import kernels
+from vitkit.models.kernels import attention, linear
+from vitkit.models.vit import ParallelBlock, VisionTransformer
 
 BF16 = dict(rtol=2e-2, atol=2e-2)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -114,10 +118,12 @@ def _tensors(value) -> list[torch.Tensor]:
     return [t for item in value for t in _tensors(item)] if isinstance(value, (list, tuple)) else []
 
 
+@pytest.mark.parametrize("gemm", ["native", "fp32"])
 @pytest.mark.parametrize("dtype,length", [(torch.bfloat16, 17), (torch.bfloat16, 65), (torch.bfloat16, 197)])
-def test_cpu_training_attention_is_explicit_and_equals_sdpa(monkeypatch, dtype, length):
-    """Short sequences in bf16 CPU training take softmax(q k^T) v with autograd; values and gradients
-    equal SDPA's. Inference, fp32 and longer sequences stay on SDPA."""
+def test_cpu_training_attention_is_explicit_and_equals_sdpa(monkeypatch, gemm, dtype, length):
+    """Short sequences in bf16 CPU training take softmax(q k^T) v with autograd (on bf16 or fp32
+    units); values and gradients equal SDPA's. Inference, fp32 and longer sequences stay on SDPA."""
+    monkeypatch.setenv("VITKIT_BF16_GEMM", gemm)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, length, 16, dtype=dtype, requires_grad=True) for _ in range(3))
     reference = F.scaled_dot_product_attention(q, k, v)
@@ -173,3 +179,138 @@ def test_cuda_compiled_model_matches_eager():
     images = torch.randn(4, 3, 32, 32, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(images), model(images), rtol=1e-4, atol=1e-4)
+
+
+def _linear_operands(x_dtype=torch.float32, requires_grad=True):
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 48, dtype=x_dtype, requires_grad=requires_grad)
+    weight = torch.randn(40, 48, requires_grad=requires_grad)
+    bias = torch.randn(40, requires_grad=requires_grad)
+    return x, weight, bias
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.bfloat16).float()
+
+
+def test_bf16_linear_on_fp32_units_is_the_product_of_the_bf16_operands(monkeypatch):
+    """Under bf16 autocast with the fp32-units kernel, the output is exactly the fp32 product of the
+    operands rounded to bf16, rounded to bf16; the gradients are the fp32 products of the bf16
+    operands and gradient, in the inputs' dtypes; and all of it is within bf16 rounding of the native
+    bf16 kernel."""
+    monkeypatch.setenv("VITKIT_BF16_GEMM", "fp32")
+    x, weight, bias = _linear_operands()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = linear(x, weight, bias)
+    assert out.dtype == torch.bfloat16
+    expected = F.linear(_widened(x), _widened(weight), _widened(bias)).to(torch.bfloat16)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    g32 = grad.float().flatten(0, 1)
+    x32 = _widened(x).flatten(0, 1)
+    torch.testing.assert_close(x.grad, (g32 @ _widened(weight)).view_as(x), rtol=1e-6, atol=1e-6)
+    expected_grad_w = (g32.t() @ x32).to(torch.bfloat16).float()
+    torch.testing.assert_close(weight.grad, expected_grad_w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bias.grad, g32.sum(0).to(torch.bfloat16).float(), rtol=1e-6, atol=1e-6)
+    assert (x.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (torch.float32,) * 3
+
+    monkeypatch.setenv("VITKIT_BF16_GEMM", "native")
+    native_operands = _linear_operands()
+    with torch.autocast("cpu", torch.bfloat16):
+        native = linear(*native_operands)
+    native.backward(grad)
+    torch.testing.assert_close(out.float(), native.float(), **BF16)
+    for ours, theirs in zip((x, weight, bias), native_operands, strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad.float(), **BF16)
+
+
+def test_bf16_linear_on_fp32_units_with_bf16_tensors_and_without_autocast(monkeypatch):
+    """A model converted to bf16 (no autocast) takes the same kernel: bf16 in, bf16 out, bf16 grads."""
+    monkeypatch.setenv("VITKIT_BF16_GEMM", "fp32")
+    x, weight, bias = (t.detach().to(torch.bfloat16).requires_grad_() for t in _linear_operands())
+    out = linear(x, weight, bias)
+    assert torch.equal(out, F.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16))
+    out.float().sum().backward()
+    assert (x.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (torch.bfloat16,) * 3
+    torch.testing.assert_close(x.grad.float(), weight.float().sum(0).expand(2, 17, 48), **BF16)
+
+
+def test_bf16_gemm_choice(monkeypatch):
+    """auto: fp32 units on a CPU without AMX, the native kernel with AMX, on other devices, for fp16
+    and for fp32; the variable overrides; a bad value is refused by name."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("VITKIT_BF16_GEMM", raising=False)
+    monkeypatch.setattr(kernels, "_cpu_has_amx", lambda: False)
+    assert kernels.bf16_gemm_in_fp32(cpu)
+    assert not kernels.bf16_gemm_in_fp32(torch.device("cuda"))
+    monkeypatch.setattr(kernels, "_cpu_has_amx", lambda: True)
+    assert not kernels.bf16_gemm_in_fp32(cpu)
+    monkeypatch.setenv("VITKIT_BF16_GEMM", "fp32")
+    assert kernels.bf16_gemm_in_fp32(cpu)
+    monkeypatch.setenv("VITKIT_BF16_GEMM", "native")
+    assert not kernels.bf16_gemm_in_fp32(cpu)
+    monkeypatch.setenv("VITKIT_BF16_GEMM", "fast")
+    with pytest.raises(ValueError, match="VITKIT_BF16_GEMM='fast'"):
+        kernels.bf16_gemm_in_fp32(cpu)
+
+    monkeypatch.setenv("VITKIT_BF16_GEMM", "fp32")
+    calls = []
+    monkeypatch.setattr(kernels._Bf16LinearInFp32, "apply", lambda *a: calls.append(1) or F.linear(*a))
+    x, weight, bias = _linear_operands(requires_grad=False)
+    linear(x, weight, bias)  # fp32
+    linear(x.half(), weight.half(), bias.half())
+    with torch.autocast("cpu", torch.float16):
+        linear(x, weight, bias)
+    assert calls == []
+    with torch.autocast("cpu", torch.bfloat16):
+        linear(x, weight, bias)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_bf16_model_on_fp32_units_matches_the_native_kernels(monkeypatch, parallel):
+    """The whole model, in bf16 inference and in bf16-autocast training, is within bf16 rounding of
+    the native bf16 kernels, in features and in every parameter's gradient."""
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny_config(parallel=parallel, layer_scale_init=0.5, zero_head=False))
+    images = torch.randn(4, 3, 32, 32)
+    runs = {}
+    for gemm in ("native", "fp32"):
+        monkeypatch.setenv("VITKIT_BF16_GEMM", gemm)
+        bf16 = copy.deepcopy(model).to(torch.bfloat16).eval()
+        with torch.inference_mode():
+            features = bf16.forward_features(images.bfloat16()).float()
+        trained = copy.deepcopy(model).train()
+        with torch.autocast("cpu", torch.bfloat16):
+            trained(images).float().square().mean().backward()
+        runs[gemm] = features, {n: p.grad for n, p in trained.named_parameters()}
+    torch.testing.assert_close(runs["fp32"][0], runs["native"][0], rtol=5e-2, atol=5e-2)
+    for name, grad in runs["fp32"][1].items():
+        reference = runs["native"][1][name]
+        scale = reference.abs().max().item() + 1e-6
+        assert (grad - reference).abs().max().item() <= 5e-2 * scale, name
+
+
+def test_bf16_kernels_compile_to_what_eager_computes(monkeypatch):
+    """torch.compile traces the fp32-units linear (an autograd.Function) and attention: same values
+    and gradients as eager."""
+    monkeypatch.setenv("VITKIT_BF16_GEMM", "fp32")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny_config(zero_head=False)).train()
+    compiled = copy.deepcopy(model)
+    images = torch.randn(2, 3, 32, 32)
+    outputs = []
+    for module in (model, torch.compile(compiled, fullgraph=True)):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = module(images)
+        out.float().sum().backward()
+        outputs.append(out.float())
+    # Compiled code rounds at other places (fused elementwise kernels), hence the bf16 tolerance of a
+    # model's output rather than of one operation.
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=5e-2, atol=5e-2)
+    for (name, ours), theirs in zip(compiled.named_parameters(), model.parameters(), strict=True):
+        scale = theirs.grad.abs().max().item() + 1e-6
+        assert (ours.grad - theirs.grad).abs().max().item() <= 5e-2 * scale, name
+    torch._dynamo.reset()

@@ -18,33 +18,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ViTConfig
+from .kernels import Linear, attention, linear
 from .pos_embed import resample_pos_embed, sincos_2d
 from .stems import build_stem
-
-# Sequence lengths up to which CPU training in bf16/fp16 computes attention as softmax(q k^T) v with
-# autograd rather than SDPA's flash kernel, whose CPU backward is slow in low precision. Forward +
-# backward, one thread, (batch, heads, length), bf16: (128, 3, 65) 95 -> 24 ms, (32, 3, 197) 76 -> 44 ms,
-# (16, 12, 197) 148 -> 86 ms, (4, 12, 577) 247 -> 174 ms. In fp32 the kernels tie at 197 tokens and,
-# inside a model (strided q, k, v), SDPA wins at 65 too, so fp32 stays on SDPA. The explicit path keeps
-# the (B, heads, L, L) probabilities for the backward pass, hence the bound. Inference always uses SDPA
-# (its flash forward is as fast as the explicit product or faster).
-EXPLICIT_TRAINING_ATTENTION_MAX_LEN = {torch.bfloat16: 640, torch.float16: 640}
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (B, heads, L, head_dim), by the fastest kernel for the case."""
-    length = q.shape[-2]
-    if (
-        q.device.type == "cpu"
-        and torch.is_grad_enabled()
-        and (q.requires_grad or k.requires_grad or v.requires_grad)
-        and length <= EXPLICIT_TRAINING_ATTENTION_MAX_LEN.get(q.dtype, 0)
-    ):
-        weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
-        if dropout_p > 0:
-            weights = F.dropout(weights, dropout_p)
-        return weights @ v
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
@@ -57,9 +33,9 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_dropout = attn_dropout
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,7 +47,7 @@ class Attention(nn.Module):
             weights = self.qkv.weight.chunk(3)
             biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
             return tuple(
-                F.linear(x, w, b).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+                linear(x, w, b).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
                 for w, b in zip(weights, biases, strict=True)
             )
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
@@ -95,10 +71,10 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, gelu: str = "exact", dropout: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.drop1 = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +215,7 @@ class ParallelBlock(nn.Module):
         return self._fused_cache[1]
 
     def _fuse(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        # Folded in the parameters' dtype whatever autocast says: F.linear casts at use.
+        # Folded in the parameters' dtype whatever autocast says: `linear` casts at use.
         with torch.autocast(self.attns[0].norm.weight.device.type, enabled=False):
             qkv = [_fold_norm(branch.norm, branch.attn.qkv) for branch in self.attns]
             fc1 = [_fold_norm(branch.norm, branch.mlp.fc1) for branch in self.ffns]
@@ -272,18 +248,18 @@ class ParallelBlock(nn.Module):
         batch, length, _ = x.shape
         first, shape = self.attns[0].attn, self.attns[0].norm.normalized_shape
         x = F.layer_norm(x, shape, eps=self.norm_eps)
-        qkv = F.linear(x, *weights["qkv"]).reshape(batch, length, 3, -1, first.head_dim)  # (B, L, 3, p*H, hd)
+        qkv = linear(x, *weights["qkv"]).reshape(batch, length, 3, -1, first.head_dim)  # (B, L, 3, p*H, hd)
         dropout = first.attn_dropout if self.training else 0.0
         x = attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), dropout_p=dropout)
-        return F.linear(x.transpose(1, 2).flatten(2), *weights["proj"])
+        return linear(x.transpose(1, 2).flatten(2), *weights["proj"])
 
     def fused_mlp(self, x: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
         """sum_i ls_i(MLP_i(LN_i(x))) as one fc1 matmul and one fc2 matmul."""
         weights = weights or self.fused_weights()
         x = F.layer_norm(x, self.ffns[0].norm.normalized_shape, eps=self.norm_eps)
-        hidden = F.linear(x, *weights["fc1"])  # (B, L, parallel * mlp_dim)
+        hidden = linear(x, *weights["fc1"])  # (B, L, parallel * mlp_dim)
         hidden = _gelu(self.ffns[0].mlp.act, hidden)
-        return F.linear(hidden, *weights["fc2"])
+        return linear(hidden, *weights["fc2"])
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Each branch's heads, concatenated: (B, parallel * heads, L, L)."""
@@ -300,13 +276,13 @@ def _fold_output(layers: list[tuple[nn.Linear, nn.Module]]) -> tuple[torch.Tenso
     """sum_i ls_i(linear_i(x_i)) for x = [x_1 | ... | x_p] concatenated on features is one linear layer
     with K = the sum of the branches' widths: LayerScale gamma folded into each weight's rows and bias."""
     weights, bias = [], 0
-    for linear, scale in layers:
+    for dense, scale in layers:
         if isinstance(scale, LayerScale):
-            weights.append(linear.weight * scale.gamma[:, None])
-            bias = bias + linear.bias * scale.gamma
+            weights.append(dense.weight * scale.gamma[:, None])
+            bias = bias + dense.bias * scale.gamma
         else:
-            weights.append(linear.weight)
-            bias = bias + linear.bias
+            weights.append(dense.weight)
+            bias = bias + dense.bias
     return torch.cat(weights, dim=1), bias
 
 
