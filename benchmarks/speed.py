@@ -57,6 +57,7 @@ from vitkit import create_model
 from vitkit.analysis.flops import count
 from vitkit.models.config import ViTConfig
 from vitkit.models.vit import VisionTransformer
+from vitkit.runtime import keep_freed_memory
 
 INFERENCE_MODELS = {"Ti/16": 32, "S/16": 32, "B/16": 16}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -555,13 +556,15 @@ def main() -> None:
         inductor_config.freezing = True
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # the process's allocator: every candidate alike (VITKIT_MALLOC=system: off)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in every candidate
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"# vitkit speed: torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, "
-        f"{args.reps} interleaved repetitions (medians), compile={args.compile}, freezing={args.freezing}\n"
+        f"{args.reps} interleaved repetitions (medians), compile={args.compile}, freezing={args.freezing}, "
+        f"malloc keeps freed memory={kept}\n"
     )
     notes: list[str] = []
     tables = []

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .analysis.flops import count, human
 from .registry import get_config, list_models
+from .runtime import keep_freed_memory
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -575,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     try:
+        keep_freed_memory()  # steady training/inference loops reuse their pages (vitkit.runtime)
         return args.run(args)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

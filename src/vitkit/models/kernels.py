@@ -16,7 +16,6 @@ native kernels run. `VITKIT_BF16_GEMM=native|fp32|auto` overrides the choice.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -35,10 +34,12 @@ EXPLICIT_TRAINING_ATTENTION_MAX_LEN = {torch.bfloat16: 640, torch.float16: 640}
 BF16_GEMM_CHOICES = ("auto", "native", "fp32")
 
 
-@functools.cache
+_AMX_PROBE = getattr(torch.cpu, "_is_amx_tile_supported", None)
+_CPU_HAS_AMX = bool(_AMX_PROBE()) if _AMX_PROBE is not None else False
+
+
 def _cpu_has_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
+    return _CPU_HAS_AMX
 
 
 def bf16_gemm_in_fp32(device: torch.device) -> bool:
@@ -65,23 +66,34 @@ def _widen(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Bf16LinearInFp32(torch.autograd.Function):
-    """F.linear with bf16 operands and a bf16 result, multiplied on fp32 units. It saves the bf16
-    operands (the native path's memory) and widens them again in the backward pass, whose products
-    also run in fp32; each gradient is returned in its input's dtype, as autocast's casts return it."""
+    """F.linear with bf16 operands and bf16 results, multiplied on fp32 units, for `chunks` equal
+    slices of the output features (q, k and v of one qkv weight): one widened input, one product per
+    slice. It saves the bf16 operands (the native path's memory) and widens them again in the
+    backward pass, which puts the slices' gradients side by side in one fp32 buffer as it widens
+    them and then needs one product per gradient; each gradient is returned in its input's dtype, as
+    autocast's casts return it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, chunks):
         x16, w16 = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-        b32 = None if bias is None else _widen(bias)
+        x32, w32 = x16.float(), w16.float()
+        biases = (None,) * chunks if bias is None else _widen(bias).chunk(chunks)
         ctx.save_for_backward(x16, w16)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return F.linear(x16.float(), w16.float(), b32).to(torch.bfloat16)
+        return tuple(
+            F.linear(x32, w, b).to(torch.bfloat16) for w, b in zip(w32.chunk(chunks), biases, strict=True)
+        )
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         x16, w16 = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        g32 = grad.float()
+        if len(grads) == 1:
+            g32 = grads[0].float()
+        else:
+            g32 = x16.new_empty((*x16.shape[:-1], w16.shape[0]), dtype=torch.float32)
+            for part, grad in zip(g32.chunk(len(grads), dim=-1), grads, strict=True):
+                part.copy_(grad)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = (g32 @ w16.float()).to(x_dtype)
@@ -89,15 +101,25 @@ class _Bf16LinearInFp32(torch.autograd.Function):
             grad_w = (g32.flatten(0, -2).t() @ x16.flatten(0, -2).float()).to(torch.bfloat16).to(w_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g32.flatten(0, -2).sum(0).to(torch.bfloat16).to(b_dtype)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, by the fastest kernel for the device and precision."""
+    return linear_chunks(x, weight, bias, 1)[0]
+
+
+def linear_chunks(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int
+) -> tuple[torch.Tensor, ...]:
+    """F.linear(x, weight, bias).chunk(chunks, -1) as `chunks` separate products, so that each output
+    is its own tensor and the backward pass adds the input gradients rather than stacking the output
+    gradients into one tensor and copying it back to the fused layout."""
     if compute_dtype(x) == torch.bfloat16 and bf16_gemm_in_fp32(x.device):
         with torch.autocast(x.device.type, enabled=False):
-            return _Bf16LinearInFp32.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
+            return _Bf16LinearInFp32.apply(x, weight, bias, chunks)
+    biases = (None,) * chunks if bias is None else bias.chunk(chunks)
+    return tuple(F.linear(x, w, b) for w, b in zip(weight.chunk(chunks), biases, strict=True))
 
 
 class Linear(nn.Linear):
@@ -105,6 +127,18 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d with `linear`'s choice for bf16: a patchifying convolution is a dense layer on patches,
+    as slow in bf16 on a CPU without AMX. Differentiable through the casts (its input is the image)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if compute_dtype(x) == torch.bfloat16 and bf16_gemm_in_fp32(x.device):
+            bias = None if self.bias is None else _widen(self.bias)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._conv_forward(_widen(x), _widen(self.weight), bias).to(torch.bfloat16)
+        return super().forward(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ViTConfig
+from .kernels import Conv2d
 from .resnet import ResNetV2
 
 
@@ -21,7 +22,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
@@ -49,13 +50,13 @@ class HMLPStem(nn.Module):
         self.patch_size = 16
         hidden = embed_dim // 4
         self.proj = nn.Sequential(
-            nn.Conv2d(in_chans, hidden, kernel_size=4, stride=4),
+            Conv2d(in_chans, hidden, kernel_size=4, stride=4),
             LayerNorm2d(hidden, eps=eps),
             nn.GELU(),
-            nn.Conv2d(hidden, hidden, kernel_size=2, stride=2),
+            Conv2d(hidden, hidden, kernel_size=2, stride=2),
             LayerNorm2d(hidden, eps=eps),
             nn.GELU(),
-            nn.Conv2d(hidden, embed_dim, kernel_size=2, stride=2),
+            Conv2d(hidden, embed_dim, kernel_size=2, stride=2),
             LayerNorm2d(embed_dim, eps=eps),
         )
 
@@ -70,9 +71,7 @@ class HybridStem(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.backbone = ResNetV2(hybrid_layers, in_chans=in_chans)
-        self.proj = nn.Conv2d(
-            self.backbone.num_features, embed_dim, kernel_size=patch_size, stride=patch_size
-        )
+        self.proj = Conv2d(self.backbone.num_features, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)

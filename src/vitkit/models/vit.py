@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ViTConfig
-from .kernels import Linear, attention, linear
+from .kernels import Linear, attention, linear, linear_chunks
 from .pos_embed import resample_pos_embed, sincos_2d
 from .stems import build_stem
 
@@ -41,15 +41,9 @@ class Attention(nn.Module):
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, length, _ = x.shape
         if torch.is_grad_enabled() and self.qkv.weight.requires_grad:
-            # Training: q, k and v as three products with slices of the one qkv weight. The backward
-            # pass then adds three input gradients instead of stacking the three head gradients
-            # into one (B, L, 3D) tensor and copying it back to the fused layout.
-            weights = self.qkv.weight.chunk(3)
-            biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
-            return tuple(
-                linear(x, w, b).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-                for w, b in zip(weights, biases, strict=True)
-            )
+            # Training: q, k and v as three products with slices of the one qkv weight (linear_chunks).
+            parts = linear_chunks(x, self.qkv.weight, self.qkv.bias, 3)
+            return tuple(p.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for p in parts)
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, L, head_dim)
 
