@@ -1,17 +1,21 @@
-"""How the model's two heavy operations, dense layers and attention, are computed on each device and
-precision. The model calls `linear` and `attention`; everything here computes the same function as
-`F.linear` and `F.scaled_dot_product_attention` (tests/test_fastpaths.py holds them equal) and differs
-only in speed and memory.
+"""How the model's heavy operations (dense layers, patch-stem convolutions, attention) are computed on
+each device and precision. The model uses `Linear`, `Conv2d`, `linear_chunks` and `attention`; each
+computes the function of its torch counterpart (nn.Linear, nn.Conv2d, F.scaled_dot_product_attention;
+tests/test_fastpaths.py holds them equal) and differs only in speed and memory.
 
-bf16 on CPUs without AMX. Such a CPU (this project's CI machines: AVX-512 with avx512_bf16, no AMX)
-runs oneDNN's bf16 GEMM on its bf16 dot-product instruction, which does no more multiply-adds per cycle
-than the fp32 FMA units and then pays for conversions: ViT-sized bf16 GEMMs run at 200 GFLOP/s there
-against 330-385 for fp32 (2 threads). So bf16 products are computed as fp32 GEMMs of the bf16 operands:
-operands are rounded to bf16 and widened exactly, the products accumulate in fp32 (as oneDNN's bf16
-GEMM accumulates), and the result is rounded to bf16. The inputs, outputs and saved activations are the
-bf16 tensors of the native path; only the arithmetic units differ. Where AMX exists (its tiles multiply
-bf16 several times faster than fp32), on GPUs, and for fp16 (avx512_fp16 has native fp16 FMAs), the
-native kernels run. `VITKIT_BF16_GEMM=native|fp32|auto` overrides the choice.
+bf16 on CPUs without AMX. Such a CPU (this project's development and CI machines: AVX-512 with
+avx512_bf16, no AMX) runs oneDNN's bf16 GEMM on its bf16 dot-product instruction, which does no more
+multiply-adds per cycle than the fp32 FMA units and then pays for conversions: ViT-sized bf16 GEMMs
+run at about 200 GFLOP/s there against 330-385 for fp32 (2 threads). So bf16 products are computed as
+fp32 GEMMs of the bf16 operands: the operands are rounded to bf16 and widened exactly, the products
+accumulate in fp32 (as oneDNN's bf16 GEMM accumulates), and each result is rounded to bf16. The
+tensors between operations are the native path's bf16 tensors, and dense layers save their bf16
+inputs for the backward pass as the native path does. Attention in training stays in bf16 (see
+`attention`); in inference it runs SDPA on the widened q, k, v. Gradients reaching fp32 tensors
+(the LayerNorm outputs under autocast) are not rounded to bf16 on the way. Where AMX exists (its
+tiles multiply bf16 several times faster than fp32), on GPUs, and for fp16 (whose GEMMs already run
+at the fp32 rate here), the native kernels run. `VITKIT_BF16_GEMM=native|fp32|auto` overrides the
+choice.
 """
 
 from __future__ import annotations
@@ -143,10 +147,13 @@ class Conv2d(nn.Conv2d):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, heads, L, head_dim), by the fastest kernel for the case."""
-    kernel = _explicit_attention if _explicit_in_training(q, k, v) else _sdpa
+    if _explicit_in_training(q, k, v):
+        # In q's dtype even where bf16 GEMMs are slow: at these lengths the batched products run as
+        # fast in bf16 as widened to fp32, and the saved probabilities keep their bf16 size.
+        return _explicit_attention(q, k, v, dropout_p)
     if q.dtype == torch.bfloat16 and bf16_gemm_in_fp32(q.device):
-        return kernel(q.float(), k.float(), v.float(), dropout_p).to(torch.bfloat16)
-    return kernel(q, k, v, dropout_p)
+        return _sdpa(q.float(), k.float(), v.float(), dropout_p).to(torch.bfloat16)
+    return _sdpa(q, k, v, dropout_p)
 
 
 def _explicit_in_training(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
