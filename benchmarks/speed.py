@@ -8,9 +8,10 @@ for ViT-Ti/16 and ViT-S/16 (batch 32) and ViT-B/16 (batch 16) at 224, in fp32 an
 - inference throughput and batch-1 latency of vitkit, the peers, and (with --compile, the default
   outside --quick) each of them under torch.compile;
 - the ceiling: the same model's matrix products alone (patch projection, qkv, q k^T, attention x v,
-  projection, fc1, fc2, head; torch.mm/bmm in the same dtype) -- "% ceiling" is ceiling time over
-  model time, and MFU is the model's FLOPs (vitkit.analysis.flops) per second over the matmul rate of
-  those same shapes;
+  projection, fc1, fc2, head; torch.mm/bmm), timed in the row's dtype and, for bf16 on a CPU, also
+  as fp32 GEMMs (how vitkit multiplies bf16 on CPUs without AMX); the faster is the ceiling. "%
+  ceiling" is ceiling time over model time, and MFU is the model's FLOPs (vitkit.analysis.flops)
+  per second over that matmul rate;
 - training-step throughput (forward, cross-entropy, backward, AdamW) of ViT-Ti/16 at 224 (batch 32)
   and of a CIFAR-size ViT-Ti/4 at 32 px (batch 128), bf16 meaning autocast over fp32 weights;
 - "Three things" #1: ViT-S 18x2 with the fused ParallelBlock, the same model branch by branch, and
@@ -22,17 +23,19 @@ Ratios are against the best peer of the same row group (compiled or not). Median
 Inference in bf16 stores the weights in bf16 (every candidate alike); fp32 is fp32 throughout.
 On CUDA (--device cuda), SDPA picks flash attention in every candidate; timings synchronise the device.
 
-Seen on the quiet 2-core AVX-512 (avx512_bf16, no AMX) development CPU, `make bench` from a fresh
-clone (35 min), torch 2.13, transformers 5.23, timm not importable. vitkit vs the best peer
-(transformers eager or compiled), with vitkit's share of the matmul ceiling:
-- inference: Ti/16 fp32 1.03x (75%), bf16 1.01x (85%); S/16 fp32 1.00x (84%), bf16 0.99x (88%);
-  B/16 fp32 1.01x (90%), bf16 1.02x (95%). Against transformers eager, fp32 is 1.08x-1.12x.
-- training steps: Ti/16 @224 b32 fp32 0.99x, bf16 autocast 1.12x; Ti/4 @32 b128 fp32 0.98x, bf16
-  autocast 1.29x (explicit short-sequence attention; CPU flash backward is slow in bf16).
-- parallel blocks, ViT-S 18x2 vs 36x1 at batch 16: fp32 0.99x inference, 1.06x training; bf16 0.99x
-  and 1.03x.
-On this CPU bf16 matmuls run at 0.6x the fp32 rate (oneDNN brgemm avx512_core_bf16), for every
-candidate alike.
+The process keeps freed memory (vitkit.runtime.keep_freed_memory) for every candidate alike;
+VITKIT_MALLOC=system runs with glibc's defaults.
+
+Seen on the 2-core AVX-512 development CPU (avx512_bf16, no AMX), `make bench` (about 40 min), torch
+2.13, transformers 5.23, timm not importable; vitkit vs the best peer (transformers eager or
+compiled), with vitkit's share of the ceiling:
+- inference, eager (compiled): Ti/16 fp32 1.03x (75%), bf16 1.26x (1.35x; 67%, 72%); S/16 fp32
+  1.09x (90%), bf16 1.54x (1.46x; 80%); B/16 fp32 0.99x (95%), bf16 1.58x (1.72x; 85%, 93%).
+  bf16 runs as fp32 GEMMs of the bf16 operands (vitkit.models.kernels); against the bf16 GEMM
+  ceiling alone that is 104-160%.
+- training steps: TRAINING_SUMMARY
+- parallel blocks, ViT-S 18x2 vs 36x1 at batch 16: fp32 0.99x inference, 1.07x training; bf16 1.04x
+  and 1.01x.
 """
 
 from __future__ import annotations

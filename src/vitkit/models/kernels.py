@@ -108,9 +108,16 @@ class _Bf16LinearInFp32(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _bf16_in_fp32(x: torch.Tensor) -> bool:
+    return compute_dtype(x) == torch.bfloat16 and bf16_gemm_in_fp32(x.device)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, by the fastest kernel for the device and precision."""
-    return linear_chunks(x, weight, bias, 1)[0]
+    if _bf16_in_fp32(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return _Bf16LinearInFp32.apply(x, weight, bias, 1)[0]
+    return F.linear(x, weight, bias)
 
 
 def linear_chunks(
@@ -119,7 +126,7 @@ def linear_chunks(
     """F.linear(x, weight, bias).chunk(chunks, -1) as `chunks` separate products, so that each output
     is its own tensor and the backward pass adds the input gradients rather than stacking the output
     gradients into one tensor and copying it back to the fused layout."""
-    if compute_dtype(x) == torch.bfloat16 and bf16_gemm_in_fp32(x.device):
+    if _bf16_in_fp32(x):
         with torch.autocast(x.device.type, enabled=False):
             return _Bf16LinearInFp32.apply(x, weight, bias, chunks)
     biases = (None,) * chunks if bias is None else bias.chunk(chunks)
@@ -138,7 +145,7 @@ class Conv2d(nn.Conv2d):
     as slow in bf16 on a CPU without AMX. Differentiable through the casts (its input is the image)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if compute_dtype(x) == torch.bfloat16 and bf16_gemm_in_fp32(x.device):
+        if _bf16_in_fp32(x):
             bias = None if self.bias is None else _widen(self.bias)
             with torch.autocast(x.device.type, enabled=False):
                 return self._conv_forward(_widen(x), _widen(self.weight), bias).to(torch.bfloat16)
