@@ -322,3 +322,23 @@ def test_bf16_kernels_compile_to_what_eager_computes(monkeypatch):
     for (name, ours), theirs in zip(compiled.named_parameters(), model.parameters(), strict=True):
         _assert_within_bf16_scale(ours.grad, theirs.grad, 5e-2, name)
     torch._dynamo.reset()
+
+
+def test_bf16_inference_attention_on_fp32_units_even_under_autocast(monkeypatch):
+    """Inference attention of bf16 q, k, v runs SDPA on the widened operands, also inside a bf16
+    autocast region (which would otherwise cast SDPA back to bf16), and returns bf16 within bf16
+    rounding of the native kernel."""
+    monkeypatch.setenv("VITKIT_BF16_GEMM", "fp32")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16, dtype=torch.bfloat16) for _ in range(3))
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, **kw: seen.append(a[0].dtype) or sdpa(*a, **kw)
+    )
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        out = attention(q, k, v)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    expected = sdpa(q.float(), k.float(), v.float()).to(torch.bfloat16)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out.float(), sdpa(q, k, v).float(), **BF16)

@@ -158,8 +158,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         # In q's dtype even where bf16 GEMMs are slow: at these lengths the batched products run as
         # fast in bf16 as widened to fp32, and the saved probabilities keep their bf16 size.
         return _explicit_attention(q, k, v, dropout_p)
-    if q.dtype == torch.bfloat16 and bf16_gemm_in_fp32(q.device):
-        return _sdpa(q.float(), k.float(), v.float(), dropout_p).to(torch.bfloat16)
+    if _bf16_in_fp32(q):
+        with torch.autocast(q.device.type, enabled=False):  # autocast would cast SDPA back to bf16
+            return _sdpa(q.float(), k.float(), v.float(), dropout_p).to(torch.bfloat16)
     return _sdpa(q, k, v, dropout_p)
 
 
