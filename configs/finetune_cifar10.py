@@ -8,7 +8,7 @@ attaches a zero-initialised head for the 10 classes and interpolates the positio
 from the checkpoint's grid to this config's 48 px (12 x 12 patches of 4 px for a 32 px, patch-4
 pre-trained model). The paper's recipe: SGD with momentum 0.9, no weight decay, gradient clipping at
 global norm 1, linear warmup then cosine decay, batch 512 (here 128 on a CPU), no mixup.
-Data: CIFAR-10 as an ImageFolder (../shared/data/cifar10). The learning rate is one value of the
+Data: CIFAR-10 as an ImageFolder (`$VITKIT_DATA/cifar10`, by default ../shared/data/cifar10 beside the checkout). The learning rate is one value of the
 paper's fine-tuning grid {0.001, 0.003, 0.01, 0.03}, not tuned here: choose yours on a held-out
 part of train (`--set data.val_fraction=0.1 --set eval.split=val`), never on test.
 Expected time and accuracy: not measured yet on a whole run; a 48 px step of the 6-layer, width-192
@@ -16,7 +16,7 @@ model at batch 128 costs about 2.5x a 32 px step (144 vs 64 tokens). benchmarks/
 measures this recipe (full vs attention-only, with vs without interpolation) within a budget.
 """
 
-from vitkit.data import DataConfig
+from vitkit.data import DataConfig, data_root
 from vitkit.train import EvalConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
 
 
@@ -26,7 +26,7 @@ def experiment() -> Experiment:
         model=ModelConfig(name="vit_tiny_patch4_32", freeze="none"),
         data=DataConfig(
             dataset="imagefolder",
-            root="../shared/data/cifar10",
+            root=str(data_root() / "cifar10"),
             img_size=48,
             batch_size=128,
             num_workers=2,

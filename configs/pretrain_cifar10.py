@@ -15,7 +15,7 @@ on a whole run (the machine was shared by six engineers while this was written).
 at log(512) = 6.24 nats (chance); `benchmarks/reproduce.py` measures what pre-training buys.
 """
 
-from vitkit.data import DataConfig
+from vitkit.data import DataConfig, data_root
 from vitkit.models.masked import MaskedConfig
 from vitkit.train import ModelConfig, OptimConfig, TrainConfig
 from vitkit.train.pretrain import PretrainExperiment
@@ -27,7 +27,7 @@ def experiment() -> PretrainExperiment:
         masked=MaskedConfig(target="mean_colour", masking="vit", mask_ratio=0.5),
         data=DataConfig(
             dataset="imagefolder",
-            root="../shared/data/cifar10",
+            root=str(data_root() / "cifar10"),
             img_size=32,
             batch_size=128,
             num_workers=2,

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from . import __version__
 from .analysis.flops import count, human
 from .registry import get_config, list_models
 from .runtime import keep_freed_memory
@@ -23,7 +29,7 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 def add_set_arg(parser: argparse.ArgumentParser, text: str) -> None:
     """`--set KEY=VALUE`, repeatable: the type-checked config overrides every experiment command takes."""
     parser.add_argument(
-        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], help=help
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], help=text
     )
 
 
@@ -139,17 +145,32 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint", help="a run folder (its best weights), or a .safetensors training checkpoint"
     )
-    parser.add_argument("--split", default="test", help="split of the training run's data set")
+    parser.add_argument("--split", default="test", help="split of the data set (train, val, test)")
+    parser.add_argument(
+        "--root", default=None,
+        help="ImageFolder root with one folder per split (default: the data set the checkpoint was trained on)",
+    )  # fmt: skip
     add_set_arg(
         parser, "override the data config stored with the checkpoint, e.g. root=/data/cifar10 batch_size=256"
     )
     parser.add_argument("--out", default=None, help="folder for results.json and the confusion matrix PNG")
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """Top-1/top-5, per-class accuracy and a confusion matrix PNG of a checkpoint on a split."""
+def parse_data_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`--set key=value` of a DataConfig field, the value read as YAML (256, [0.5, 0.5, 0.5], true)."""
     import yaml
 
+    parsed = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ValueError(f"--set {override!r}: expected key=value, e.g. root=/data/cifar10")
+        parsed[key.strip().removeprefix("data.")] = yaml.safe_load(value)
+    return parsed
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Top-1/top-5, per-class accuracy and a confusion matrix PNG of a checkpoint on a split."""
     from .data import DataConfig, build_loader
     from .eval.classification import (
         evaluate_classification,
@@ -161,20 +182,30 @@ def run_eval(args: argparse.Namespace) -> int:
 
     path = resolve_checkpoint(args.checkpoint)
     model, classes, data = load_classifier(path)
-    overrides = {}
-    for override in args.overrides:
-        key, sep, value = override.partition("=")
-        if not sep:
-            raise ValueError(f"override {override!r}: expected key=value, e.g. root=/data/cifar10")
-        overrides[key] = yaml.safe_load(value)
+    overrides = parse_data_overrides(args.overrides)
+    if args.root is not None:
+        overrides.setdefault("root", args.root)
+        if not data:
+            overrides.setdefault("dataset", "imagefolder")
+    if not data and "root" not in overrides and "dataset" not in overrides:
+        raise ValueError(
+            f"{path} names no data set (it carries no training data config); pass --root FOLDER "
+            f"(an ImageFolder with {args.split}/ inside) or --set dataset=..."
+        )
+    if not data:
+        data = {"img_size": model.config.img_size[0]}
     config = DataConfig.from_dict(data).replace(**overrides)
-    loader = build_loader(config, args.split)
+    loader = build_loader(config, args.split, augment=False)
     if loader.classes != classes:
         raise ValueError(
-            f"{path}: trained on classes {classes}, but split {args.split!r} has {loader.classes}"
+            f"{path}: trained on classes {classes[:10]}{' ...' if len(classes) > 10 else ''}, but split "
+            f"{args.split!r} of {config.root or config.dataset} has {loader.classes[:10]}"
+            f"{' ...' if len(loader.classes) > 10 else ''}"
         )
     result = evaluate_classification(model, loader, classes, progress=True)
-    out = Path(args.out) if args.out else path.parent / f"eval_{args.split}"
+    if result.num_samples == 0:
+        raise ValueError(f"split {args.split!r} of {config.root or config.dataset} has no images")
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / f"eval_{args.split}"
     results = write_results(result, out / "results.json", checkpoint=str(path), split=args.split)
     figure = plot_confusion_matrix(result, out / "confusion_matrix.png")
     print(
@@ -188,7 +219,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run folder or a .safetensors training checkpoint")
     parser.add_argument("images", nargs="+", help="JPEG, PNG, WebP or BMP files")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (1..classes)")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -198,6 +229,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from .eval.classification import load_classifier, predict_images
 
     model, classes, data = load_classifier(args.checkpoint)
+    if not 1 <= args.top_k <= len(classes):
+        raise ValueError(f"--top-k {args.top_k}: expected 1..{len(classes)} (the checkpoint's classes)")
     config = DataConfig.from_dict(data) if data else DataConfig(img_size=model.config.img_size[0])
     transform = build_transforms(config, train=False)
     failed = 0
@@ -218,6 +251,45 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     add_set_arg(parser, "override the digits_vit config, e.g. train.epochs=5")
 
 
+def command_name() -> str:
+    """How to call this vitkit again from the user's shell: `vitkit` when it is on the PATH, else
+    the path of the entry point beside this Python (e.g. .venv/bin/vitkit), else `python -m vitkit`."""
+    entry = Path(sys.executable).parent / "vitkit"
+    on_path = shutil.which("vitkit")
+    if on_path and entry.exists() and Path(on_path).resolve() == entry.resolve():
+        return "vitkit"
+    if entry.exists():
+        try:
+            return str(entry.relative_to(Path.cwd()))
+        except ValueError:
+            return str(entry)
+    return f"{sys.executable} -m vitkit"
+
+
+def write_digit_samples(folder: Path, num_samples: int = 4) -> list[Path]:
+    """A few test-split digits as PNG files (8x8, as in the data set), to try `vitkit predict` on."""
+    from PIL import Image
+
+    from .data import Digits
+
+    test = Digits("test")
+    paths = []
+    for index in range(num_samples):
+        image, label = test[index]
+        path = folder / f"test{index:03d}_label{label}.png"
+        pixels = image.permute(1, 2, 0).numpy()
+        atomic_write_image(path, Image.fromarray(pixels))
+        paths.append(path)
+    return paths
+
+
+def atomic_write_image(path: Path, image) -> None:
+    from .io import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """The main job: train a small ViT on the embedded digits, evaluate it, write results and figures."""
     from .train import load_experiment, train
@@ -231,6 +303,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     summary = train(experiment)
     out = Path(summary["out_dir"])
+    samples = write_digit_samples(out / "samples")
     print(
         f"\nvitkit demo: test top-1 {summary['top1']:.2%} (top-5 {summary['top5']:.2%}, best {summary['best_top1']:.2%}) "
         f"after {summary['steps']} steps; {summary['train_time_s']:.0f} s training, "
@@ -248,7 +321,9 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  {'resolved config':32s} {out / 'config.json'}")
     print(f"  {'resumable checkpoints':32s} {out / 'checkpoints'}")
     print(f"  {'TensorBoard logs':32s} {out / 'tensorboard'}")
-    print(f"next: vitkit eval {out}   |   vitkit predict {out} IMAGE.png")
+    print(f"  {'test digits to predict (PNG)':32s} {out / 'samples'}")
+    vitkit = command_name()
+    print(f"next: {vitkit} eval {out}   |   {vitkit} predict {out} {samples[0]}")
     return 0
 
 
@@ -273,10 +348,11 @@ def add_plot_args(parser: argparse.ArgumentParser) -> None:
 def run_plot(args: argparse.Namespace) -> int:
     """Draw a figure of the ViT paper from a checkpoint: position embeddings, attention, filters."""
     from .analysis.plots import figure_from_checkpoint
+    from .eval.classification import resolve_checkpoint
 
     path, message = figure_from_checkpoint(
         args.figure,
-        args.checkpoint,
+        resolve_checkpoint(args.checkpoint),
         args.images,
         out=args.out,
         img_size=args.img_size,
@@ -396,16 +472,18 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     from .data.loader import open_dataset
     from .delta import finetune_model, format_freezing_report, freezing_report, save_delta
+    from .eval.classification import resolve_checkpoint
     from .io import save
     from .train import load_experiment, train
 
+    checkpoint = str(resolve_checkpoint(args.checkpoint))
     experiment = load_experiment(args.config, args.overrides)
     data = experiment.data
     if args.img_size is not None:
         data = data.replace(img_size=args.img_size)
     dataset = open_dataset(data, "train")
     num_classes = len(getattr(dataset, "dataset", dataset).classes)
-    model = finetune_model(args.checkpoint, num_classes, data.img_size)
+    model = finetune_model(checkpoint, num_classes, data.img_size)
     freeze = args.freeze or experiment.model.freeze
     if args.compare_freezing:
         report = freezing_report(model.config, ("none", freeze if freeze != "none" else "attention-only"))
@@ -421,11 +499,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     if "last" in summary and freeze != "none":
         from .io import load
 
-        delta = save_delta(load(summary["last"]), args.checkpoint, out_dir / "delta.safetensors")
+        delta = save_delta(load(summary["last"]), checkpoint, out_dir / "delta.safetensors")
         summary["delta"] = str(delta)
-        summary["delta_note"] = (
-            f"vitkit.load({args.checkpoint!r}, delta={str(delta)!r}) rebuilds the task model"
-        )
+        summary["delta_note"] = f"vitkit.load({checkpoint!r}, delta={str(delta)!r}) rebuilds the task model"
     if "last" in summary:
         print(json.dumps(summary, indent=1))
     return 0
@@ -456,8 +532,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
 def add_fewshot_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="weights to evaluate frozen: any file or folder vitkit.load reads")
     parser.add_argument(
-        "--root", default="../shared/data/cifar10", help="ImageFolder root with train/ and test/"
-    )
+        "--root", default=None,
+        help="ImageFolder root with train/ and test/ (default: $VITKIT_DATA/cifar10, by default "
+        "../shared/data/cifar10 beside the source checkout)",
+    )  # fmt: skip
     parser.add_argument("--dataset", default="imagefolder", help="data set kind (DataConfig.dataset)")
     parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
@@ -480,14 +558,16 @@ def run_fewshot(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import Subset
 
-    from .data import DataConfig, build_transforms
+    from .data import DataConfig, build_transforms, data_root
     from .data.loader import open_dataset
+    from .eval.classification import resolve_checkpoint
     from .eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, format_table
     from .io import atomic_write, load
 
-    model = load(args.checkpoint).eval()
+    model = load(resolve_checkpoint(args.checkpoint)).eval()
     img_size = args.img_size or model.config.img_size[0]
-    data = DataConfig(dataset=args.dataset, root=args.root, img_size=img_size, eval_resize="squash")
+    root = args.root if args.root is not None else str(data_root() / "cifar10")
+    data = DataConfig(dataset=args.dataset, root=root, img_size=img_size, eval_resize="squash")
     transform = build_transforms(data, train=False)
     train_set = Transformed(open_dataset(data, "train"), transform)
     test_set = Transformed(open_dataset(data, "test"), transform)
@@ -523,11 +603,12 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export a checkpoint to ONNX (dynamic batch), checked against PyTorch with onnxruntime."""
+    from .eval.classification import resolve_checkpoint
     from .export import export_onnx
     from .io import load
 
     overrides = {} if args.img_size is None else {"img_size": args.img_size}
-    model = load(args.checkpoint, **overrides)
+    model = load(resolve_checkpoint(args.checkpoint), **overrides)
     check = export_onnx(model, args.output, check=not args.no_check)
     size = "x".join(map(str, model.config.img_size))
     print(f"wrote {args.output}: images (batch, {model.config.in_chans}, {size}) -> logits (batch, "
@@ -557,30 +638,81 @@ COMMANDS: list[Command] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+# How the API's arguments are spelt on the command line, for messages raised below the CLI.
+API_TO_FLAG = {
+    "layout= ": "--from ",
+    "layout=": "--from",
+    "num_heads=": "--num-heads",
+    "img_size=": "--img-size",
+    "strict=False": "--non-strict",
+    "pre_logits=False": "--drop-pre-logits",
+    "keep_source_numerics=True": "--keep-source-numerics",
+}
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def one_line(error: BaseException, parser: argparse.ArgumentParser) -> str:
+    """A user-facing message of `error`: one line, no terminal escapes, the CLI's flags named."""
+    if isinstance(error, KeyError) and error.args:
+        message = str(error.args[0])
+    elif isinstance(error, OSError) and error.filename is not None:
+        message = f"{error.filename}: {error.strerror or error}"
+    else:
+        message = str(error) or type(error).__name__
+    message = ANSI_ESCAPE.sub("", message)
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    flags = {action.dest: action.option_strings for action in parser._actions}
+    for api, flag in API_TO_FLAG.items():
+        if api in message and any(flag.strip() in options for options in flags.values()):
+            message = message.replace(api, flag)
+    return message
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="vitkit", description="Vision Transformers: train, convert, analyse."
     )
+    parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what loading and training do")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
     for name, add_args, run in COMMANDS:
         command_parser = sub.add_parser(name, help=(run.__doc__ or "").strip().split("\n")[0] or None)
         add_args(command_parser)
         command_parser.set_defaults(run=run)
-    return parser
+        commands[name] = command_parser
+    return parser, commands
+
+
+def quiet_stdout() -> None:
+    """After a closed pipe (`vitkit zoo | head`): send what is left to /dev/null, as Unix tools do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     try:
         keep_freed_memory()  # steady training/inference loops reuse their pages (vitkit.runtime)
-        return args.run(args)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"vitkit {args.command}: error: {message}", file=sys.stderr)
+        code = args.run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        quiet_stdout()
+        return 0
+    except KeyboardInterrupt:
+        print(f"vitkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (KeyError, ValueError, TypeError, OSError) as error:
+        # A user's mistake (a bad value, a missing or unreadable file, a full disk): one line.
+        # `--verbose` keeps the traceback for a bug report.
+        if args.verbose:
+            traceback.print_exc()
+        print(f"vitkit {args.command}: error: {one_line(error, commands[args.command])}", file=sys.stderr)
         return 2
 
 

@@ -40,6 +40,14 @@ log = logging.getLogger(__name__)
 
 # `vitkit convert --to` names -> layouts ("npz" is the official vit_jax format).
 TARGETS = {"vitkit": None, "timm": "timm", "hf": "hf", "npz": "vit_jax", "mmpretrain": "mmpretrain"}
+# The output paths each target writes ("" is a folder); any other suffix is refused, not renamed.
+TARGET_SUFFIXES = {
+    "vitkit": (".safetensors", ""),
+    "timm": (".pth", ".pt", ".bin", ".safetensors"),
+    "hf": ("",),
+    "npz": (".npz",),
+    "mmpretrain": (".pth", ".pt"),
+}
 
 # Config fields that tensors cannot tell: given by the user, they describe the source checkpoint.
 HINT_FIELDS = (
@@ -262,6 +270,16 @@ def write_layout(model: VisionTransformer, path: str | os.PathLike, to: str, pro
     return layout.save(foreign, Path(path), config)
 
 
+def check_target_path(path: Path, to: str) -> None:
+    """Refuse an output path whose suffix does not fit the target's format, before any work."""
+    allowed = TARGET_SUFFIXES[to]
+    if path.suffix.lower() not in allowed:
+        kinds = [suffix or "a folder (no suffix)" for suffix in allowed]
+        raise CheckpointError(
+            f"{path}: a {to} checkpoint is written as {' or '.join(kinds)}, not {path.suffix or 'a folder'}"
+        )
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -280,6 +298,7 @@ def convert(
     """
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
+    check_target_path(Path(dst), to)
     model, source_layout = read_model(
         src, layout, strict, keep_source_numerics, pre_logits, progress, **overrides
     )

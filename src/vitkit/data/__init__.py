@@ -11,7 +11,7 @@ from vitkit.data.datasets import (
     decode_image,
     write_shards,
 )
-from vitkit.data.loader import DataConfig, Loader, ResumableSampler, build_loader
+from vitkit.data.loader import DataConfig, Loader, ResumableSampler, build_loader, data_root
 from vitkit.data.mixup import Mixup, soft_target_cross_entropy
 from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD, build_transforms
 
@@ -32,6 +32,7 @@ __all__ = [
     "Synthetic",
     "build_loader",
     "build_transforms",
+    "data_root",
     "decode_image",
     "soft_target_cross_entropy",
     "write_shards",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,27 @@ class DataConfig:
         return dataclasses.replace(self, **overrides)
 
 
+DATA_ENV = "VITKIT_DATA"
+
+
+def data_root() -> Path:
+    """The folder that holds the named data sets of the configs in configs/ (cifar10/, ...):
+    $VITKIT_DATA when set, else the team's shared/data beside the source checkout. Configs name their
+    data from here, so they run the same from any working folder."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser().resolve()
+    return (Path(__file__).resolve().parents[4] / "shared" / "data").resolve()
+
+
+def resolve_root(root: str, base: Path) -> str:
+    """A data root as an absolute path: relative roots are taken from `base` (a config file's folder,
+    or the working folder for a root typed on the command line)."""
+    if not root:
+        return root
+    path = Path(root).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
 # Sampling ---------------------------------------------------------------------------------------
 
 
@@ -339,6 +361,10 @@ class Loader:
     labels long (B,), as for eval; `F.cross_entropy` takes both. `len()` is the number of batches
     left in the epoch. Call `set_epoch(e)` before each epoch, then `set_start(i)` to resume it
     after this rank's first i samples (for shards, a multiple of batch_size).
+
+    `augment` (default: whether split is "train") turns on the training pipeline: train transforms,
+    shuffling, padding to equal shares, drop_last, repeated augmentation and mixup. Without it every
+    image of the split is seen once, in order, with the evaluation transform.
     """
 
     def __init__(
@@ -349,10 +375,11 @@ class Loader:
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
+        augment: bool | None = None,
     ) -> None:
         self.cfg = cfg
         self.split = split
-        self.train = split == "train"
+        self.train = split == "train" if augment is None else augment
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -510,10 +537,12 @@ def build_loader(
     epoch: int = 0,
     start_index: int = 0,
     pin_memory: bool = False,
+    augment: bool | None = None,
 ) -> Loader:
-    """The loader of `split` ("train" gets train transforms, shuffling and mixup) for one rank,
-    placed at `epoch`, after this rank's first `start_index` samples of it."""
-    loader = Loader(cfg, split, rank=rank, world_size=world_size, pin_memory=pin_memory)
+    """The loader of `split` for one rank, placed at `epoch`, after this rank's first `start_index`
+    samples of it. With `augment` (default: split == "train") it has train transforms, shuffling
+    and mixup; without, the evaluation transform over every image in order."""
+    loader = Loader(cfg, split, rank=rank, world_size=world_size, pin_memory=pin_memory, augment=augment)
     loader.set_epoch(epoch)
     loader.set_start(start_index)
     return loader

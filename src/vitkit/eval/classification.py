@@ -27,6 +27,10 @@ CLASSES_KEY = "vitkit.classes"
 DATA_KEY = "vitkit.data"
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model gave NaN or infinite logits: evaluation stops instead of scoring them."""
+
+
 @dataclass
 class ClassificationResult:
     """Counts over a split: `confusion[true, predicted]` and the number of top-k hits per k."""
@@ -84,12 +88,22 @@ def evaluate_classification(
     num_classes = len(classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     hits = torch.zeros(len(top_k), dtype=torch.int64)
+    seen = 0
     for images, labels in tqdm(batches, desc="eval", leave=False, disable=not progress):
         logits = predict(to_device(images)).float().cpu()
         if logits.shape[-1] != num_classes:
             raise ValueError(
                 f"the model predicts {logits.shape[-1]} classes but the data has {num_classes}: {classes[:5]}..."
             )
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not finite.all():
+            # An accuracy of NaN logits is the order topk happens to give them: meaningless.
+            first = seen + int((~finite).nonzero()[0])
+            raise NonFiniteLogitsError(
+                f"non-finite logits for {int((~finite).sum())} of {len(logits)} images of a batch "
+                f"(first: image {first} of the split); no accuracy is reported"
+            )
+        seen += len(logits)
         ranked = logits.topk(min(max(top_k), num_classes), dim=-1).indices  # (B, k)
         confusion += torch.bincount(
             labels * num_classes + ranked[:, 0], minlength=num_classes * num_classes
@@ -157,31 +171,49 @@ def write_results(result: ClassificationResult, path: str | os.PathLike, **extra
 
 # Checkpoints with their classes: vitkit eval and vitkit predict -----------------------------------------
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A weight file: the path itself, a run folder's best (else last) weights, or a checkpoint folder's."""
+    """What to load for a checkpoint argument: a run folder's best (else last) weights; any other
+    folder (vitkit's or HuggingFace's config.json + weights) or file as it is."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors", "model.safetensors"):
-            if (path / name).exists():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
                 return path / name
+        if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+            raise CheckpointError(
+                f"{path}: a run folder with no best.safetensors or last.safetensors yet (the run has not "
+                "finished); pass one of its checkpoints/step-*/weights.safetensors"
+            )
+        if any((path / name).is_file() for name in ("config.json", "model.safetensors")):
+            return path
         raise CheckpointError(
-            f"{path}: no best.safetensors, last.safetensors or model.safetensors in this folder"
+            f"{path}: neither a run folder (best.safetensors, last.safetensors) nor a checkpoint folder "
+            "(config.json, model.safetensors)"
         )
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: no such file or folder")
     return path
 
 
 def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[str], dict[str, Any]]:
-    """(model in eval mode, class names, the training run's data config as a dict) of a training
-    checkpoint. Weights without class names get "0", "1", ... and an empty data config."""
+    """(model in eval mode, class names, the training run's data config as a dict) of a checkpoint.
+    Weights without class names get "0", "1", ... and an empty data config."""
     path = resolve_checkpoint(path)
-    _, metadata = read_weights(path)
+    metadata = {}
+    if path.is_file() and path.suffix == ".safetensors":
+        _, metadata = read_weights(path)
     model = load(path).eval()
-    classes = json.loads(metadata[CLASSES_KEY]) if CLASSES_KEY in metadata else None
+    classes = read_metadata_json(path, metadata, CLASSES_KEY) if CLASSES_KEY in metadata else None
     if classes is None:
         classes = [str(index) for index in range(model.config.num_classes)]
-    data = json.loads(metadata[DATA_KEY]) if DATA_KEY in metadata else {}
+    data = read_metadata_json(path, metadata, DATA_KEY) if DATA_KEY in metadata else {}
     return model, classes, data
+
+
+def read_metadata_json(path: Path, metadata: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON: {error}") from error
 
 
 @torch.no_grad()

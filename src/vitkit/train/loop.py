@@ -23,6 +23,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 from ..data import DataConfig, build_loader
 from ..data.datasets import derive_seed
+from ..data.loader import resolve_root
 from ..eval.classification import (
     ClassificationResult,
     evaluate_classification,
@@ -256,7 +258,16 @@ def load_experiment(config: str | Experiment, overrides: list[str] = ()) -> Expe
     """
     import yaml
 
-    base = config if isinstance(config, Experiment) else _experiment_from_file(_config_path(config))
+    if isinstance(config, Experiment):
+        base = config
+    else:
+        path = _config_path(config)
+        base = _experiment_from_file(path)
+        # A config's relative data root is taken from the config file's folder, never the working one.
+        base = dataclasses.replace(
+            base, data=base.data.replace(root=resolve_root(base.data.root, path.parent))
+        )
+    overrides = [*overrides, *environment_overrides()]
     data = base.to_dict()
     known = _known_keys(Experiment)
     flags = []
@@ -280,9 +291,29 @@ def load_experiment(config: str | Experiment, overrides: list[str] = ()) -> Expe
     import jsonargparse
 
     try:
-        return parser.instantiate(parser.parse_args(flags)).experiment
+        experiment = parser.instantiate(parser.parse_args(flags)).experiment
     except jsonargparse.ArgumentError as error:
         raise ValueError(f"override: {error}".replace("experiment.", "")) from error
+    # What is still relative was typed on the command line: it is taken from the working folder.
+    return dataclasses.replace(
+        experiment, data=experiment.data.replace(root=resolve_root(experiment.data.root, Path.cwd()))
+    )
+
+
+OVERRIDES_ENV = "VITKIT_SET"
+
+
+def environment_overrides() -> list[str]:
+    """`key=value` overrides from $VITKIT_SET (space-separated, shell quoting), applied after the
+    command line's: e.g. VITKIT_SET="train.epochs=1 train.max_steps=2" for a smoke run of any
+    command that trains."""
+    import shlex
+
+    text = os.environ.get(OVERRIDES_ENV, "")
+    items = shlex.split(text)
+    if items:
+        log.warning("%s adds the overrides %s", OVERRIDES_ENV, " ".join(items))
+    return items
 
 
 # The model ------------------------------------------------------------------------------------------
@@ -441,6 +472,25 @@ def train(experiment: Experiment) -> dict[str, Any]:
         distributed.cleanup()
 
 
+def check_same_classes(train_classes: list[str], split_classes: list[str], split: str) -> None:
+    """Refuse, before any training, an evaluation split whose classes are not the training split's."""
+    if split_classes == train_classes:
+        return
+    unknown = [name for name in split_classes if name not in train_classes]
+    missing = [name for name in train_classes if name not in split_classes]
+    if unknown:
+        raise ValueError(
+            f"split {split!r} has classes the train split lacks: {', '.join(map(repr, unknown[:5]))}"
+            f"{' ...' if len(unknown) > 5 else ''} ({len(split_classes)} classes vs {len(train_classes)})"
+        )
+    if missing:
+        raise ValueError(
+            f"split {split!r} lacks classes of the train split: {', '.join(map(repr, missing[:5]))}"
+            f"{' ...' if len(missing) > 5 else ''}; its labels would not match the model's outputs"
+        )
+    raise ValueError(f"split {split!r} lists the train split's classes in another order: {split_classes}")
+
+
 class Trainer:
     """One training run of an experiment. What differs between tasks is in the hooks `build_model`,
     `build_optimizer`, `build_eval_loader`, `build_metadata`, `objective`, `gather_final` and
@@ -506,7 +556,11 @@ class Trainer:
         split = self.exp.eval.split
         if not split:
             return None
-        return build_loader(self.exp.data, split, rank=self.env.rank, world_size=self.env.world_size)
+        loader = build_loader(
+            self.exp.data, split, rank=self.env.rank, world_size=self.env.world_size, augment=False
+        )
+        check_same_classes(self.classes, loader.classes, split)
+        return loader
 
     def build_metadata(self) -> dict[str, str]:
         """What makes the weight files self-describing (config, classes, data)."""

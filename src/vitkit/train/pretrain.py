@@ -25,6 +25,7 @@ import yaml
 
 from ..data import DataConfig
 from ..data.datasets import derive_seed
+from ..data.loader import resolve_root
 from ..models.config import ViTConfig, check_fields
 from ..models.masked import MaskedConfig, MaskedPatchModel
 from ..registry import create_model
@@ -36,6 +37,7 @@ from .loop import (
     Trainer,
     check_train_config,
     config_dirs,
+    environment_overrides,
     read_metrics,
 )
 from .optim import param_groups
@@ -112,7 +114,13 @@ def load_pretrain_experiment(config: str, overrides: list[str] = ()) -> Pretrain
         raise TypeError(
             f"{path}: experiment() returned {type(experiment).__name__}, expected PretrainExperiment"
         )
-    return experiment.replace(list(overrides))
+    root = resolve_root(experiment.data.root, path.parent)
+    experiment = dataclasses.replace(experiment, data=experiment.data.replace(root=root))
+    experiment = experiment.replace([*overrides, *environment_overrides()])
+    # What is still relative was typed on the command line: it is taken from the working folder.
+    return dataclasses.replace(
+        experiment, data=experiment.data.replace(root=resolve_root(experiment.data.root, Path.cwd()))
+    )
 
 
 def build_tokenizer(spec: str) -> torch.nn.Module:
