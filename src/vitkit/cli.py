@@ -465,6 +465,19 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def start_digest(checkpoint: str, num_classes: int, img_size: int) -> str:
+    """A short digest of a fine-tuning start: the source file or folder (path, size, mtime) and the
+    new head and resolution."""
+    import hashlib
+
+    path = Path(checkpoint).resolve()
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    text = f"{path}|{num_classes}|{img_size}|" + "|".join(
+        f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}" for file in files if file.is_file()
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a pre-trained checkpoint as the ViT paper: new zero head, 2D-interpolated positions."""
     import dataclasses
@@ -489,7 +502,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         report = freezing_report(model.config, ("none", freeze if freeze != "none" else "attention-only"))
         print(format_freezing_report(report))
     out_dir = Path(experiment.train.out_dir)
-    start = save(model, out_dir / "init.safetensors")
+    # Named by what it was made from, so that preparing another start never overwrites the one a run
+    # in this folder began from: the run folder's own checks then name what differs.
+    start = out_dir / f"init-{start_digest(checkpoint, num_classes, data.img_size)}.safetensors"
+    if not start.exists():
+        save(model, start)
     experiment = dataclasses.replace(
         experiment,
         data=data,

@@ -171,11 +171,12 @@ def write_results(result: ClassificationResult, path: str | os.PathLike, **extra
 
 # Checkpoints with their classes: vitkit eval and vitkit predict -----------------------------------------
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """What to load for a checkpoint argument: a run folder's best (else last) weights; any other
-    folder (vitkit's or HuggingFace's config.json + weights) or file as it is."""
+    """What to load for a checkpoint argument: a run folder's best (else last) weights, a
+    pre-training run's encoder; any other folder (vitkit's or HuggingFace's config.json + weights)
+    or file as it is."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
+        for name in ("best.safetensors", "last.safetensors", "encoder.safetensors"):
             if (path / name).is_file():
                 return path / name
         if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
