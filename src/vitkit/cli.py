@@ -655,9 +655,9 @@ COMMANDS: list[Command] = [
 ]
 
 
-# How the API's arguments are spelt on the command line, for messages raised below the CLI.
+# How the API's arguments are spelt on the command line, for the advice in messages raised below
+# the CLI ("pass num_heads=" becomes "pass --num-heads").
 API_TO_FLAG = {
-    "layout= ": "--from ",
     "layout=": "--from",
     "num_heads=": "--num-heads",
     "img_size=": "--img-size",
@@ -665,6 +665,7 @@ API_TO_FLAG = {
     "pre_logits=False": "--drop-pre-logits",
     "keep_source_numerics=True": "--keep-source-numerics",
 }
+ADVICE = re.compile(r"\b(pass|leave|load with|set) (" + "|".join(map(re.escape, API_TO_FLAG)) + ")")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -678,11 +679,13 @@ def one_line(error: BaseException, parser: argparse.ArgumentParser) -> str:
         message = str(error) or type(error).__name__
     message = ANSI_ESCAPE.sub("", message)
     message = " ".join(line.strip() for line in message.splitlines() if line.strip())
-    flags = {action.dest: action.option_strings for action in parser._actions}
-    for api, flag in API_TO_FLAG.items():
-        if api in message and any(flag.strip() in options for options in flags.values()):
-            message = message.replace(api, flag)
-    return message
+    options = {option for action in parser._actions for option in action.option_strings}
+
+    def to_flag(match: re.Match) -> str:
+        flag = API_TO_FLAG[match[2]]
+        return f"{match[1]} {flag}" if flag in options else match[0]
+
+    return ADVICE.sub(to_flag, message)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

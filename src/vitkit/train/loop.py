@@ -49,7 +49,7 @@ from ..io import atomic_write
 from ..io import load as load_model
 from ..models.config import ViTConfig, check_fields
 from ..models.vit import VisionTransformer
-from ..registry import create_model
+from ..registry import create_model, get_config
 from . import distributed
 from .objectives import get_objective
 from .optim import FreezeRule, OptimConfig, apply_freeze_rule, build_optimizer, learning_rate, set_lr
@@ -154,6 +154,21 @@ class Experiment:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+def check_model_config(model: ModelConfig, data: DataConfig) -> None:
+    """Build the model's config now, so that a bad name or override fails before any data is read,
+    naming the override (a checkpoint's config is checked when it is read)."""
+    if model.init_from:
+        return
+    try:
+        get_config(model.name, img_size=data.img_size, **model.overrides)
+    except (KeyError, TypeError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        overrides = ", ".join(f"{key}={value!r}" for key, value in model.overrides.items())
+        raise ValueError(
+            f"model.name={model.name!r} with model.overrides ({overrides}) and data.img_size={data.img_size}: {message}"
+        ) from error
+
+
 def check_train_config(train: TrainConfig) -> list[str]:
     """The train section's errors (a value outside its choices raises at once; bounds come back as
     messages, so that one error names them all)."""
@@ -166,7 +181,11 @@ def check_train_config(train: TrainConfig) -> list[str]:
         if getattr(train, name) not in get_args(allowed):
             raise ValueError(f"train.{name}={getattr(train, name)!r}: expected one of {get_args(allowed)}")
     checks = {
-        "train.epochs must be >= 1": train.epochs >= 1,
+        f"train.epochs must be >= 1, not {train.epochs}": train.epochs >= 1,
+        f"train.max_steps must be >= 0 (0: the full schedule), not {train.max_steps}": train.max_steps >= 0,
+        f"train.checkpoint_every must be >= 0 (0: at epoch ends), not {train.checkpoint_every}": (
+            train.checkpoint_every >= 0
+        ),
         "train.accumulation must be >= 1": train.accumulation >= 1,
         "train.keep_last must be >= 1": train.keep_last >= 1,
         "train.log_every must be >= 1": train.log_every >= 1,
@@ -516,6 +535,7 @@ class Trainer:
             raise ValueError("train.strategy='fsdp' does not support train.compile; use 'ddp' to compile")
         self._objective = get_objective(cfg.objective)
         data = experiment.data
+        check_model_config(experiment.model, data)
         self.train_loader = build_loader(data, "train", rank=env.rank, world_size=env.world_size)
         self.classes = self.train_loader.classes
         self.eval_loader = self.build_eval_loader()

@@ -11,11 +11,14 @@ and the whole pre-training model (encoder, mask embedding, head) as `masked_mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import json
 import logging
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +97,57 @@ class PretrainExperiment:
         for section, values in sections.items():
             current = getattr(self, section)
             check_fields(type(current), values, what=f"{section} config")
+            for name, value in values.items():
+                values[name] = check_type(type(current), name, value, f"{section}.{name}")
             changed[section] = dataclasses.replace(current, **values)
         return dataclasses.replace(self, **changed, **top)
+
+
+def check_type(cls: type, name: str, value: Any, key: str) -> Any:
+    """`value` (parsed from YAML) as the type of field `name` of dataclass `cls`, or a one-line
+    error naming the key and the value. YAML reads 1e-3 as a string: numbers are read as floats."""
+    annotation = typing.get_type_hints(cls)[name]
+    if isinstance(value, str) and _fits(0.5, annotation) and not _fits(value, annotation):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if not _fits(value, annotation):
+        raise ValueError(f"{key}={value!r}: expected {_describe(annotation)}")
+    return value
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin is typing.Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(item, args[0]) for item in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def load_pretrain_experiment(config: str, overrides: list[str] = ()) -> PretrainExperiment:
