@@ -77,7 +77,11 @@ def test_version_and_top_level_help() -> None:
 
 def test_broken_pipe_is_quiet() -> None:
     result = subprocess.run(
-        f"{sys.executable} -m vitkit zoo | head -n 1", shell=True, capture_output=True, text=True, timeout=120
+        f"{sys.executable} -m vitkit zoo 'vit_base_*' | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.stdout.startswith("| model |")
     assert result.stderr == ""
@@ -221,7 +225,9 @@ def test_convert_refuses_a_suffix_its_target_cannot_write(run: Path, tmp_path: P
 
 def test_messages_name_the_cli_flag_not_the_api_argument(tmp_path: Path) -> None:
     # Width 48 is not in the size table, so the number of heads must be given: the CLI says --num-heads.
-    model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, embed_dim=48, num_heads=3, depth=1)
+    model = vitkit.create_model(
+        "vit_tiny_patch16_224", img_size=32, embed_dim=48, num_heads=3, depth=1, zero_head=False
+    )
     path = vitkit.save(model, tmp_path / "w.safetensors")
     convert(path, tmp_path / "w.npz", to="npz")
     line = assert_one_line_error(
@@ -231,10 +237,12 @@ def test_messages_name_the_cli_flag_not_the_api_argument(tmp_path: Path) -> None
     assert "num_heads=" not in line
 
 
-def test_os_errors_name_the_path(tmp_path: Path) -> None:
+def test_os_errors_name_the_path(run: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert_one_line_error(vitkit_cli("zoo", "--metafile", str(blocker / "index.json")), str(blocker))
+    target = blocker / "w.safetensors"
+    result = vitkit_cli("convert", str(run / "best.safetensors"), str(target), "--to", "vitkit")
+    assert_one_line_error(result, str(blocker))
     parser, commands = build_parser()
     full = OSError(errno.ENOSPC, "No space left on device", "/data/run/last.safetensors")
     assert one_line(full, commands["train"]) == "/data/run/last.safetensors: No space left on device"

@@ -49,7 +49,10 @@ def weights(path) -> dict[str, torch.Tensor]:
 
 
 def test_overfits_16_images(tmp_path):
-    experiment = tiny_experiment(tmp_path, epochs=60, data={"batch_size": 16}, optim={"min_lr": 1e-3})
+    # Evaluated with the eval transform at the images' own size (squash): every image once, un-augmented.
+    experiment = tiny_experiment(
+        tmp_path, epochs=60, data={"batch_size": 16, "eval_resize": "squash"}, optim={"min_lr": 1e-3}
+    )
     experiment = load_experiment(experiment, ["eval.split=train"])
     summary = train(experiment)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
