@@ -567,12 +567,6 @@ class Trainer:
                 folder, checkpoint.world_size, self.env.world_size,
             )  # fmt: skip
             seed_everything(derive_seed("resume", self.exp.train.seed, self.env.rank, self.progress.step))
-        if self.env.main_process:
-            print(
-                f"resumed from {folder} at step {self.progress.step} (epoch {self.progress.epoch}, "
-                f"sample {self.progress.position} of the epoch)",
-                file=sys.stderr,
-            )
         return self.progress.step
 
     # The run folder's contract (run_folder.py) ------------------------------------------------------
@@ -761,6 +755,12 @@ class Trainer:
         resumed_step = self.resume()
         if resumed_step is not None:
             self.check_finished(last_step)
+            if main:
+                print(
+                    f"resumed from {self.resumed_from} at step {self.progress.step} (epoch "
+                    f"{self.progress.epoch}, sample {self.progress.position} of the epoch)",
+                    file=sys.stderr,
+                )
             self.check_position()
         if main:
             self.record_start(resumed_step, changes, previous_run)

@@ -302,8 +302,8 @@ def finished_message(out_dir: Path, entry: dict[str, Any], limit: str) -> str:
         result = ""
     key = limit.partition("=")[0]
     return (
-        f"the run in {out_dir} is already finished (step {entry['step']}, epoch {entry['epoch']}{result}, "
-        f"{entry['time']}): nothing is left to train with {limit}. To train on, raise {key} (a schedule "
+        f"the run in {out_dir} is already finished (step {entry['step']}, epoch {entry['epoch']}{result}): "
+        f"nothing is left to train with {limit}. To train on, raise {key} (a schedule "
         f"change, recorded in {out_dir / HISTORY_NAME}; training continues from the last checkpoint); to "
         f"train again, use train.resume=never (the finished run is moved to {out_dir / PREVIOUS_DIR}/) or a "
         "new train.out_dir"
