@@ -122,6 +122,15 @@ def test_a_resume_of_another_model_is_refused_and_a_schedule_change_recorded(tmp
     assert start["config"]["train"]["max_steps"] == 3
 
 
+def test_a_batch_size_changed_mid_epoch_goes_on_from_a_step_boundary(tmp_path):
+    train_here(tmp_path, "train.max_steps=1")  # 128 samples into the epoch
+    done = vitkit_train(tmp_path, "train.max_steps=3", "data.batch_size=96")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sample 128 of epoch 0, is not at a step of 96 samples" in done.stderr
+    assert "goes on from sample 96" in done.stderr
+    assert read_jsonl(tmp_path / "history.jsonl")[2]["changes"]["data.batch_size"] == [128, 96]
+
+
 def test_starting_over_sets_the_old_run_aside_and_keeps_the_new_checkpoints(tmp_path):
     train_here(tmp_path, "train.epochs=1", "train.checkpoint_every=1")
     done = vitkit_train(tmp_path, "train.max_steps=3", "train.checkpoint_every=1", "train.resume=never")

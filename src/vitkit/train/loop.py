@@ -119,6 +119,9 @@ class TrainConfig:
     # A resumable checkpoint every N steps (0: only at epoch ends); keep the newest `keep_last`.
     checkpoint_every: int = 0
     keep_last: int = 2
+    # "auto": go on from the run folder's newest valid checkpoint (refused when the model, data or
+    # objective differ from its config.json; schedule changes are recorded in history.jsonl); "never":
+    # move the folder's earlier run to <out_dir>/previous/<time>/ and start over (see run_folder.py).
     resume: Resume = "auto"
 
 
@@ -458,7 +461,8 @@ class Trainer:
     `build_optimizer`, `build_eval_loader`, `build_metadata`, `objective`, `gather_final` and
     `write_final`: supervised
     classification here, masked-patch pre-training in `pretrain.py`; the loop, resumption, DDP/FSDP,
-    EMA, precision, budget and logging are shared."""
+    EMA, precision, budget and logging are shared, and so is the run folder's contract
+    (`run_folder.py`: one writer, checked resumes, start-overs set aside, finished runs not rerun)."""
 
     def __init__(self, experiment: Experiment, env: distributed.Env):
         self.exp = experiment
@@ -584,8 +588,9 @@ class Trainer:
         if self.exp.train.resume == "never":
             init_from = self.exp.model.init_from
             return {}, run_folder.set_aside(self.out_dir, (Path(init_from),) if init_from else ())
+        changes = run_folder.check_resume(self.out_dir, self.run_config())
         run_folder.clean_debris(self.out_dir)
-        return run_folder.check_resume(self.out_dir, self.run_config()), None
+        return changes, None
 
     def check_finished(self, last_step: float) -> None:
         """A resumed run with nothing left to train whose finish is recorded is not run again (one
