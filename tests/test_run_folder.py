@@ -148,16 +148,21 @@ def test_starting_over_sets_the_old_run_aside_and_keeps_the_new_checkpoints(tmp_
 
 
 def test_a_finished_run_says_so_and_writes_nothing(tmp_path):
+    """The same config again: one line, exit 0 (nothing to do); a schedule that leaves nothing to
+    train: refused. Neither writes anything."""
     train_here(tmp_path, "train.max_steps=2")
     before = written(tmp_path)
+    finished = f"the run in {tmp_path} is already finished (step 2, epoch 0, test top-1 "
     for done in (
         vitkit_train(tmp_path, "train.max_steps=2"),
         vitkit_train(None, config=str(tmp_path / "config.json")),  # a run's config runs again as is
-        vitkit_train(tmp_path, "train.max_steps=1"),
     ):
-        line = refusal(done)
-        assert f"the run in {tmp_path} is already finished (step 2, epoch 0, test top-1 " in line
-        assert "raise train.max_steps" in line and "train.resume=never" in line
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 0 and len(lines) == 1 and done.stdout == "", done.stderr[-3000:]
+        assert lines[0].startswith(f"vitkit train: {finished}")
+        assert "raise train.max_steps" in lines[0] and "train.resume=never" in lines[0]
+    line = refusal(vitkit_train(tmp_path, "train.max_steps=1"))
+    assert finished in line and "nothing is left to train with train.max_steps 2 -> 1" in line
     assert written(tmp_path) == before
 
 

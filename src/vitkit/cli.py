@@ -579,6 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # steady training/inference loops reuse their pages (vitkit.runtime)
         return args.run(args)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
+        from .train.run_folder import RunFinishedError  # imported already by whatever raised it
+
+        if isinstance(error, RunFinishedError):  # nothing to do: the run asked for is done
+            print(f"vitkit {args.command}: {error}", file=sys.stderr)
+            return 0
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"vitkit {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -592,9 +592,10 @@ class Trainer:
         run_folder.clean_debris(self.out_dir)
         return changes, None
 
-    def check_finished(self, last_step: float) -> None:
+    def check_finished(self, last_step: float, changes: dict[str, list[Any]]) -> None:
         """A resumed run with nothing left to train whose finish is recorded is not run again (one
-        killed after its last checkpoint has no finish entry: `finish` writes what it had not)."""
+        killed after its last checkpoint has no finish entry: `finish` writes what it had not): the
+        same config is told so (RunFinishedError), changes that leave nothing to train are refused."""
         cfg, progress = self.exp.train, self.progress
         over_budget = self.budget_spent() >= 1
         if progress.epoch < cfg.epochs and progress.step < last_step and not over_budget:
@@ -610,7 +611,8 @@ class Trainer:
             limit = f"train.time_budget_minutes={cfg.time_budget_minutes}"
         else:
             limit = f"train.epochs={cfg.epochs}"
-        raise run_folder.RunFinishedError(run_folder.finished_message(self.out_dir, entry, limit))
+        message = run_folder.finished_message(self.out_dir, entry, limit, changes)
+        raise (run_folder.RunFolderError if changes else run_folder.RunFinishedError)(message)
 
     def check_position(self) -> None:
         """The resumed position in the epoch must fit the data as it is now: past the epoch's end (files
@@ -759,7 +761,7 @@ class Trainer:
         changes, previous_run = distributed.on_main_process(main, self.prepare_folder)
         resumed_step = self.resume()
         if resumed_step is not None:
-            self.check_finished(last_step)
+            self.check_finished(last_step, changes)
             if main:
                 print(
                     f"resumed from {self.resumed_from} at step {self.progress.step} (epoch "

@@ -58,7 +58,8 @@ class RunFolderError(ValueError):
 
 
 class RunFinishedError(RunFolderError):
-    """The run in the folder is finished: nothing to train, nothing written."""
+    """The run in the folder is finished and its config asks for nothing more: nothing to train,
+    nothing written. Not a failure: the command line says so and exits 0."""
 
 
 def now() -> str:
@@ -292,7 +293,7 @@ def newest_valid_checkpoint(checkpoints: Path) -> Path | None:
     return None
 
 
-def finished_message(out_dir: Path, entry: dict[str, Any], limit: str) -> str:
+def finished_message(out_dir: Path, entry: dict[str, Any], limit: str, changes: dict[str, list[Any]]) -> str:
     """The one line that a re-run of a finished run gets: its result, and the ways to train on."""
     if "top1" in entry:
         result = f", {entry['split']} top-1 {entry['top1']:.2%}"
@@ -303,7 +304,8 @@ def finished_message(out_dir: Path, entry: dict[str, Any], limit: str) -> str:
     key = limit.partition("=")[0]
     return (
         f"the run in {out_dir} is already finished (step {entry['step']}, epoch {entry['epoch']}{result}): "
-        f"nothing is left to train with {limit}. To train on, raise {key} (a schedule "
+        f"nothing is left to train with {describe_changes(changes) if changes else limit}. To train on, "
+        f"raise {key} (a schedule "
         f"change, recorded in {out_dir / HISTORY_NAME}; training continues from the last checkpoint); to "
         f"train again, use train.resume=never (the finished run is moved to {out_dir / PREVIOUS_DIR}/) or a "
         "new train.out_dir"
