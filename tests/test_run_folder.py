@@ -66,7 +66,7 @@ def written(out_dir: Path) -> dict[str, int]:
 
 def test_a_second_writer_refuses_at_once_and_the_first_run_is_untouched(tmp_path):
     run_dir = tmp_path / "run"
-    extra = ("train.epochs=6", "train.checkpoint_every=5")
+    extra = ("train.epochs=8", "train.checkpoint_every=5")
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = [
         subprocess.Popen(command(run_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -83,7 +83,7 @@ def test_a_second_writer_refuses_at_once_and_the_first_run_is_untouched(tmp_path
     alone, run = (read_weights(folder / "last.safetensors")[0] for folder in (tmp_path / "alone", run_dir))
     assert all(torch.equal(alone[key], run[key]) for key in alone)
     steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if row["kind"] == "train"]
-    assert steps == list(range(1, 6 * 11 + 1))
+    assert steps == list(range(1, 8 * 11 + 1))
     assert [entry["event"] for entry in read_jsonl(run_dir / "history.jsonl")] == ["start", "finish"]
     assert (run_dir / ".lock").read_text() == ""  # released
 
