@@ -8,7 +8,7 @@ import pytest
 
 import vitkit.train.loop as loop
 from test_train_loop import tiny_experiment
-from vitkit.train import OptimConfig, load_experiment, train
+from vitkit.train import OptimConfig, RunFinishedError, load_experiment, train
 from vitkit.train.optim import learning_rate
 
 STEP_SECONDS = 0.5
@@ -34,8 +34,9 @@ def test_budget_stops_training_and_anneals_the_schedule_in_time(tmp_path, clock)
     assert lrs == pytest.approx(expected)
     assert lrs[-1] < 0.03 * optim.lr
     assert rows[-1]["kind"] == "eval" and rows[-1]["train_time_s"] == 6.0
-    # The spent budget is part of the saved state: resuming trains no further.
-    assert train(experiment)["steps"] == 12
+    # The spent budget is part of the saved state: a re-run trains no further, it says the run is finished.
+    with pytest.raises(RunFinishedError, match=r"finished \(step 12.*with train.time_budget_minutes=0.1"):
+        train(experiment)
 
 
 def test_budget_must_not_be_negative(tmp_path) -> None:

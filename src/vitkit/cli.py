@@ -728,6 +728,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitkit {args.command}: interrupted", file=sys.stderr)
         return 130
     except (KeyError, ValueError, TypeError, OSError) as error:
+        from .train.run_folder import RunFinishedError  # imported already by whatever raised it
+
+        if isinstance(error, RunFinishedError):  # nothing to do: the run asked for is done
+            print(f"vitkit {args.command}: {error}", file=sys.stderr)
+            return 0
         # A user's mistake (a bad value, a missing or unreadable file, a full disk): one line.
         # `--verbose` keeps the traceback for a bug report.
         if args.verbose:

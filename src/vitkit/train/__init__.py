@@ -12,6 +12,7 @@ from .loop import (
 )
 from .objectives import OBJECTIVES
 from .optim import FREEZE_RULES, OptimConfig, apply_freeze_rule, param_groups
+from .run_folder import RunFinishedError, RunFolderError
 
 __all__ = [
     "FREEZE_RULES",
@@ -21,6 +22,8 @@ __all__ = [
     "ModelConfig",
     "NonFiniteLossError",
     "OptimConfig",
+    "RunFinishedError",
+    "RunFolderError",
     "TrainConfig",
     "apply_freeze_rule",
     "build_model",

@@ -15,7 +15,10 @@ import contextlib
 import datetime
 import gc
 import os
-from collections.abc import Iterable, Iterator
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,6 +64,8 @@ def setup(device: DeviceName = "auto") -> Env:
         chosen = torch.device("cuda", local_rank)
     else:
         chosen = torch.device("cpu")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_with_the_agent(rank)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if chosen.type == "cuda" else "gloo",
@@ -68,6 +73,23 @@ def setup(device: DeviceName = "auto") -> Env:
             device_id=chosen if chosen.type == "cuda" else None,
         )
     return Env(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
+
+
+def stop_with_the_agent(rank: int, poll_seconds: float = 1.0) -> None:
+    """End this worker when the torchrun agent that started it dies (killed, say, with SIGKILL): it
+    is then re-parented, and a daemon thread that watches `os.getppid()` exits the process. Left
+    alone, workers would train to the end on their own, holding the run folder. (PR_SET_PDEATHSIG
+    fires when the forking *thread* ends, which need not be the agent's end.)"""
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(poll_seconds)
+        print(f"vitkit: rank {rank}: the torchrun agent (pid {agent}) is gone; stopping", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vitkit-agent-watch", daemon=True).start()
 
 
 def cleanup() -> None:
@@ -281,6 +303,21 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main_process(main_process: bool, function: Callable[[], Any]) -> Any:
+    """`function()` run by the main process alone (e.g. the run folder's checks); its result on every
+    rank, and a ValueError it raised (a one-line refusal) raised on every rank, so all stop together."""
+    outcome: tuple[Any, ValueError | None] = (None, None)
+    if main_process:
+        try:
+            outcome = (function(), None)
+        except ValueError as error:
+            outcome = (None, error)
+    result, error = broadcast_object(outcome) if dist.is_initialized() else outcome
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier() -> None:

@@ -15,6 +15,7 @@ Only this file and `distributed.py` know about devices and ranks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -50,7 +51,7 @@ from ..io import load as load_model
 from ..models.config import ViTConfig, check_fields
 from ..models.vit import VisionTransformer
 from ..registry import create_model, get_config
-from . import distributed
+from . import distributed, run_folder
 from .objectives import get_objective
 from .optim import FreezeRule, OptimConfig, apply_freeze_rule, build_optimizer, learning_rate, set_lr
 from .state import (
@@ -120,6 +121,9 @@ class TrainConfig:
     # A resumable checkpoint every N steps (0: only at epoch ends); keep the newest `keep_last`.
     checkpoint_every: int = 0
     keep_last: int = 2
+    # "auto": go on from the run folder's newest valid checkpoint (refused when the model, data or
+    # objective differ from its config.json; schedule changes are recorded in history.jsonl); "never":
+    # move the folder's earlier run to <out_dir>/previous/<time>/ and start over (see run_folder.py).
     resume: Resume = "auto"
 
 
@@ -426,10 +430,8 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of metrics.jsonl (a last line cut by a killed write is dropped, with a log line)."""
+    return run_folder.read_jsonl(path)
 
 
 def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
@@ -486,7 +488,8 @@ def train(experiment: Experiment) -> dict[str, Any]:
     """
     env = distributed.setup(experiment.train.device)
     try:
-        return Trainer(experiment, env).run()
+        with hold_run_folder(experiment.train.out_dir, env):
+            return Trainer(experiment, env).run()
     finally:
         distributed.cleanup()
 
@@ -510,12 +513,25 @@ def check_same_classes(train_classes: list[str], split_classes: list[str], split
     raise ValueError(f"split {split!r} lists the train split's classes in another order: {split_classes}")
 
 
+@contextlib.contextmanager
+def hold_run_folder(out_dir: str | Path, env: distributed.Env) -> Iterator[None]:
+    """The run folder's lock, held by the main process for the whole run; a second writer's refusal
+    (RunFolderError, naming the holder) stops every rank of the second run at once."""
+    lock = run_folder.RunLock(out_dir)
+    distributed.on_main_process(env.main_process, lock.acquire)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class Trainer:
     """One training run of an experiment. What differs between tasks is in the hooks `build_model`,
     `build_optimizer`, `build_eval_loader`, `build_metadata`, `objective`, `gather_final` and
     `write_final`: supervised
     classification here, masked-patch pre-training in `pretrain.py`; the loop, resumption, DDP/FSDP,
-    EMA, precision, budget and logging are shared."""
+    EMA, precision, budget and logging are shared, and so is the run folder's contract
+    (`run_folder.py`: one writer, checked resumes, start-overs set aside, finished runs not rerun)."""
 
     def __init__(self, experiment: Experiment, env: distributed.Env):
         self.exp = experiment
@@ -562,6 +578,7 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = round(experiment.optim.warmup_epochs * self.steps_per_epoch)
         self.progress = Progress()
+        self.resumed_from: Path | None = None
         self.metadata = self.build_metadata()
 
     # The task's hooks ---------------------------------------------------------------------------------
@@ -604,12 +621,12 @@ class Trainer:
         """Restore the newest valid checkpoint of the run folder; returns its step (None: fresh start)."""
         if self.exp.train.resume == "never":
             return None
-        folder, skipped = find_resumable(self.checkpoint_dir) if self.env.main_process else (None, [])
-        for reason in skipped:
-            log.warning("resume: skipping checkpoint %s", reason)
-        folder = distributed.broadcast_object(folder)
+        folder = distributed.on_main_process(
+            self.env.main_process, lambda: run_folder.newest_valid_checkpoint(self.checkpoint_dir)
+        )
         if folder is None:
             return None
+        self.resumed_from = folder
         checkpoint: Checkpoint = load_checkpoint(folder)
         distributed.load_model_state(self.wrapped, checkpoint.model)
         distributed.load_optimizer_state(self.wrapped, self.optimizer, checkpoint.optimizer)
@@ -628,13 +645,99 @@ class Trainer:
                 folder, checkpoint.world_size, self.env.world_size,
             )  # fmt: skip
             seed_everything(derive_seed("resume", self.exp.train.seed, self.env.rank, self.progress.step))
+        return self.progress.step
+
+    # The run folder's contract (run_folder.py) ------------------------------------------------------
+    def run_config(self) -> dict[str, Any]:
+        """The config saved as config.json. train.resume says how this start was asked for (the
+        history records it), not what the run is: it is saved as "auto", so a saved config resumes."""
+        config = self.exp.to_dict()
+        config["train"]["resume"] = "auto"
+        return config
+
+    def prepare_folder(self) -> tuple[dict[str, list[Any]], Path | None]:
+        """Main process, before the resume: set the folder's earlier run aside (train.resume=never),
+        or clean the debris of killed writes and check this config against the folder's. Returns the
+        schedule changes and where the earlier run went."""
+        if self.exp.train.resume == "never":
+            init_from = self.exp.model.init_from
+            return {}, run_folder.set_aside(self.out_dir, (Path(init_from),) if init_from else ())
+        changes = run_folder.check_resume(self.out_dir, self.run_config())
+        run_folder.clean_debris(self.out_dir)
+        return changes, None
+
+    def check_finished(self, last_step: float, changes: dict[str, list[Any]]) -> None:
+        """A resumed run with nothing left to train whose finish is recorded is not run again (one
+        killed after its last checkpoint has no finish entry: `finish` writes what it had not): the
+        same config is told so (RunFinishedError), changes that leave nothing to train are refused."""
+        cfg, progress = self.exp.train, self.progress
+        over_budget = self.budget_spent() >= 1
+        if progress.epoch < cfg.epochs and progress.step < last_step and not over_budget:
+            return
+        entry = distributed.on_main_process(
+            self.env.main_process, lambda: run_folder.finished_entry(self.out_dir, progress.step)
+        )
+        if entry is None:
+            return
+        if progress.step >= last_step:
+            limit = f"train.max_steps={cfg.max_steps}"
+        elif over_budget and progress.epoch < cfg.epochs:
+            limit = f"train.time_budget_minutes={cfg.time_budget_minutes}"
+        else:
+            limit = f"train.epochs={cfg.epochs}"
+        message = run_folder.finished_message(self.out_dir, entry, limit, changes)
+        raise (run_folder.RunFolderError if changes else run_folder.RunFinishedError)(message)
+
+    def check_position(self) -> None:
+        """The resumed position in the epoch must fit the data as it is now: past the epoch's end (files
+        removed from the data set) the epoch restarts; off a step boundary (another batch size or
+        accumulation) it goes back to the step's start. One line says which."""
+        step_samples = self.exp.data.batch_size * self.exp.train.accumulation
+        position, epoch = self.progress.position, self.progress.epoch
+        if position > self.steps_per_epoch * step_samples:
+            self.progress.position = 0
+            note = (
+                f"resume: the saved position, sample {position} of epoch {epoch}, is past the end of an epoch "
+                f"of the data as it is now ({self.steps_per_epoch * step_samples} samples: files removed?); "
+                f"epoch {epoch} restarts from its first sample"
+            )
+        elif position % step_samples:
+            self.progress.position = position - position % step_samples
+            note = (
+                f"resume: the saved position, sample {position} of epoch {epoch}, is not at a step of "
+                f"{step_samples} samples (data.batch_size or train.accumulation changed); the epoch goes on "
+                f"from sample {self.progress.position}"
+            )
+        else:
+            return
         if self.env.main_process:
+            print(note, file=sys.stderr)
+
+    def record_start(
+        self, resumed_step: int | None, changes: dict[str, list[Any]], previous_run: Path | None
+    ) -> None:
+        """Main process: this start's entry in history.jsonl (with its schedule changes), then the
+        config (rewritten only after the history says what changed) and the class names."""
+        common = {"world_size": self.env.world_size, "changes": changes}
+        if resumed_step is None:
+            run_folder.append_history(
+                self.out_dir, "start", step=0, previous_run=str(previous_run) if previous_run else None,
+                config=self.run_config(), **common,
+            )  # fmt: skip
+        else:
+            run_folder.append_history(
+                self.out_dir, "resume", step=resumed_step, checkpoint=str(self.resumed_from), **common
+            )
+        if changes:
             print(
-                f"resumed from {folder} at step {self.progress.step} (epoch {self.progress.epoch}, "
-                f"sample {self.progress.position} of the epoch)",
+                f"resume: schedule changes recorded in {self.out_dir / run_folder.HISTORY_NAME}: "
+                f"{run_folder.describe_changes(changes)}",
                 file=sys.stderr,
             )
-        return self.progress.step
+        config_json = json.dumps(self.run_config(), indent=1) + "\n"
+        atomic_write(self.out_dir / run_folder.CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json))
+        classes_json = json.dumps(self.train_loader.class_to_idx, indent=1) + "\n"
+        atomic_write(self.out_dir / "class_to_idx.json", lambda tmp: Path(tmp).write_text(classes_json))
 
     def capture_rng(self) -> dict[str, Any]:
         state = capture_rng()
@@ -728,13 +831,20 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         exp, env, cfg = self.exp, self.env, self.exp.train
         main = env.main_process
+        last_step = cfg.max_steps or math.inf
+        changes, previous_run = distributed.on_main_process(main, self.prepare_folder)
         resumed_step = self.resume()
+        if resumed_step is not None:
+            self.check_finished(last_step, changes)
+            if main:
+                print(
+                    f"resumed from {self.resumed_from} at step {self.progress.step} (epoch "
+                    f"{self.progress.epoch}, sample {self.progress.position} of the epoch)",
+                    file=sys.stderr,
+                )
+            self.check_position()
         if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            config_json = json.dumps(exp.to_dict(), indent=1) + "\n"
-            atomic_write(self.out_dir / "config.json", lambda tmp: Path(tmp).write_text(config_json))
-            classes_json = json.dumps(self.train_loader.class_to_idx, indent=1) + "\n"
-            atomic_write(self.out_dir / "class_to_idx.json", lambda tmp: Path(tmp).write_text(classes_json))
+            self.record_start(resumed_step, changes, previous_run)
         metrics = MetricsLog(self.out_dir, main, resumed_step)
         wrapped = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         dtype = _DTYPES.get(cfg.precision, torch.float32)
@@ -744,7 +854,6 @@ class Trainer:
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         batch_size = exp.data.batch_size
-        last_step = cfg.max_steps or math.inf
         result = None
         wrapped.train()
         while self.progress.epoch < cfg.epochs and self.progress.step < last_step and self.budget_spent() < 1:
@@ -868,4 +977,9 @@ class Trainer:
                     k: v for k, v in summary.items() if k in ("steps", "train_time_s", "best_top1")
                 })
             )  # fmt: skip
+        scores = {key: summary[key] for key in ("top1", "top5", "loss", "accuracy") if key in summary}
+        split = self.exp.eval.split if result is not None else "train"
+        run_folder.append_history(
+            self.out_dir, "finish", step=self.progress.step, epoch=self.progress.epoch, split=split, **scores
+        )
         return summary

@@ -41,6 +41,7 @@ from .loop import (
     check_train_config,
     config_dirs,
     environment_overrides,
+    hold_run_folder,
     read_metrics,
 )
 from .optim import param_groups
@@ -209,10 +210,12 @@ def build_pretrain_optimizer(model: MaskedPatchModel, cfg: OptimConfig) -> torch
 
 def pretrain(experiment: PretrainExperiment) -> dict[str, Any]:
     """Run masked-patch pre-training to the end on the shared training loop (resuming from the run
-    folder's newest valid checkpoint); returns a summary with the encoder's path."""
+    folder's newest valid checkpoint, under the run folder's contract: `run_folder.py`); returns a
+    summary with the encoder's path."""
     env = distributed.setup(experiment.train.device)
     try:
-        return PretrainTrainer(experiment, env).run()
+        with hold_run_folder(experiment.train.out_dir, env):
+            return PretrainTrainer(experiment, env).run()
     finally:
         distributed.cleanup()
 
