@@ -33,7 +33,16 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .io import CONFIG_KEY, CheckpointError, atomic_write, load, load_state, read_weights
+from .io import (
+    CONFIG_KEY,
+    CheckpointError,
+    atomic_write,
+    config_from_metadata,
+    load,
+    load_state,
+    parse_metadata,
+    read_weights,
+)
 from .models.config import ViTConfig
 from .models.vit import VisionTransformer
 
@@ -153,8 +162,10 @@ def read_delta(path: str | os.PathLike) -> Delta:
         raise CheckpointError(
             f"{path}: not a vitkit task delta (no {DELTA_KEY!r} metadata); write one with save_delta"
         )
-    info = json.loads(metadata[DELTA_KEY])
-    config = ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+    info = parse_metadata(path, metadata, DELTA_KEY)
+    if not isinstance(info.get("base_fingerprint"), str):
+        raise CheckpointError(f"{path}: metadata {DELTA_KEY!r} has no base_fingerprint")
+    config = config_from_metadata(path, metadata)
     return Delta(tensors, config, info["base_fingerprint"], str(path))
 
 
@@ -186,7 +197,17 @@ def load_delta(
     base_state = _state(base_model)
     shared = _shared_keys(delta, base_state)
     model = VisionTransformer(delta.config)
-    model.load_state_dict({**{key: base_state[key] for key in shared}, **delta.tensors}, strict=True)
+    state = {**{key: base_state[key] for key in shared}, **delta.tensors}
+    target = model.state_dict()
+    mismatched = [
+        f"{key}: {'delta' if key in delta.tensors else 'base'} {tuple(value.shape)} vs task model "
+        f"{tuple(target[key].shape)}"
+        for key, value in state.items()
+        if value.shape != target[key].shape
+    ]
+    if mismatched:
+        raise CheckpointError(f"{delta.path}: shapes do not match the task config: " + "; ".join(mismatched))
+    model.load_state_dict(state, strict=True)
     return model
 
 

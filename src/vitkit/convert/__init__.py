@@ -13,7 +13,6 @@ load_state` then resamples position embeddings and checks every key and shape.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from ..io import (
     load,
     load_state,
     read_folder_config,
+    read_json,
     read_weights,
     save,
 )
@@ -71,7 +71,13 @@ def _read_folder(path: Path) -> tuple[State, dict]:
     config_json = read_folder_config(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+            for name in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names in the folder")
+        shards = sorted(set(weight_map.values()))
         state: State = {}
         for shard in shards:
             state.update(read_weights(path / shard)[0])
@@ -163,7 +169,13 @@ def to_native(
         )
     structure, numerics = {}, dict(layout.numerics)
     if checkpoint.config_json is not None and layout.folder_config is not None:
-        structure, numerics = layout.folder_config(checkpoint.config_json)
+        config_path = checkpoint.path / "config.json"
+        try:
+            structure, numerics = layout.folder_config(checkpoint.config_json)
+        except KeyError as error:
+            raise CheckpointError(f"{config_path}: no {error.args[0]!r} field") from error
+        except (TypeError, ValueError, IndexError) as error:
+            raise CheckpointError(f"{config_path}: {error}") from error
     if keep_source_numerics:
         log.info("%s: keeping the source's numerics %s", origin, numerics)
     else:

@@ -43,7 +43,7 @@ from ..eval.classification import (
     plot_confusion_matrix,
     write_results,
 )
-from ..io import atomic_write
+from ..io import atomic_write, read_json
 from ..io import load as load_model
 from ..models.config import ViTConfig, check_fields
 from ..models.vit import VisionTransformer
@@ -202,11 +202,7 @@ def _config_path(config: str) -> Path:
 
 def _experiment_from_file(path: Path) -> Experiment:
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: invalid JSON: {error}") from error
-        return _parse({"experiment": data}, path)
+        return _parse({"experiment": read_json(path, error=ValueError)}, path)
     spec = importlib.util.spec_from_file_location(f"vitkit_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -283,6 +279,18 @@ def load_experiment(config: str | Experiment, overrides: list[str] = ()) -> Expe
         return parser.instantiate(parser.parse_args(flags)).experiment
     except jsonargparse.ArgumentError as error:
         raise ValueError(f"override: {error}".replace("experiment.", "")) from error
+
+
+def check_top_k(top_k: tuple[int, ...], num_classes: int) -> None:
+    """eval.top_k holds 1 (top-1 picks the best checkpoint) and ks within the classes, checked before
+    training instead of failing after an epoch. The default's top-5 stays allowed on sets of fewer
+    classes, where it is clamped (every label is in the top 5)."""
+    beyond = [k for k in top_k if k > num_classes and k not in EvalConfig.top_k]
+    if 1 not in top_k or min(top_k) < 1 or beyond:
+        raise ValueError(
+            f"eval.top_k={list(top_k)}: expected positive ks that include 1, each at most the "
+            f"{num_classes} classes of the data"
+        )
 
 
 # The model ------------------------------------------------------------------------------------------
@@ -468,6 +476,7 @@ class Trainer:
         data = experiment.data
         self.train_loader = build_loader(data, "train", rank=env.rank, world_size=env.world_size)
         self.classes = self.train_loader.classes
+        check_top_k(experiment.eval.top_k, len(self.classes))
         self.eval_loader = self.build_eval_loader()
         # The same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
         seed_everything(cfg.seed)
