@@ -282,14 +282,13 @@ def load_experiment(config: str | Experiment, overrides: list[str] = ()) -> Expe
 
 
 def check_top_k(top_k: tuple[int, ...], num_classes: int) -> None:
-    """eval.top_k holds 1 (top-1 picks the best checkpoint) and ks within the classes, checked before
-    training instead of failing after an epoch. The default's top-5 stays allowed on sets of fewer
-    classes, where it is clamped (every label is in the top 5)."""
-    beyond = [k for k in top_k if k > num_classes and k not in EvalConfig.top_k]
-    if 1 not in top_k or min(top_k) < 1 or beyond:
+    """eval.top_k holds positive ks and 1 (top-1 picks the best checkpoint and is logged), checked
+    before training instead of failing after an epoch. A k above the data's classes counts every
+    label (see evaluate_classification), as top-5 does on sets of fewer classes."""
+    if not top_k or 1 not in top_k or min(top_k) < 1:
         raise ValueError(
-            f"eval.top_k={list(top_k)}: expected positive ks that include 1, each at most the "
-            f"{num_classes} classes of the data"
+            f"eval.top_k={list(top_k)}: expected positive ks that include 1 (the data has {num_classes} "
+            f"classes; top-1 picks the best checkpoint)"
         )
 
 
