@@ -1,6 +1,6 @@
 """The fault suite's runner: each hostile case in its own process, under a memory and a time limit.
 
-A fork server: it imports torch and vitkit once (about 1.5 s), then forks one child per request, so
+A fork server: it imports torch and vitkit (and the CLI's lazy imports) once, then forks one child per request, so
 each case costs milliseconds plus its own work. The child lowers RLIMIT_AS to the request's limit
 (2 GiB by default; `import torch` needs about 1 GiB of address space, so what is left is what the case
 may allocate) and runs the case; the server kills it with SIGKILL at the request's deadline, and
@@ -31,7 +31,11 @@ import torch
 
 import vitkit
 import vitkit.cli
-from vitkit.data.datasets import ImageFolder
+import vitkit.convert
+import vitkit.delta
+import vitkit.eval.classification
+import vitkit.train
+from vitkit.data.datasets import ImageFolder, ShardDataset
 from vitkit.train.state import load_checkpoint
 
 # Errors the CLI reports in one line (`vitkit.cli.main`); probes report them the same way.
@@ -41,6 +45,10 @@ ONE_LINE_ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError)
 def probe_imagefolder(root: str, on_bad: str = "skip", verify: str = "none") -> dict[str, Any]:
     folder = ImageFolder(root, on_bad=on_bad, verify=verify)
     return {"num_samples": len(folder), "bad_files": folder.bad_files}
+
+
+def probe_shards(root: str) -> dict[str, Any]:
+    return {"num_shards": len(ShardDataset(root).shard_files)}
 
 
 def probe_load(path: str, **overrides: Any) -> dict[str, Any]:
@@ -58,6 +66,7 @@ def probe_load_checkpoint(folder: str) -> dict[str, Any]:
 
 PROBES = {
     "imagefolder": probe_imagefolder,
+    "shards": probe_shards,
     "load": probe_load,
     "load_delta": probe_load_delta,
     "load_checkpoint": probe_load_checkpoint,

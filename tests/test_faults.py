@@ -33,6 +33,7 @@ from vitkit.delta import save_delta
 from vitkit.eval.classification import CLASSES_KEY, DATA_KEY
 from vitkit.io import CONFIG_KEY, read_weights, save
 from vitkit.models.vit import VisionTransformer
+from vitkit.train.loop import read_metrics
 from vitkit.train.state import MARKER, STATE_NAME, Progress, capture_rng, model_metadata, save_checkpoint
 
 TESTS = Path(__file__).parent
@@ -336,6 +337,34 @@ def test_broken_hf_config_json(run, tmp_path, text, needle):
     folder = write_layout(tiny_model(), tmp_path / "hf", to="hf")
     (folder / "config.json").write_text(text)
     refused(run(f"HF config.json {text!r}", probe="load", args=[str(folder)]), "config.json", needle)
+
+
+def test_broken_hf_shard_index(run, tmp_path):
+    folder = write_layout(tiny_model(), tmp_path / "hf", to="hf")
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "../../etc/passwd"}})
+    )
+    reply = run("HF shard index naming a file outside the folder", probe="load", args=[str(folder)])
+    refused(reply, "model.safetensors.index.json", "weight_map")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"), [("{bad", "invalid JSON"), ('{"classes": 3}', "not a shard index")]
+)
+def test_broken_shard_index(run, tmp_path, text, needle):
+    (tmp_path / "dataset.json").write_text(text)
+    refused(
+        run(f"shards dataset.json {text!r}", probe="shards", args=[str(tmp_path)]), "dataset.json", needle
+    )
+
+
+def test_metrics_line_cut_by_a_kill_is_dropped_and_a_bad_line_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "kind": "train"}\n{"step": 2, "ki')
+    assert read_metrics(path) == [{"step": 1, "kind": "train"}]
+    path.write_text('{"step": 1}\n{bad}\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: invalid JSON"):
+        read_metrics(path)
 
 
 def training_checkpoint(root: Path) -> Path:

@@ -383,10 +383,27 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A last line without its newline is an append that a killed
+    process left unfinished: it is dropped (and logged). Any other bad line is an error naming it."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    if lines[-1].strip():
+        log.warning("%s: dropped an unfinished last line (an interrupted write)", path)
+    rows = []
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: invalid JSON: {error}") from error
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object per line")
+        rows.append(row)
+    return rows
 
 
 def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
