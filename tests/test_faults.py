@@ -31,7 +31,8 @@ from test_train_loop import tiny_experiment
 from vitkit.convert import write_layout
 from vitkit.delta import save_delta
 from vitkit.eval.classification import CLASSES_KEY, DATA_KEY
-from vitkit.io import CONFIG_KEY, read_weights, save
+from vitkit.io import CONFIG_KEY, expected_shapes, read_weights, save
+from vitkit.models.variants import VARIANTS
 from vitkit.models.vit import VisionTransformer
 from vitkit.train.loop import read_metrics
 from vitkit.train.state import MARKER, STATE_NAME, Progress, capture_rng, model_metadata, save_checkpoint
@@ -270,13 +271,37 @@ def test_config_that_disagrees_with_the_tensors(run, tmp_path, image, change, ne
     refused(reply, "model.safetensors", needle)
 
 
+def test_largest_config_within_bounds_is_checked_without_building_it(run, tmp_path, image):
+    # 512 blocks of 16 parallel branches at width 16384: building it even on the meta device takes
+    # over a minute, so the header check must not build a module per claimed block.
+    largest = {"depth": 512, "parallel": 16, "embed_dim": 16384, "num_heads": 16, "mlp_dim": 65536}
+    config = json.dumps({**tiny_config(num_classes=3).to_dict(), **largest})
+    path = write_checkpoint(tmp_path / "model.safetensors", **{CONFIG_KEY: config})
+    reply = run("metadata config: depth 512 x 16 branches, width 16384", timeout_s=15,
+                argv=["predict", str(path), str(image)])  # fmt: skip
+    refused(reply, "model.safetensors", "shapes differ")
+    assert reply["wall_s"] < 10
+
+
 @pytest.mark.parametrize(
-    ("field", "value"), [("img_size", 100000), ("num_workers", 10**6), ("batch_size", 0), ("mean", "abc")]
+    "name", ["vit_tiny_patch4_32", "vit_base_patch16_12x2_224", "vit_base_r50_s16_224", "vit_small_patch16_224_hmlp",
+             "vit_huge_patch14_224_in21k"],
+)  # fmt: skip
+def test_expected_shapes_equal_the_built_model(name):
+    config = VARIANTS[name]
+    with torch.device("meta"):
+        built = {key: tuple(value.shape) for key, value in VisionTransformer(config).state_dict().items()}
+    assert list(expected_shapes(config).items()) == list(built.items())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("img_size", 100000), ("img_size", 2048), ("num_workers", 10**6), ("batch_size", 0), ("mean", "abc")],
 )
 def test_absurd_data_config_in_metadata(run, tmp_path, image, field, value):
     path = write_checkpoint(tmp_path / "model.safetensors", **{DATA_KEY: json.dumps({**DATA, field: value})})
     reply = run(f"metadata data config {field}={value!r}", argv=["predict", str(path), str(image)])
-    refused(reply, "model.safetensors", f"DataConfig.{field}")
+    refused(reply, "model.safetensors", "built for (32, 32)" if value == 2048 else f"DataConfig.{field}")
 
 
 # Lying array headers ---------------------------------------------------------------------------------------
@@ -492,6 +517,18 @@ def test_delta_with_a_wrong_shape(run, tmp_path, checkpoint):
     save_file(tensors, str(delta), metadata=metadata)
     reply = run("delta tensor of another shape", probe="load_delta", args=[str(checkpoint), str(delta)])
     refused(reply, "delta.safetensors", "blocks.0.attn.qkv.weight", "(97, 32)")
+
+
+def test_delta_whose_config_claims_a_huge_model(run, tmp_path, checkpoint):
+    task = tiny_model()
+    with torch.no_grad():
+        task.blocks[0].attn.qkv.weight.add_(1)
+    delta = save_delta(task, checkpoint, tmp_path / "delta.safetensors")
+    tensors, metadata = read_weights(delta)
+    metadata[CONFIG_KEY] = json.dumps({**tiny_config(num_classes=3).to_dict(), "mlp_dim": 65536})
+    save_file(tensors, str(delta), metadata=metadata)
+    reply = run("delta config claims mlp_dim 65536", probe="load_delta", args=[str(checkpoint), str(delta)])
+    refused(reply, "delta.safetensors", "blocks.0.mlp.fc1.weight: base (64, 32) vs task config (65536, 32)")
 
 
 # The existing cases, under the limits ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from .io import (
     CheckpointError,
     atomic_write,
     config_from_metadata,
+    expected_shapes,
     load,
     load_state,
     parse_metadata,
@@ -171,8 +172,8 @@ def read_delta(path: str | os.PathLike) -> Delta:
 
 def _shared_keys(delta: Delta, base_state: dict[str, torch.Tensor]) -> list[str]:
     """The task's keys that come from the base, checked against the delta's fingerprint."""
-    with torch.device("meta"):
-        task_keys = list(VisionTransformer(delta.config).state_dict())
+    task_shapes = expected_shapes(delta.config)
+    task_keys = list(task_shapes)
     shared = [key for key in task_keys if key not in delta.tensors]
     missing = [key for key in shared if key not in base_state]
     if missing:
@@ -182,9 +183,18 @@ def _shared_keys(delta: Delta, base_state: dict[str, torch.Tensor]) -> list[str]
             f"{delta.path}: the base's shared tensors do not match the ones this delta was saved against "
             f"(fingerprint differs): wrong base checkpoint?"
         )
-    unexpected = [key for key in delta.tensors if key not in task_keys]
+    unexpected = [key for key in delta.tensors if key not in task_shapes]
     if unexpected:
         raise CheckpointError(f"{delta.path}: tensors not in the task model: {', '.join(unexpected)}")
+    # Checked before the task model is built: a delta's config could claim a model too large to build.
+    mismatched = [
+        f"{key}: {'delta' if key in delta.tensors else 'base'} {tuple(value.shape)} vs task config "
+        f"{task_shapes[key]}"
+        for key, value in {**{key: base_state[key] for key in shared}, **delta.tensors}.items()
+        if tuple(value.shape) != task_shapes[key]
+    ]
+    if mismatched:
+        raise CheckpointError(f"{delta.path}: shapes do not match the task config: " + "; ".join(mismatched))
     return shared
 
 
@@ -197,17 +207,7 @@ def load_delta(
     base_state = _state(base_model)
     shared = _shared_keys(delta, base_state)
     model = VisionTransformer(delta.config)
-    state = {**{key: base_state[key] for key in shared}, **delta.tensors}
-    target = model.state_dict()
-    mismatched = [
-        f"{key}: {'delta' if key in delta.tensors else 'base'} {tuple(value.shape)} vs task model "
-        f"{tuple(target[key].shape)}"
-        for key, value in state.items()
-        if value.shape != target[key].shape
-    ]
-    if mismatched:
-        raise CheckpointError(f"{delta.path}: shapes do not match the task config: " + "; ".join(mismatched))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({**{key: base_state[key] for key in shared}, **delta.tensors}, strict=True)
     return model
 
 

@@ -24,6 +24,7 @@ import torch
 from ..io import (
     CONFIG_KEY,
     CheckpointError,
+    expected_shapes,
     load,
     load_state,
     read_folder_config,
@@ -118,17 +119,16 @@ def _check_keys(
     origin: str,
 ) -> None:
     """Compare the converted tensors with the model the config builds; errors name both layouts' keys."""
-    with torch.device("meta"):
-        expected = {key: value.shape for key, value in VisionTransformer(source).state_dict().items()}
+    expected = expected_shapes(source)
 
     def named(key: str) -> str:
         foreign = table.foreign_names(key)
         return f"{key} ({table.name}: {', '.join(foreign)})" if foreign and foreign != [key] else key
 
     mismatched = [
-        f"{named(key)}: checkpoint {tuple(value.shape)} vs expected {tuple(expected[key])}"
+        f"{named(key)}: checkpoint {tuple(value.shape)} vs expected {expected[key]}"
         for key, value in native.items()
-        if key in expected and value.shape != expected[key]
+        if key in expected and tuple(value.shape) != expected[key]
     ]
     if mismatched:
         raise CheckpointError(f"{origin}: shapes do not match the inferred config: " + "; ".join(mismatched))

@@ -178,24 +178,29 @@ def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[st
 
     path = resolve_checkpoint(path)
     _, metadata = read_header(path)
+    classes = parse_metadata(path, metadata, CLASSES_KEY, list) if CLASSES_KEY in metadata else None
+    data = parse_metadata(path, metadata, DATA_KEY) if DATA_KEY in metadata else {}
+    try:
+        data_config = DataConfig.from_dict(data) if data else None
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: metadata {DATA_KEY!r}: {error}") from error
     model = load(path).eval()
     check_finite(model, path)
     num_classes = model.config.num_classes
-    if CLASSES_KEY in metadata:
-        classes = parse_metadata(path, metadata, CLASSES_KEY, list)
-        if len(classes) != num_classes or not all(isinstance(name, str) for name in classes):
-            raise CheckpointError(
-                f"{path}: metadata {CLASSES_KEY!r}: expected {num_classes} class names (the head's "
-                f"outputs), found {len(classes)} entries"
-            )
-    else:
+    if classes is None:
         classes = [str(index) for index in range(num_classes)]
-    data = parse_metadata(path, metadata, DATA_KEY) if DATA_KEY in metadata else {}
-    if data:
-        try:
-            DataConfig.from_dict(data)
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{path}: metadata {DATA_KEY!r}: {error}") from error
+    elif len(classes) != num_classes or not all(isinstance(name, str) for name in classes):
+        raise CheckpointError(
+            f"{path}: metadata {CLASSES_KEY!r}: expected {num_classes} class names (the head's "
+            f"outputs), found {len(classes)} entries"
+        )
+    # Training stores the resolution it trained at; another one from a file (the model runs at any
+    # multiple of its stride) could ask for an attention over millions of tokens.
+    if data_config is not None and (data_config.img_size,) * 2 != model.config.img_size:
+        raise CheckpointError(
+            f"{path}: metadata {DATA_KEY!r}: img_size {data_config.img_size}, but the model is "
+            f"built for {model.config.img_size}"
+        )
     return model, classes, data
 
 

@@ -492,7 +492,6 @@ class Trainer:
         data = experiment.data
         self.train_loader = build_loader(data, "train", rank=env.rank, world_size=env.world_size)
         self.classes = self.train_loader.classes
-        check_top_k(experiment.eval.top_k, len(self.classes))
         self.eval_loader = self.build_eval_loader()
         # The same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
         seed_everything(cfg.seed)
@@ -531,6 +530,7 @@ class Trainer:
         split = self.exp.eval.split
         if not split:
             return None
+        check_top_k(self.exp.eval.top_k, len(self.classes))
         return build_loader(self.exp.data, split, rank=self.env.rank, world_size=self.env.world_size)
 
     def build_metadata(self) -> dict[str, str]:
