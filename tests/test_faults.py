@@ -552,6 +552,23 @@ def test_pickle_payload_is_refused(run, tmp_path):
     assert not marker.exists()
 
 
+def test_pth_zip_directory_claiming_gigabytes(run, tmp_path):
+    path = tmp_path / "lying.pth"
+    torch.save({"weight": torch.zeros(4)}, path)
+    raw = bytearray(path.read_bytes())
+    # The central-directory entry of the tensor's storage (name at offset 46, its length at 28): its
+    # uncompressed size is at offset 24.
+    entry = raw.index(b"PK\x01\x02")
+    while not raw[entry + 46 : entry + 46 + int.from_bytes(raw[entry + 28 : entry + 30], "little")].endswith(
+        b"data/0"
+    ):
+        entry = raw.index(b"PK\x01\x02", entry + 4)
+    raw[entry + 24 : entry + 28] = (4 * 10**9).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    refused(run(".pth zip directory claims 4 GB for a 16-byte tensor", probe="load", args=[str(path)]),
+            "lying.pth", "claims 4000000000 bytes")  # fmt: skip
+
+
 def test_truncated_checkpoint(run, tmp_path, checkpoint, image):
     path = tmp_path / "truncated.safetensors"
     path.write_bytes(checkpoint.read_bytes()[:3000])

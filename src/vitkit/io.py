@@ -54,6 +54,8 @@ MAX_JSON_BYTES = 64 << 20
 MAX_WEIGHT_BYTES = 64 << 30
 
 
+# Deflate expands at most ~1032:1 (258-byte matches in 2-bit codes); a zip member claiming more lies.
+MAX_DEFLATE_RATIO = 1032
 NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
@@ -196,12 +198,15 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if check_regular_file(path) == 0:
         raise CheckpointError(f"{path}: file is empty")
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return _read_safetensors(path)
-    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        return _read_torch(path), {}
-    if suffix == ".npz":
-        return _read_npz(path), {}
+    try:
+        if suffix == ".safetensors":
+            return _read_safetensors(path)
+        if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+            return _read_torch(path), {}
+        if suffix == ".npz":
+            return _read_npz(path), {}
+    except MemoryError as error:
+        raise CheckpointError(f"{path}: its tensors need more memory than is available") from error
     raise CheckpointError(
         f"{path}: unknown weight file type {suffix!r} (expected .safetensors, .pth, .bin or .npz)"
     )
@@ -294,10 +299,20 @@ def _check_zip_sizes(path: Path, archive: zipfile.ZipFile) -> None:
     bounded. Decompression stops at a member's claimed size, so this bounds the memory it takes."""
     total = 0
     for member in archive.infolist():
+        if member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CheckpointError(
+                f"{path}: zip member {member.filename!r} uses compression method {member.compress_type}; "
+                ".npz and PyTorch files are stored or deflated"
+            )
         if member.compress_type == zipfile.ZIP_STORED and member.compress_size != member.file_size:
             raise CheckpointError(
                 f"{path}: zip member {member.filename!r} claims {member.file_size} bytes but stores "
                 f"{member.compress_size}"
+            )
+        if member.file_size > MAX_DEFLATE_RATIO * member.compress_size + 64:
+            raise CheckpointError(
+                f"{path}: zip member {member.filename!r} claims {member.file_size} bytes from "
+                f"{member.compress_size} deflated, more than deflate can expand"
             )
         total += member.file_size
     if total > MAX_WEIGHT_BYTES:
