@@ -467,15 +467,20 @@ def test_top_k_without_top_1_fails_before_training(run, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_bad_image_met_during_training_with_on_bad_error(run, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_image_met_during_training_with_on_bad_error(run, tmp_path, num_workers):
     image_folder(tmp_path / "data" / "train")
     image_folder(tmp_path / "data" / "test", num_per_class=2)
     (tmp_path / "data" / "train" / "a" / "text.jpg").write_text("not an image")
-    data = {"dataset": "imagefolder", "root": str(tmp_path / "data"), "on_bad": "error"}
+    data = {
+        "dataset": "imagefolder",
+        "root": str(tmp_path / "data"),
+        "on_bad": "error",
+        "num_workers": num_workers,
+    }
     config = experiment_file(tmp_path / "config.json", tmp_path / "run", data=data)
-    reply = run(
-        "bad image met in training, on_bad=error", timeout_s=60, argv=["train", "--config", str(config)]
-    )
+    reply = run(f"bad image met in training, on_bad=error, {num_workers} workers", timeout_s=60,
+                argv=["train", "--config", str(config)])  # fmt: skip
     refused(reply, "vitkit train: error: bad image", "text.jpg")
 
 

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..io import read_json
@@ -63,12 +63,25 @@ class BadImageError(ValueError):
     A ValueError, so that the CLI reports it in one line as it does any bad input."""
 
     def __init__(self, path: str, reason: str = "") -> None:
+        if not reason and "\n" in path:
+            path, reason = _from_worker_traceback(path)
         super().__init__(path, reason)
         self.path = path
         self.reason = reason
 
     def __str__(self) -> str:
         return f"bad image {self.path}: {self.reason}" if self.reason else self.path
+
+
+def _from_worker_traceback(text: str) -> tuple[str, str]:
+    """(path, reason) from what a DataLoader worker re-raises: torch rebuilds the exception as
+    `BadImageError(formatted traceback)`, whose last line is "...BadImageError: bad image PATH: REASON".
+    Recovering them keeps the error one line naming the file, whatever `num_workers` is."""
+    last = text.strip().splitlines()[-1].partition("BadImageError: ")[2]
+    if last.startswith("bad image "):
+        path, _, reason = last.removeprefix("bad image ").partition(": ")
+        return path, reason
+    return last or text, ""
 
 
 def derive_seed(tag: str, *parts: int) -> int:
@@ -115,8 +128,15 @@ def decode_image(source: bytes | str | os.PathLike, name: str | None = None) -> 
             with Image.open(stream, formats=IMAGE_FORMATS) as image:
                 pixels = _rgb_array(image)
     except _DECODE_ERRORS as error:
-        raise BadImageError(name, f"{type(error).__name__}: {error}") from error
+        raise BadImageError(name, _decode_error_reason(error)) from error
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def _decode_error_reason(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        # Pillow's own message repeats the file object; the name is already in BadImageError.
+        return f"UnidentifiedImageError: not a {'/'.join(IMAGE_FORMATS)} image"
+    return f"{type(error).__name__}: {error}"
 
 
 def special_file_reason(mode: int) -> str | None:
@@ -173,7 +193,7 @@ def check_image(path: str, verify: Verify) -> str | None:
     except BadImageError as error:
         return error.reason
     except _DECODE_ERRORS as error:
-        return f"{type(error).__name__}: {error}"
+        return _decode_error_reason(error)
     return None
 
 
