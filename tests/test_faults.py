@@ -232,6 +232,24 @@ def test_symlink_loops_list_each_file_once(run, tmp_path, num_loops):
     RESULTS[-1]["outcome"] = "8 samples from 8 files (each real folder listed once)"
 
 
+def test_folder_tree_deeper_than_the_recursion_limit(run, tmp_path):
+    root = image_folder(tmp_path / "train")
+    png = (root / "a" / "0.png").read_bytes()
+    fd = os.open(root / "a", os.O_RDONLY)
+    for _ in range(1200):  # each level by a descriptor: the path is never spelled out
+        os.mkdir("d", dir_fd=fd)
+        deeper = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    out = os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(out, png)
+    os.close(out)
+    os.close(fd)
+    reply = run("image folder 1,200 folders deep", probe="imagefolder", args=[str(root), "skip", "full"])
+    assert completed(reply)["num_samples"] == 9
+    RESULTS[-1]["outcome"] = "9 samples, the deepest file included"
+
+
 # Configs from metadata ------------------------------------------------------------------------------------
 ABSURD = [
     ("depth", 0), ("depth", -1), ("depth", 10**9), ("depth", "12"), ("depth", 2.5), ("depth", True),

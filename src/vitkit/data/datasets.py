@@ -300,38 +300,49 @@ def _folder_key(folder: str | os.PathLike) -> tuple[int, int]:
 
 
 def _image_files(folder: Path, visited: set[tuple[int, int]]) -> tuple[list[str], list[tuple[str, str]]]:
-    """(regular image files, (path, reason) of special ones) under `folder`, by extension.
+    """(regular image files, (path, reason) of special ones) under `folder`, by extension, in
+    depth-first order of sorted names (files of a folder before those of its subfolders).
 
     Symlinked folders are followed unless their real folder is in `visited` (which grows), so
-    `a/loop -> .` lists nothing twice. Only regular files are kept: a FIFO would block its reader."""
+    `a/loop -> .` lists nothing twice. Only regular files are kept: a FIFO would block its reader.
+    The walk keeps its own stack: `os.walk` recurses, and a tree 1,000 folders deep exceeds Python's
+    recursion limit."""
     found, special = [], []
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        kept = []
-        for name in sorted(subdirectories):
-            if name.startswith("."):
+    stack = [str(folder)]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            logger.warning("%s: cannot be listed (%s); skipped", directory, error.strerror)
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
+            is_image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
             try:
-                key = _folder_key(os.path.join(directory, name))
-            except OSError:
-                continue
-            if key in visited:
-                logger.info("%s: already listed (symlink to a folder seen before); not followed", name)
-                continue
-            visited.add(key)
-            kept.append(name)
-        subdirectories[:] = kept
-        for name in sorted(files):
-            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            path = os.path.join(directory, name)
-            try:
-                reason = special_file_reason(os.stat(path).st_mode)
+                info = entry.stat()  # follows symlinks
             except OSError as error:
-                reason = f"cannot be read: {error.strerror}"
-            if reason is None:
-                found.append(path)
-            else:
-                special.append((path, reason))
+                if is_image:
+                    special.append((entry.path, f"cannot be read: {error.strerror}"))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if (info.st_dev, info.st_ino) in visited:
+                    logger.info(
+                        "%s: already listed (a link to a folder seen before); not followed", entry.path
+                    )
+                    continue
+                visited.add((info.st_dev, info.st_ino))
+                subfolders.append(entry.path)
+            elif is_image:
+                reason = special_file_reason(info.st_mode)
+                if reason is None:
+                    found.append(entry.path)
+                else:
+                    special.append((entry.path, reason))
+        stack.extend(reversed(subfolders))
     return found, special
 
 
