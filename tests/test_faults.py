@@ -438,6 +438,13 @@ def test_broken_state_json(run, tmp_path, change, needle):
     refused(run(f"state.json {change}", probe="load_checkpoint", args=[str(folder)]), "state.json", needle)
 
 
+def test_checkpoint_marker_that_is_a_fifo(run, tmp_path):
+    folder = training_checkpoint(tmp_path / "checkpoints")
+    (folder / MARKER).unlink()
+    os.mkfifo(folder / MARKER)
+    refused(run("COMPLETE marker is a FIFO", probe="load_checkpoint", args=[str(folder)]), "COMPLETE", "FIFO")
+
+
 def test_malformed_run_config_json(run, tmp_path):
     path = tmp_path / "run" / "config.json"
     path.parent.mkdir()

@@ -225,9 +225,11 @@ def check_checkpoint(folder: Path) -> str | None:
     if not marker.exists():
         return "no COMPLETE marker (the process stopped while writing it)"
     try:
-        expected = json.loads(marker.read_text())["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        return f"{marker}: unreadable marker ({error})"
+        expected = read_json(marker).get("sha256")
+    except CheckpointError as error:
+        return f"unreadable marker ({error})"
+    if not isinstance(expected, dict):
+        return f"{marker}: unreadable marker (no 'sha256' table)"
     for name in (MODEL_NAME, OPTIMIZER_NAME, STATE_NAME):
         if name not in expected:
             return f"{name} is not listed in the marker"
@@ -235,6 +237,8 @@ def check_checkpoint(folder: Path) -> str | None:
         path = folder / name
         if not path.exists():
             return f"{path}: missing"
+        if not path.is_file() or path.parent != folder:
+            return f"{path}: not a regular file in the checkpoint folder"
         if _sha256(path) != digest:
             return f"{path}: checksum mismatch (damaged or truncated)"
     return None
