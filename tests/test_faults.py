@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -245,9 +246,25 @@ def test_folder_tree_deeper_than_the_recursion_limit(run, tmp_path):
     os.write(out, png)
     os.close(out)
     os.close(fd)
-    reply = run("image folder 1,200 folders deep", probe="imagefolder", args=[str(root), "skip", "full"])
-    assert completed(reply)["num_samples"] == 9
-    RESULTS[-1]["outcome"] = "9 samples, the deepest file included"
+    try:
+        reply = run("image folder 1,200 folders deep", probe="imagefolder", args=[str(root), "skip", "full"])
+        assert completed(reply)["num_samples"] == 9
+        RESULTS[-1]["outcome"] = "9 samples, the deepest file included"
+    finally:
+        remove_deep(root / "a" / "d")
+
+
+def remove_deep(top: Path) -> None:
+    """Delete a chain of nested folders `top/d/d/...` one level at a time (shutil.rmtree, which pytest
+    uses to clean up, recurses past Python's limit on it)."""
+    spare = top.with_name(top.name + ".next")
+    while (top / "d").exists():
+        os.rename(top / "d", spare)
+        for leftover in top.iterdir():
+            leftover.unlink()
+        top.rmdir()
+        os.rename(spare, top)
+    shutil.rmtree(top)
 
 
 # Configs from metadata ------------------------------------------------------------------------------------
