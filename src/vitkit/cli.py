@@ -219,7 +219,12 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run folder or a .safetensors training checkpoint")
     parser.add_argument("images", nargs="+", help="JPEG, PNG, WebP or BMP files")
-    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (1..classes)")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="classes shown per image, 1..classes (default: 5, or all if fewer)",
+    )
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -229,6 +234,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from .eval.classification import load_classifier, predict_images
 
     model, classes, data = load_classifier(args.checkpoint)
+    if args.top_k is None:
+        args.top_k = min(5, len(classes))
     if not 1 <= args.top_k <= len(classes):
         raise ValueError(f"--top-k {args.top_k}: expected 1..{len(classes)} (the checkpoint's classes)")
     config = DataConfig.from_dict(data) if data else DataConfig(img_size=model.config.img_size[0])

@@ -33,7 +33,17 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .io import CONFIG_KEY, CheckpointError, atomic_write, load, load_state, read_weights
+from .io import (
+    CONFIG_KEY,
+    CheckpointError,
+    atomic_write,
+    config_from_metadata,
+    expected_shapes,
+    load,
+    load_state,
+    parse_metadata,
+    read_weights,
+)
 from .models.config import ViTConfig
 from .models.vit import VisionTransformer
 
@@ -153,15 +163,17 @@ def read_delta(path: str | os.PathLike) -> Delta:
         raise CheckpointError(
             f"{path}: not a vitkit task delta (no {DELTA_KEY!r} metadata); write one with save_delta"
         )
-    info = json.loads(metadata[DELTA_KEY])
-    config = ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+    info = parse_metadata(path, metadata, DELTA_KEY)
+    if not isinstance(info.get("base_fingerprint"), str):
+        raise CheckpointError(f"{path}: metadata {DELTA_KEY!r} has no base_fingerprint")
+    config = config_from_metadata(path, metadata)
     return Delta(tensors, config, info["base_fingerprint"], str(path))
 
 
 def _shared_keys(delta: Delta, base_state: dict[str, torch.Tensor]) -> list[str]:
     """The task's keys that come from the base, checked against the delta's fingerprint."""
-    with torch.device("meta"):
-        task_keys = list(VisionTransformer(delta.config).state_dict())
+    task_shapes = expected_shapes(delta.config)
+    task_keys = list(task_shapes)
     shared = [key for key in task_keys if key not in delta.tensors]
     missing = [key for key in shared if key not in base_state]
     if missing:
@@ -171,9 +183,18 @@ def _shared_keys(delta: Delta, base_state: dict[str, torch.Tensor]) -> list[str]
             f"{delta.path}: the base's shared tensors do not match the ones this delta was saved against "
             f"(fingerprint differs): wrong base checkpoint?"
         )
-    unexpected = [key for key in delta.tensors if key not in task_keys]
+    unexpected = [key for key in delta.tensors if key not in task_shapes]
     if unexpected:
         raise CheckpointError(f"{delta.path}: tensors not in the task model: {', '.join(unexpected)}")
+    # Checked before the task model is built: a delta's config could claim a model too large to build.
+    mismatched = [
+        f"{key}: {'delta' if key in delta.tensors else 'base'} {tuple(value.shape)} vs task config "
+        f"{task_shapes[key]}"
+        for key, value in {**{key: base_state[key] for key in shared}, **delta.tensors}.items()
+        if tuple(value.shape) != task_shapes[key]
+    ]
+    if mismatched:
+        raise CheckpointError(f"{delta.path}: shapes do not match the task config: " + "; ".join(mismatched))
     return shared
 
 

@@ -8,14 +8,23 @@
 Reading never unpickles arbitrary objects: .pth/.bin go through `torch.load(weights_only=True)` and
 .npz through `numpy.load(allow_pickle=False)`. Writing is atomic (temporary file, fsync, rename), so
 an interrupted save leaves the previous file intact.
+
+Reading treats every file as untrusted and bounds the work it can cause: only regular files are
+opened (a FIFO would block forever), JSON files are read up to `MAX_JSON_BYTES`, what an archive's
+headers claim (.npz array shapes, zip member sizes) is checked against the bytes present before
+anything is allocated, and a native checkpoint's config is validated (`ViTConfig.check_types`) and
+compared with the tensor shapes of the file's header before any module or tensor is built. Every
+refusal is a `CheckpointError` (a ValueError) whose one-line message names the file and the reason.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -38,8 +47,92 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
+# A config or index file is a few KB; this bounds what a hostile one can make vitkit read.
+MAX_JSON_BYTES = 64 << 20
+# The largest registered model (ViT-H/14, 21k head) is 2.5 GB in fp32; this bounds what an archive's
+# directory may claim in all.
+MAX_WEIGHT_BYTES = 64 << 30
+
+
+# Deflate expands at most ~1032:1 (258-byte matches in 2-bit codes); a zip member claiming more lies.
+MAX_DEFLATE_RATIO = 1032
+NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+NPY_MAX_HEADER_BYTES = 10000  # numpy's own default limit
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names file and problem."""
+
+
+# Untrusted files ------------------------------------------------------------------------------------
+def file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular_file(path: str | os.PathLike, error: type[Exception] = CheckpointError) -> int:
+    """The size of `path`, a regular file (symlinks followed); else `error` naming what it is.
+
+    Opening a FIFO blocks until a writer comes, and a device can be endless, so neither is read."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as cause:
+        raise error(f"{path}: cannot be read: {cause.strerror}") from cause
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path}: is {file_kind(info.st_mode)}, not a regular file; not read")
+    return info.st_size
+
+
+def read_json(
+    path: str | os.PathLike, error: type[Exception] = CheckpointError, max_bytes: int = MAX_JSON_BYTES
+) -> dict[str, Any]:
+    """A JSON object from a regular file of at most `max_bytes`; `error` names the file otherwise."""
+    size = check_regular_file(path, error)
+    if size > max_bytes:
+        raise error(f"{path}: {size} bytes, more than the {max_bytes} a JSON file may have here")
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as cause:
+        raise error(f"{path}: invalid JSON: {cause}") from cause
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def parse_metadata(path: str | os.PathLike, metadata: dict[str, str], key: str, expected: type = dict) -> Any:
+    """The JSON value stored under `key` in a safetensors file's metadata, of type `expected`."""
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError as cause:
+        raise CheckpointError(f"{path}: metadata {key!r}: invalid JSON: {cause}") from cause
+    if not isinstance(value, expected):
+        raise CheckpointError(
+            f"{path}: metadata {key!r}: expected a JSON {expected.__name__}, found {type(value).__name__}"
+        )
+    return value
+
+
+def config_from_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> ViTConfig:
+    """The validated ViTConfig stored under CONFIG_KEY (every field typed and bounded)."""
+    try:
+        return ViTConfig.from_dict(parse_metadata(path, metadata, CONFIG_KEY))
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as cause:
+        raise CheckpointError(f"{path}: metadata {CONFIG_KEY!r}: {cause}") from cause
 
 
 # Writing ---------------------------------------------------------------------------------------------
@@ -100,22 +193,94 @@ def save(model: VisionTransformer, path: str | os.PathLike, metadata: dict[str, 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a weight file safely: (flat tensors, metadata). Knows .safetensors, .pth/.pt/.bin, .npz."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; use load() for checkpoint folders")
-    if path.stat().st_size == 0:
+    if check_regular_file(path) == 0:
         raise CheckpointError(f"{path}: file is empty")
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return _read_safetensors(path)
-    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        return _read_torch(path), {}
-    if suffix == ".npz":
-        return _read_npz(path), {}
+    try:
+        if suffix == ".safetensors":
+            return _read_safetensors(path)
+        if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+            return _read_torch(path), {}
+        if suffix == ".npz":
+            return _read_npz(path), {}
+    except MemoryError as error:
+        raise CheckpointError(f"{path}: its tensors need more memory than is available") from error
     raise CheckpointError(
         f"{path}: unknown weight file type {suffix!r} (expected .safetensors, .pth, .bin or .npz)"
     )
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(tensor shapes, metadata) of a .safetensors file from its header alone: no tensor is read.
+
+    The safetensors reader checks that the header's offsets lie within the file, so the shapes are
+    ones the file can hold."""
+    path = Path(path)
+    if check_regular_file(path) == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return shapes, handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {error}"
+        ) from error
+
+
+def expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict keys and shapes `config` builds, in the model's order, without building it.
+
+    One block is built on the meta device and its keys repeated for every block (all blocks hold the
+    same tensors), so the cost does not grow with a claimed depth: building 512 blocks of 16
+    parallel branches, even on meta, takes over a minute."""
+    with torch.device("meta"):
+        one_block = VisionTransformer(config.replace(depth=1)).state_dict()
+    block = {
+        key.removeprefix("blocks.0."): tuple(value.shape)
+        for key, value in one_block.items()
+        if key.startswith("blocks.0.")
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, value in one_block.items():
+        if not key.startswith("blocks.0."):
+            shapes[key] = tuple(value.shape)
+        elif "blocks.0." + next(iter(block)) == key:  # the first block key: every block goes here
+            for index in range(config.depth):
+                shapes.update({f"blocks.{index}.{name}": shape for name, shape in block.items()})
+    return shapes
+
+
+def check_header_shapes(
+    config: ViTConfig, shapes: dict[str, tuple[int, ...]], origin: str, strict: bool = True
+) -> None:
+    """The tensors a file's header lists are the ones its config builds: same keys (when strict),
+    same shapes, same parameter count, from `expected_shapes`: no memory, and no module built per
+    claimed block."""
+    expected = expected_shapes(config)
+    mismatched = [
+        f"{key}: file {shapes[key]} vs config {expected[key]}"
+        for key in expected
+        if key in shapes and shapes[key] != expected[key]
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"{origin}: its config does not describe its tensors; shapes differ: " + "; ".join(mismatched[:8])
+        )
+    if not strict:
+        return
+    missing = [key for key in expected if key not in shapes]
+    unexpected = [key for key in shapes if key not in expected]
+    if missing or unexpected:
+        num_expected = sum(math.prod(shape) for shape in expected.values())
+        num_present = sum(math.prod(shape) for shape in shapes.values())
+        raise CheckpointError(
+            f"{origin}: its config describes {num_expected:,} parameters in {len(expected)} tensors, the file "
+            f"holds {num_present:,} in {len(shapes)}; missing: {missing[:5] or 'none'}; "
+            f"unexpected: {unexpected[:5] or 'none'}"
+        )
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -129,7 +294,42 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         ) from error
 
 
+def _check_zip_sizes(path: Path, archive: zipfile.ZipFile) -> None:
+    """What a zip's directory claims fits the file: stored members hold their bytes, the total is
+    bounded. Decompression stops at a member's claimed size, so this bounds the memory it takes."""
+    total = 0
+    for member in archive.infolist():
+        if member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CheckpointError(
+                f"{path}: zip member {member.filename!r} uses compression method {member.compress_type}; "
+                ".npz and PyTorch files are stored or deflated"
+            )
+        if member.compress_type == zipfile.ZIP_STORED and member.compress_size != member.file_size:
+            raise CheckpointError(
+                f"{path}: zip member {member.filename!r} claims {member.file_size} bytes but stores "
+                f"{member.compress_size}"
+            )
+        if member.file_size > MAX_DEFLATE_RATIO * member.compress_size + 64:
+            raise CheckpointError(
+                f"{path}: zip member {member.filename!r} claims {member.file_size} bytes from "
+                f"{member.compress_size} deflated, more than deflate can expand"
+            )
+        total += member.file_size
+    if total > MAX_WEIGHT_BYTES:
+        raise CheckpointError(
+            f"{path}: the zip directory claims {total} bytes uncompressed, more than {MAX_WEIGHT_BYTES}"
+        )
+
+
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                _check_zip_sizes(path, archive)
+        except zipfile.BadZipFile as error:
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch file (truncated or corrupt?): {error}"
+            ) from error
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -152,7 +352,51 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _check_npz(path: Path) -> None:
+    """Every member of an .npz is a .npy array whose header's shape and dtype fit the member's size
+    in the zip directory; only the headers are decompressed. A lying header (10**12 floats in a few
+    bytes) would otherwise be allocated before numpy finds the data missing."""
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic == b"\x93NUMPY":
+        raise CheckpointError(f"{path}: is a single .npy array, not an .npz archive of named arrays")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable .npz file (not a zip archive; truncated or corrupt?)")
+    with zipfile.ZipFile(path) as archive:
+        _check_zip_sizes(path, archive)
+        for member in archive.infolist():
+            name = member.filename
+            if not name.endswith(".npy"):
+                raise CheckpointError(f"{path}: member {name!r} is not a .npy array")
+            with archive.open(member) as stream:
+                try:
+                    version = np.lib.format.read_magic(stream)
+                    read_header_of = NPY_HEADER_READERS.get(version)
+                    if read_header_of is None:
+                        raise ValueError(f"unsupported .npy format version {version}")
+                    shape, _, dtype = read_header_of(stream, max_header_size=NPY_MAX_HEADER_BYTES)
+                except ValueError as error:
+                    raise CheckpointError(
+                        f"{path}: member {name!r}: unreadable .npy header: {error}"
+                    ) from error
+                if dtype.hasobject:
+                    raise CheckpointError(
+                        f"{path}: refused: the .npz holds object arrays, which need pickle (member {name!r})"
+                    )
+                claimed = math.prod(shape) * dtype.itemsize
+                present = member.file_size - stream.tell()
+            if claimed != present:
+                raise CheckpointError(
+                    f"{path}: member {name!r}: its header claims shape {shape} of {dtype} ({claimed} bytes) "
+                    f"but the member holds {present} bytes"
+                )
+
+
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        _check_npz(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CheckpointError(f"{path}: not a readable .npz file (truncated or corrupt?): {error}") from error
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: torch.from_numpy(np.ascontiguousarray(archive[key])) for key in archive.files}
@@ -169,10 +413,7 @@ def read_folder_config(folder: Path) -> dict[str, Any]:
     config_path = folder / CONFIG_NAME
     if not config_path.exists():
         raise CheckpointError(f"{folder}: folder has no {CONFIG_NAME}")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_path}: invalid JSON: {error}") from error
+    return read_json(config_path)
 
 
 def read_config(path: str | os.PathLike) -> ViTConfig:
@@ -183,13 +424,16 @@ def read_config(path: str | os.PathLike) -> ViTConfig:
         config_path = path / CONFIG_NAME
         if data.pop("model_type", None) != "vitkit":
             raise CheckpointError(f"{config_path}: not a vitkit config (model_type is not 'vitkit')")
-        return ViTConfig.from_dict(data)
-    _, metadata = read_weights(path)
+        try:
+            return ViTConfig.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{config_path}: {error}") from error
+    _, metadata = read_header(path)
     if CONFIG_KEY not in metadata:
         raise CheckpointError(
             f"{path}: no {CONFIG_KEY!r} in the safetensors metadata; not a vitkit checkpoint"
         )
-    return ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+    return config_from_metadata(path, metadata)
 
 
 def is_native(path: str | os.PathLike) -> bool:
@@ -202,8 +446,8 @@ def is_native(path: str | os.PathLike) -> bool:
         if not config_path.exists():
             return False
         try:
-            return json.loads(config_path.read_text()).get("model_type") == "vitkit"
-        except json.JSONDecodeError:
+            return read_json(config_path).get("model_type") == "vitkit"
+        except CheckpointError:
             return True
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return not path.exists()
@@ -243,6 +487,8 @@ def load(
         return load_converted(path, layout=layout, strict=strict, **overrides)
     weights_path = path / WEIGHTS_NAME if path.is_dir() else path
     source = read_config(path)
+    shapes, _ = read_header(weights_path)
+    check_header_shapes(source, shapes, str(weights_path), strict=strict)
     state, _ = read_weights(weights_path)
     model = VisionTransformer(source.replace(**overrides))
     load_state(model, state, source_config=source, strict=strict, origin=str(weights_path))

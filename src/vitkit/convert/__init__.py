@@ -13,7 +13,6 @@ load_state` then resamples position embeddings and checks every key and shape.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -25,9 +24,11 @@ import torch
 from ..io import (
     CONFIG_KEY,
     CheckpointError,
+    expected_shapes,
     load,
     load_state,
     read_folder_config,
+    read_json,
     read_weights,
     save,
 )
@@ -79,7 +80,13 @@ def _read_folder(path: Path) -> tuple[State, dict]:
     config_json = read_folder_config(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+            for name in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names in the folder")
+        shards = sorted(set(weight_map.values()))
         state: State = {}
         for shard in shards:
             state.update(read_weights(path / shard)[0])
@@ -120,17 +127,16 @@ def _check_keys(
     origin: str,
 ) -> None:
     """Compare the converted tensors with the model the config builds; errors name both layouts' keys."""
-    with torch.device("meta"):
-        expected = {key: value.shape for key, value in VisionTransformer(source).state_dict().items()}
+    expected = expected_shapes(source)
 
     def named(key: str) -> str:
         foreign = table.foreign_names(key)
         return f"{key} ({table.name}: {', '.join(foreign)})" if foreign and foreign != [key] else key
 
     mismatched = [
-        f"{named(key)}: checkpoint {tuple(value.shape)} vs expected {tuple(expected[key])}"
+        f"{named(key)}: checkpoint {tuple(value.shape)} vs expected {expected[key]}"
         for key, value in native.items()
-        if key in expected and value.shape != expected[key]
+        if key in expected and tuple(value.shape) != expected[key]
     ]
     if mismatched:
         raise CheckpointError(f"{origin}: shapes do not match the inferred config: " + "; ".join(mismatched))
@@ -171,7 +177,13 @@ def to_native(
         )
     structure, numerics = {}, dict(layout.numerics)
     if checkpoint.config_json is not None and layout.folder_config is not None:
-        structure, numerics = layout.folder_config(checkpoint.config_json)
+        config_path = checkpoint.path / "config.json"
+        try:
+            structure, numerics = layout.folder_config(checkpoint.config_json)
+        except KeyError as error:
+            raise CheckpointError(f"{config_path}: no {error.args[0]!r} field") from error
+        except (TypeError, ValueError, IndexError) as error:
+            raise CheckpointError(f"{config_path}: {error}") from error
     if keep_source_numerics:
         log.info("%s: keeping the source's numerics %s", origin, numerics)
     else:

@@ -94,14 +94,18 @@ DINOV2_TABLE = KeyTable(
 
 def _gelu(config_json: dict) -> str:
     act = config_json.get("hidden_act", "gelu")
-    if act not in GELU:
-        raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (known: {', '.join(GELU)})")
+    if not isinstance(act, str) or act not in GELU:
+        raise CheckpointError(f"hidden_act {act!r} is not supported (known: {', '.join(GELU)})")
     return GELU[act]
 
 
 def _image_size(config_json: dict) -> tuple[int, int]:
     size = config_json.get("image_size", 224)
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if isinstance(size, int) and not isinstance(size, bool):
+        return (size, size)
+    if isinstance(size, list) and len(size) == 2 and all(type(side) is int for side in size):
+        return (size[0], size[1])
+    raise CheckpointError(f"image_size {size!r} is not an integer or two integers")
 
 
 def vit_folder_config(config_json: dict) -> tuple[dict[str, object], dict[str, object]]:
@@ -116,7 +120,7 @@ def vit_folder_config(config_json: dict) -> tuple[dict[str, object], dict[str, o
 
 def dinov2_folder_config(config_json: dict) -> tuple[dict[str, object], dict[str, object]]:
     if config_json.get("use_swiglu_ffn"):
-        raise CheckpointError("config.json: DINOv2 with a SwiGLU MLP (ViT-g) is not supported")
+        raise CheckpointError("DINOv2 with a SwiGLU MLP (ViT-g) is not supported")
     structure = {
         "num_heads": config_json["num_attention_heads"],
         "img_size": _image_size(config_json),

@@ -5,8 +5,10 @@
 - `Synthetic`: seeded random images with a learnable label, for tests and benchmarks.
 - `write_shards` / `ShardDataset`: webdataset tar shards, streamed split by rank and DataLoader worker.
 
-Hostile files (corrupt, truncated, empty, not an image, decompression bombs) raise `BadImageError`
-naming the file; data sets built with `on_bad="skip"` log and record them in `bad_files` instead.
+Hostile files (corrupt, truncated, empty, not an image, decompression bombs, FIFOs and other special
+files) raise `BadImageError` naming the file; data sets built with `on_bad="skip"` log and record them
+in `bad_files` instead. Only regular files are opened, and a folder tree is listed following each real
+folder once, so symlink loops cannot multiply or endlessly repeat the listing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import math
 import os
+import stat
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -27,8 +30,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ..io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +57,31 @@ _DECODE_ERRORS = (
 SHARD_INFO = "dataset.json"
 
 
-class BadImageError(Exception):
-    """A file that is not a decodable JPEG/PNG/WebP/BMP image: `path` names it, `reason` says why."""
+class BadImageError(ValueError):
+    """A file that is not a decodable JPEG/PNG/WebP/BMP image: `path` names it, `reason` says why.
+
+    A ValueError, so that the CLI reports it in one line as it does any bad input."""
 
     def __init__(self, path: str, reason: str = "") -> None:
+        if not reason and "\n" in path:
+            path, reason = _from_worker_traceback(path)
         super().__init__(path, reason)
         self.path = path
         self.reason = reason
 
     def __str__(self) -> str:
         return f"bad image {self.path}: {self.reason}" if self.reason else self.path
+
+
+def _from_worker_traceback(text: str) -> tuple[str, str]:
+    """(path, reason) from what a DataLoader worker re-raises: torch rebuilds the exception as
+    `BadImageError(formatted traceback)`, whose last line is "...BadImageError: bad image PATH: REASON".
+    Recovering them keeps the error one line naming the file, whatever `num_workers` is."""
+    last = text.strip().splitlines()[-1].partition("BadImageError: ")[2]
+    if last.startswith("bad image "):
+        path, _, reason = last.removeprefix("bad image ").partition(": ")
+        return path, reason
+    return last or text, ""
 
 
 def derive_seed(tag: str, *parts: int) -> int:
@@ -101,15 +121,49 @@ def decode_image(source: bytes | str | os.PathLike, name: str | None = None) -> 
     """
     if name is None:
         name = "<bytes>" if isinstance(source, bytes) else str(source)
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    stream = io.BytesIO(source) if isinstance(source, bytes) else open_regular(source, name)
     try:
-        with warnings.catch_warnings():
+        with stream, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(stream, formats=IMAGE_FORMATS) as image:
                 pixels = _rgb_array(image)
     except _DECODE_ERRORS as error:
-        raise BadImageError(name, f"{type(error).__name__}: {error}") from error
+        raise BadImageError(name, _decode_error_reason(error)) from error
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def _decode_error_reason(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        # Pillow's own message repeats the file object; the name is already in BadImageError.
+        return f"UnidentifiedImageError: not a {'/'.join(IMAGE_FORMATS)} image"
+    return f"{type(error).__name__}: {error}"
+
+
+def special_file_reason(mode: int) -> str | None:
+    """None for a regular file, else what it is: a FIFO blocks its reader, a device never ends."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return f"is {kind}, not a regular file"
+    return "is a device or other special file, not a regular file"
+
+
+def open_regular(path: str | os.PathLike, name: str | None = None) -> io.BufferedReader:
+    """Open `path` for reading if it is a regular file, else raise BadImageError.
+
+    The file is opened non-blocking and checked on the open descriptor, so a FIFO neither blocks the
+    open nor can replace the file between a check and the read."""
+    name = str(path) if name is None else name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise BadImageError(name, f"cannot be opened: {error.strerror}") from error
+    reason = special_file_reason(os.fstat(fd).st_mode)
+    if reason is not None:
+        os.close(fd)
+        raise BadImageError(name, reason)
+    return os.fdopen(fd, "rb")
 
 
 def _rgb_array(image: Image.Image) -> np.ndarray:
@@ -132,14 +186,14 @@ def check_image(path: str, verify: Verify) -> str | None:
         if verify == "full":
             decode_image(path)
         elif verify == "header":
-            with warnings.catch_warnings():
+            with open_regular(path) as stream, warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path, formats=IMAGE_FORMATS) as image:
+                with Image.open(stream, formats=IMAGE_FORMATS) as image:
                     image.verify()
     except BadImageError as error:
         return error.reason
     except _DECODE_ERRORS as error:
-        return f"{type(error).__name__}: {error}"
+        return _decode_error_reason(error)
     return None
 
 
@@ -169,37 +223,51 @@ class ImageFolder(Dataset):
             entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith(".")
         )
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
-        samples = [
-            (path, index)
-            for name, index in self.class_to_idx.items()
-            for path in _image_files(self.root / name)
-        ]
+        # Each real folder is listed once: the root and the class folders first, so that a link back
+        # to any of them (a symlink loop, or one class linking another) is not followed.
+        visited = {_folder_key(self.root), *(_folder_key(self.root / name) for name in self.classes)}
+        samples, special = [], []
+        for name, index in self.class_to_idx.items():
+            files, not_regular = _image_files(self.root / name, visited)
+            samples += [(path, index) for path in files]
+            special += not_regular
         empty = sorted(set(self.classes) - {self.classes[label] for _, label in samples})
         if not self.classes or empty:
+            found = f" (only special files: {', '.join(path for path, _ in special[:3])})" if special else ""
             raise FileNotFoundError(
-                f"ImageFolder {self.root}: no images for classes {empty or '(no folders)'}"
+                f"ImageFolder {self.root}: no images for classes {empty or '(no folders)'}{found}"
             )
         # (path, reason) of every file found bad in this process (a DataLoader worker keeps its own).
         self.bad_files: list[tuple[str, str]] = []
         self._bad_paths: set[str] = set()
+        failures = list(special)
         if verify != "none":
             with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding
                 reasons = list(pool.map(lambda sample: check_image(sample[0], verify), samples))
-            failures = [(path, reason) for (path, _), reason in zip(samples, reasons, strict=True) if reason]
-            if failures:
-                listing = ", ".join(path for path, _ in failures[:5]) + (", ..." if len(failures) > 5 else "")
-                if on_bad == "error":
-                    path, reason = failures[0]
-                    raise BadImageError(path, f"{reason} ({len(failures)} bad file(s) in all: {listing})")
-                logger.warning(
-                    "ImageFolder %s: skipped %d bad file(s) (listed in .bad_files with reasons): %s",
-                    self.root,
-                    len(failures),
-                    listing,
-                )
-                for path, reason in failures:
-                    self._record_bad(path, reason)
-                samples = [sample for sample in samples if sample[0] not in self._bad_paths]
+            failures += [(path, reason) for (path, _), reason in zip(samples, reasons, strict=True) if reason]
+        if failures:
+            listing = ", ".join(path for path, _ in failures[:5]) + (", ..." if len(failures) > 5 else "")
+            if on_bad == "error":
+                path, reason = failures[0]
+                raise BadImageError(path, f"{reason} ({len(failures)} bad file(s) in all: {listing})")
+            logger.warning(
+                "ImageFolder %s: skipped %d bad file(s) (listed in .bad_files with reasons): %s",
+                self.root,
+                len(failures),
+                listing,
+            )
+            for path, reason in failures:
+                self._record_bad(path, reason)
+            samples = [sample for sample in samples if sample[0] not in self._bad_paths]
+        left = {label for _, label in samples}
+        emptied = [name for name, index in self.class_to_idx.items() if index not in left]
+        if emptied:
+            first = next(path for path, _ in failures if Path(path).is_relative_to(self.root / emptied[0]))
+            raise BadImageError(
+                str(self.root / emptied[0]),
+                f"no valid image left in class folder(s) {emptied}: every file failed verification "
+                f"(first: {first}: {dict(failures)[first]})",
+            )
         self.samples: list[tuple[str, int]] = samples
         self.targets = [label for _, label in samples]
 
@@ -225,16 +293,57 @@ class ImageFolder(Dataset):
         self._bad_paths.add(path)
 
 
-def _image_files(folder: Path) -> list[str]:
-    found = []
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
-        found += [
-            os.path.join(directory, name)
-            for name in sorted(files)
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-    return found
+def _folder_key(folder: str | os.PathLike) -> tuple[int, int]:
+    """A real folder's identity, whatever path (symlink) leads to it."""
+    info = os.stat(folder)
+    return info.st_dev, info.st_ino
+
+
+def _image_files(folder: Path, visited: set[tuple[int, int]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(regular image files, (path, reason) of special ones) under `folder`, by extension, in
+    depth-first order of sorted names (files of a folder before those of its subfolders).
+
+    Symlinked folders are followed unless their real folder is in `visited` (which grows), so
+    `a/loop -> .` lists nothing twice. Only regular files are kept: a FIFO would block its reader.
+    The walk keeps its own stack: `os.walk` recurses, and a tree 1,000 folders deep exceeds Python's
+    recursion limit."""
+    found, special = [], []
+    stack = [str(folder)]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            logger.warning("%s: cannot be listed (%s); skipped", directory, error.strerror)
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            is_image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
+            try:
+                info = entry.stat()  # follows symlinks
+            except OSError as error:
+                if is_image:
+                    special.append((entry.path, f"cannot be read: {error.strerror}"))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if (info.st_dev, info.st_ino) in visited:
+                    logger.info(
+                        "%s: already listed (a link to a folder seen before); not followed", entry.path
+                    )
+                    continue
+                visited.add((info.st_dev, info.st_ino))
+                subfolders.append(entry.path)
+            elif is_image:
+                reason = special_file_reason(info.st_mode)
+                if reason is None:
+                    found.append(entry.path)
+                else:
+                    special.append((entry.path, reason))
+        stack.extend(reversed(subfolders))
+    return found, special
 
 
 # The embedded default set -----------------------------------------------------------------------
@@ -376,15 +485,21 @@ class ShardDataset(IterableDataset):
     ) -> None:
         self.root = Path(root)
         info_path = self.root / SHARD_INFO
-        if not info_path.is_file():
+        if not info_path.exists():
             raise FileNotFoundError(
                 f"ShardDataset: no {SHARD_INFO} in {self.root} (write it with write_shards)"
             )
-        info = json.loads(info_path.read_text())
-        self.classes: list[str] = info["classes"]
-        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
-        self.shard_files = [str(self.root / shard["file"]) for shard in info["shards"]]
-        self.shard_sizes = [shard["num_samples"] for shard in info["shards"]]
+        info = read_json(info_path, error=ValueError)
+        try:
+            self.classes: list[str] = list(info["classes"])
+            self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+            self.shard_files = [str(self.root / Path(shard["file"]).name) for shard in info["shards"]]
+            self.shard_sizes = [int(shard["num_samples"]) for shard in info["shards"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{info_path}: not a shard index (expected 'classes' and 'shards' of file and num_samples; "
+                f"{type(error).__name__}: {error})"
+            ) from error
         self.transform = transform
         self.rank = rank
         self.world_size = world_size

@@ -42,12 +42,28 @@ from vitkit.data.transforms import (
     build_transforms,
     pad_crop_flip_batch,
 )
-from vitkit.models.config import check_fields
+from vitkit.models.config import MAX_IMG_SIZE, check_fields
 
 DatasetName = Literal["digits", "imagefolder", "shards", "synthetic"]
 AutoAugment = Literal["none", "randaugment", "3aug"]
 EvalResize = Literal["crop", "squash"]
 TrainCrop = Literal["inception", "pad"]
+
+
+# Bounds on the integer fields, so that a data config read from a checkpoint's metadata cannot make
+# vitkit allocate absurd images (img_size=100000 is 120 GB per image) or start endless workers.
+DATA_INT_LIMITS: dict[str, tuple[int, int]] = {
+    "img_size": (1, MAX_IMG_SIZE),
+    "batch_size": (1, 1 << 16),
+    "num_workers": (0, 256),
+    "seed": (0, (1 << 63) - 1),
+    "crop_padding": (0, MAX_IMG_SIZE),
+    "randaugment_num_ops": (0, 64),
+    "repeated_aug": (1, 64),
+    "shuffle_buffer": (1, 1 << 24),
+    "synthetic_size": (1, 1 << 30),
+    "synthetic_classes": (1, 1 << 20),
+}
 
 
 @dataclass(frozen=True)
@@ -112,7 +128,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         # Lists (from JSON or the CLI) become tuples, which also checks their lengths.
         for name, length in (("scale", 2), ("ratio", 2), ("mean", 3), ("std", 3)):
-            values = tuple(float(value) for value in getattr(self, name))
+            given = getattr(self, name)
+            if not isinstance(given, (tuple, list)) or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in given
+            ):
+                raise ValueError(f"DataConfig.{name}={given!r}: expected {length} numbers")
+            values = tuple(float(value) for value in given)
             if len(values) != length:
                 raise ValueError(f"DataConfig.{name}={values}: expected {length} values")
             object.__setattr__(self, name, values)
@@ -132,6 +153,18 @@ class DataConfig:
                 raise ValueError(
                     f"DataConfig.{name}={getattr(self, name)!r}: expected one of {get_args(allowed)}"
                 )
+        for item in dataclasses.fields(self):
+            value, default = getattr(self, item.name), item.default
+            if isinstance(default, float) and (
+                not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            ):
+                raise ValueError(f"DataConfig.{item.name}={value!r}: expected a finite number")
+            if isinstance(default, (bool, str)) and type(value) is not type(default):
+                raise ValueError(f"DataConfig.{item.name}={value!r}: expected a {type(default).__name__}")
+        for name, (low, high) in DATA_INT_LIMITS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"DataConfig.{name}={value!r}: expected an integer in [{low}, {high}]")
         positive = (
             "img_size",
             "batch_size",
@@ -174,6 +207,8 @@ class DataConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataConfig:
         """Build from plain data (e.g. JSON); unknown keys are errors."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a DataConfig is a JSON object of fields, got {type(data).__name__}")
         check_fields(cls, data, what="DataConfig")
         return cls(**data)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..io import CheckpointError, atomic_write, load, read_weights
+from ..io import CheckpointError, atomic_write, load, parse_metadata, read_header
 from ..models.vit import VisionTransformer
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -196,25 +196,48 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[str], dict[str, Any]]:
-    """(model in eval mode, class names, the training run's data config as a dict) of a checkpoint.
-    Weights without class names get "0", "1", ... and an empty data config."""
+    """(model in eval mode, class names, the training run's data config as a dict) of a checkpoint. Weights without class names get "0", "1", ... and an empty data config."""
+    from ..data.loader import DataConfig  # the data package imports the models, not eval
+
     path = resolve_checkpoint(path)
-    metadata = {}
+    metadata: dict[str, str] = {}
     if path.is_file() and path.suffix == ".safetensors":
-        _, metadata = read_weights(path)
+        _, metadata = read_header(path)
+    classes = parse_metadata(path, metadata, CLASSES_KEY, list) if CLASSES_KEY in metadata else None
+    data = parse_metadata(path, metadata, DATA_KEY) if DATA_KEY in metadata else {}
+    try:
+        data_config = DataConfig.from_dict(data) if data else None
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: metadata {DATA_KEY!r}: {error}") from error
     model = load(path).eval()
-    classes = read_metadata_json(path, metadata, CLASSES_KEY) if CLASSES_KEY in metadata else None
+    check_finite(model, path)
+    num_classes = model.config.num_classes
     if classes is None:
-        classes = [str(index) for index in range(model.config.num_classes)]
-    data = read_metadata_json(path, metadata, DATA_KEY) if DATA_KEY in metadata else {}
+        classes = [str(index) for index in range(num_classes)]
+    elif len(classes) != num_classes or not all(isinstance(name, str) for name in classes):
+        raise CheckpointError(
+            f"{path}: metadata {CLASSES_KEY!r}: expected {num_classes} class names (the head's "
+            f"outputs), found {len(classes)} entries"
+        )
+    # Training stores the resolution it trained at; another one from a file (the model runs at any
+    # multiple of its stride) could ask for an attention over millions of tokens.
+    if data_config is not None and (data_config.img_size,) * 2 != model.config.img_size:
+        raise CheckpointError(
+            f"{path}: metadata {DATA_KEY!r}: img_size {data_config.img_size}, but the model is "
+            f"built for {model.config.img_size}"
+        )
     return model, classes, data
 
 
-def read_metadata_json(path: Path, metadata: dict[str, str], key: str) -> Any:
-    try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON: {error}") from error
+def check_finite(model: VisionTransformer, path: str | os.PathLike) -> None:
+    """Refuse weights with NaN or infinity: every prediction from them would be meaningless."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            num_bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{path}: non-finite weights: {name} has {num_bad} of {tensor.numel()} values NaN or "
+                f"infinite; refusing to evaluate or predict with them"
+            )
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,6 +31,26 @@ PosEmbedType = Literal["learn", "sincos2d", "none"]
 GeluType = Literal["exact", "tanh"]
 StemType = Literal["patch", "hmlp", "hybrid"]
 ResampleMethod = Literal["bicubic", "bicubic_antialias", "bilinear", "bilinear_align_corners"]
+
+# Bounds on every size a config can claim, so that a config read from an untrusted file cannot make
+# vitkit build an absurd model (depth 10**9 or width 10**7 would exhaust memory before any check of
+# the tensors). Each holds every registered model (at most width 1280, depth 36, MLP 5120, 16 heads,
+# 518 px, 21,843 classes) with a wide margin.
+INT_LIMITS: dict[str, tuple[int, int]] = {
+    "patch_size": (1, 1024),
+    "in_chans": (1, 64),
+    "embed_dim": (1, 16384),
+    "depth": (1, 512),
+    "num_heads": (1, 1024),
+    "mlp_dim": (1, 65536),
+    "parallel": (1, 16),
+    "num_classes": (0, 1_000_000),
+}
+MAX_IMG_SIZE = 4096
+MAX_NUM_PATCHES = 65536  # a 256 x 256 token grid
+MAX_HYBRID_STAGES = 4
+MAX_HYBRID_UNITS = 64
+BOOL_FIELDS = ("qkv_bias", "class_token", "pos_embed_class_slot", "zero_head")
 
 
 @dataclass(frozen=True)
@@ -74,24 +96,81 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         size = self.img_size
-        if isinstance(size, int):
+        if _is_int(size):
             size = (size, size)
+        if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_is_int(s) for s in size):
+            raise ValueError(f"ViTConfig.img_size={self.img_size!r}: expected an integer or two integers")
         object.__setattr__(self, "img_size", tuple(int(s) for s in size))
-        object.__setattr__(self, "hybrid_layers", tuple(int(d) for d in self.hybrid_layers))
+        layers = self.hybrid_layers
+        if not isinstance(layers, (tuple, list)) or not all(_is_int(d) for d in layers):
+            raise ValueError(f"ViTConfig.hybrid_layers={layers!r}: expected a list of integers")
+        object.__setattr__(self, "hybrid_layers", tuple(int(d) for d in layers))
+        self.check_types()
         self.validate()
 
+    def check_types(self) -> None:
+        """Each field has its type and lies within its bounds (INT_LIMITS); integers are normalised
+        to `int`. Runs before any derived size is computed, so a hostile value fails here."""
+        for name, (low, high) in INT_LIMITS.items():
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ValueError(f"ViTConfig.{name}={value!r}: expected an integer")
+            if not low <= value <= high:
+                raise ValueError(f"ViTConfig.{name}={value!r}: expected an integer in [{low}, {high}]")
+            object.__setattr__(self, name, int(value))
+        if not all(1 <= s <= MAX_IMG_SIZE for s in self.img_size):
+            raise ValueError(f"ViTConfig.img_size={self.img_size}: each side must be in [1, {MAX_IMG_SIZE}]")
+        if not 0 <= len(self.hybrid_layers) <= MAX_HYBRID_STAGES or not all(
+            1 <= units <= MAX_HYBRID_UNITS for units in self.hybrid_layers
+        ):
+            raise ValueError(
+                f"ViTConfig.hybrid_layers={self.hybrid_layers}: at most {MAX_HYBRID_STAGES} stages "
+                f"of 1 to {MAX_HYBRID_UNITS} units"
+            )
+        width = self.representation_size
+        if width is not None and (not _is_int(width) or not 1 <= width <= INT_LIMITS["embed_dim"][1]):
+            raise ValueError(
+                f"ViTConfig.representation_size={width!r}: expected None or an integer in "
+                f"[1, {INT_LIMITS['embed_dim'][1]}]"
+            )
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ViTConfig.{name}={getattr(self, name)!r}: expected true or false")
+        for name, low, high in (
+            ("norm_eps", 0.0, 1.0),
+            ("dropout", 0.0, 1.0),
+            ("attn_dropout", 0.0, 1.0),
+            ("drop_path", 0.0, 1.0),
+        ):
+            value = getattr(self, name)
+            if not _is_real(value) or not low <= value < high or (name == "norm_eps" and value == 0):
+                bounds = f"(0, {high})" if name == "norm_eps" else f"[{low}, {high})"
+                raise ValueError(f"ViTConfig.{name}={value!r}: expected a number in {bounds}")
+        scale = self.layer_scale_init
+        if scale is not None and (not _is_real(scale) or not math.isfinite(scale)):
+            raise ValueError(f"ViTConfig.layer_scale_init={scale!r}: expected None or a finite number")
+
     def validate(self) -> None:
+        size, stride = self.img_size, self.stride
         checks = {
-            "embed_dim must be divisible by num_heads": self.embed_dim % self.num_heads == 0,
+            f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}": self.embed_dim
+            % self.num_heads
+            == 0,
             "stem 'hybrid' needs hybrid_layers": self.stem != "hybrid" or len(self.hybrid_layers) > 0,
             "hybrid_layers are only used by stem 'hybrid'": self.stem == "hybrid" or not self.hybrid_layers,
-            "stem 'hmlp' needs patch_size 16": self.stem != "hmlp" or self.patch_size == 16,
+            f"stem 'hmlp' needs patch_size 16, not {self.patch_size}": self.stem != "hmlp"
+            or self.patch_size == 16,
             "pool 'token' needs class_token=True": self.pool != "token" or self.class_token,
             "parallel must be >= 1": self.parallel >= 1,
             "depth must be >= 1": self.depth >= 1,
-            "img_size must be divisible by the stem's stride": all(
-                s % self.stride == 0 for s in self.img_size
+            f"img_size {size[0]}x{size[1]} must be divisible by the stem's stride {stride}": all(
+                s % stride == 0 for s in size
             ),
+            f"the stem's stride {stride} must not exceed img_size {size[0]}x{size[1]}": all(
+                s >= stride for s in size
+            ),
+            f"num_heads {self.num_heads} must not exceed embed_dim {self.embed_dim}": self.num_heads
+            <= self.embed_dim,
         }
         for choice, allowed in (
             ("pool", PoolType),
@@ -105,7 +184,12 @@ class ViTConfig:
                 raise ValueError(f"ViTConfig.{choice}={value!r}: expected one of {allowed.__args__}")
         failed = [message for message, ok in checks.items() if not ok]
         if failed:
-            raise ValueError(f"invalid ViTConfig ({'; '.join(failed)}): {self}")
+            raise ValueError(f"invalid ViTConfig: {'; '.join(failed)}")
+        if self.num_patches > MAX_NUM_PATCHES:
+            raise ValueError(
+                f"ViTConfig: img_size {self.img_size} at stride {self.stride} gives {self.num_patches} "
+                f"patches; at most {MAX_NUM_PATCHES}"
+            )
 
     # Derived quantities ---------------------------------------------------------------------------
     @property
@@ -144,17 +228,26 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"a ViTConfig is a JSON object of fields, got {type(data).__name__}")
         check_fields(cls, data, what="ViTConfig")
         data = dict(data)
-        if "img_size" in data and not isinstance(data["img_size"], int):
-            data["img_size"] = tuple(data["img_size"])
-        if "hybrid_layers" in data:
-            data["hybrid_layers"] = tuple(data["hybrid_layers"])
+        for name in ("img_size", "hybrid_layers"):
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         return cls(**data)
 
     def replace(self, **overrides: Any) -> ViTConfig:
         check_fields(type(self), overrides, what="ViTConfig")
         return dataclasses.replace(self, **overrides)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def hybrid_stride(hybrid_layers: tuple[int, ...]) -> int:

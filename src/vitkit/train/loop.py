@@ -46,7 +46,7 @@ from ..eval.classification import (
     plot_confusion_matrix,
     write_results,
 )
-from ..io import atomic_write
+from ..io import atomic_write, read_json
 from ..io import load as load_model
 from ..models.config import ViTConfig, check_fields
 from ..models.vit import VisionTransformer
@@ -227,11 +227,7 @@ def _config_path(config: str) -> Path:
 
 def _experiment_from_file(path: Path) -> Experiment:
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: invalid JSON: {error}") from error
-        return _parse({"experiment": data}, path)
+        return _parse({"experiment": read_json(path, error=ValueError)}, path)
     spec = importlib.util.spec_from_file_location(f"vitkit_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -337,6 +333,17 @@ def environment_overrides() -> list[str]:
     if items:
         log.warning("%s adds the overrides %s", OVERRIDES_ENV, " ".join(items))
     return items
+
+
+def check_top_k(top_k: tuple[int, ...], num_classes: int) -> None:
+    """eval.top_k holds positive ks and 1 (top-1 picks the best checkpoint and is logged), checked
+    before training instead of failing after an epoch. A k above the data's classes counts every
+    label (see evaluate_classification), as top-5 does on sets of fewer classes."""
+    if not top_k or 1 not in top_k or min(top_k) < 1:
+        raise ValueError(
+            f"eval.top_k={list(top_k)}: expected positive ks that include 1 (the data has {num_classes} "
+            f"classes; top-1 picks the best checkpoint)"
+        )
 
 
 # The model ------------------------------------------------------------------------------------------
@@ -593,6 +600,7 @@ class Trainer:
         split = self.exp.eval.split
         if not split:
             return None
+        check_top_k(self.exp.eval.top_k, len(self.classes))
         loader = build_loader(
             self.exp.data, split, rank=self.env.rank, world_size=self.env.world_size, augment=False
         )

@@ -139,28 +139,43 @@ class RunLock:
 
 # History --------------------------------------------------------------------------------------------
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file. A last line cut short (a process killed mid-write) is dropped
-    with a log line; a bad line elsewhere is an error naming it."""
+    """The rows of a JSON-lines file. A last line without its newline is an append that a killed
+    process left unfinished: it is dropped (and logged). Any other bad line is an error naming it."""
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").split("\n")
+    if lines[-1].strip():
+        log.warning("%s: dropped its last line, cut short by a killed write: %r", path, lines[-1][:80])
     rows = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines[:-1], start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as error:
-            if number < len(lines):
-                raise RunFolderError(f"{path}:{number}: not a JSON row ({error})") from error
-            log.warning("%s: dropped its last line, cut short by a killed write: %r", path, line[:80])
+            raise RunFolderError(f"{path}:{number}: invalid JSON: {error}") from error
+        if not isinstance(row, dict):
+            raise RunFolderError(f"{path}:{number}: expected a JSON object per line")
+        rows.append(row)
     return rows
+
+
+def drop_unfinished_line(path: Path) -> None:
+    """Cut a JSON-lines file back to its last newline: an append then starts a line of its own
+    instead of continuing the fragment a killed write left."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
 
 
 def append_history(out_dir: Path, event: str, **entry: Any) -> None:
     """Append one entry to `history.jsonl` (flushed to disk: it is the record of what happened)."""
     line = json.dumps({"event": event, "time": now(), **_who(), **entry}) + "\n"
+    drop_unfinished_line(out_dir / HISTORY_NAME)
     with open(out_dir / HISTORY_NAME, "a") as handle:
         handle.write(line)
         handle.flush()

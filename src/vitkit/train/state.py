@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..eval.classification import CLASSES_KEY, DATA_KEY
-from ..io import CONFIG_KEY, CheckpointError, atomic_write, read_weights
+from ..io import CONFIG_KEY, CheckpointError, atomic_write, config_from_metadata, read_json, read_weights
 from ..models.config import ViTConfig
 
 log = logging.getLogger(__name__)
@@ -226,9 +226,11 @@ def check_checkpoint(folder: Path, checksums: bool = True) -> str | None:
     if not marker.exists():
         return "no COMPLETE marker (the process stopped while writing it)"
     try:
-        expected = json.loads(marker.read_text())["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        return f"{marker}: unreadable marker ({error})"
+        expected = read_json(marker).get("sha256")
+    except CheckpointError as error:
+        return f"unreadable marker ({error})"
+    if not isinstance(expected, dict):
+        return f"{marker}: unreadable marker (no 'sha256' table)"
     for name in (MODEL_NAME, OPTIMIZER_NAME, STATE_NAME):
         if name not in expected:
             return f"{name} is not listed in the marker"
@@ -236,6 +238,8 @@ def check_checkpoint(folder: Path, checksums: bool = True) -> str | None:
         path = folder / name
         if not path.exists():
             return f"{path}: missing"
+        if not path.is_file() or path.parent != folder:
+            return f"{path}: not a regular file in the checkpoint folder"
         if checksums and _sha256(path) != digest:
             return f"{path}: checksum mismatch (damaged or truncated)"
     return None
@@ -263,19 +267,28 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{folder / MODEL_NAME}: no {CONFIG_KEY!r} metadata")
     optimizer_tensors, _ = read_weights(folder / OPTIMIZER_NAME)
     ema = read_weights(folder / EMA_NAME)[0] if (folder / EMA_NAME).exists() else None
+    state_path = folder / STATE_NAME
+    state = read_json(state_path)
+    absent = [key for key in ("progress", "optimizer", "scaler", "rng", "world_size") if key not in state]
+    if absent:
+        raise CheckpointError(f"{state_path}: not a training state (no {', '.join(map(repr, absent))} entry)")
+    rng, world_size = state["rng"], state["world_size"]
+    if type(world_size) is not int or not isinstance(rng, list) or len(rng) != world_size:
+        raise CheckpointError(
+            f"{state_path}: 'rng' must hold one generator state per process of 'world_size'"
+        )
     try:
-        state = json.loads((folder / STATE_NAME).read_text())
         progress = Progress(**state["progress"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{folder / STATE_NAME}: not a training state ({error})") from error
+    except TypeError as error:
+        raise CheckpointError(f"{state_path}: not a training state ('progress': {error})") from error
     return Checkpoint(
         path=folder,
         model=model,
-        config=ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY])),
+        config=config_from_metadata(folder / MODEL_NAME, metadata),
         optimizer=join_optimizer_state(optimizer_tensors, state["optimizer"]),
         progress=progress,
         ema=ema,
         scaler=state["scaler"],
-        rng=state["rng"],
-        world_size=state["world_size"],
+        rng=rng,
+        world_size=world_size,
     )
