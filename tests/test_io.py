@@ -142,7 +142,7 @@ def test_interrupted_save_keeps_previous_file(model, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("vitkit.io.save_file", explode)
+    monkeypatch.setattr("vitkit.convert.native.save_file", explode)
     with pytest.raises(OSError, match="disk full"):
         vitkit.save(model, path)
     assert path.read_bytes() == before

@@ -33,17 +33,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .io import (
-    CONFIG_KEY,
-    CheckpointError,
-    atomic_write,
-    config_from_metadata,
-    expected_shapes,
-    load,
-    load_state,
-    parse_metadata,
-    read_weights,
-)
+from .convert.native import CONFIG_KEY, config_from_metadata, expected_shapes, load_state
+from .files import CheckpointError, atomic_write, parse_metadata, read_weights
+from .loading import load
 from .models.config import ViTConfig
 from .models.vit import VisionTransformer
 

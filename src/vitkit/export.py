@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write
+from .files import atomic_write
 from .models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)

@@ -4,11 +4,12 @@
     model = vitkit.load("dinov2-small/", keep_source_numerics=True)
     report = convert("ViT-B_16.npz", "vit-b16-hf", to="hf")  # `vitkit convert SRC DST --to hf`
 
-Layouts (see each module): vit_jax and big_vision .npz (google.py), timm (timm.py), HF ViT and
-DINOv2 folders (hf.py), mmpretrain (mmpretrain.py), DeiT III (deit.py). A foreign checkpoint is read
-safely (`vitkit.io.read_weights`), repaired by the layout's named fixes, mapped onto native keys by
-its key table, and its config is inferred from the tensors (`detect.infer_config`); `vitkit.io.
-load_state` then resamples position embeddings and checks every key and shape.
+Layouts (see each module): vitkit's own (native.py), vit_jax and big_vision .npz (google.py), timm
+(timm.py), HF ViT and DINOv2 folders (hf.py), mmpretrain (mmpretrain.py), DeiT III (deit.py). A
+foreign checkpoint is read safely (`vitkit.files.read_weights`), repaired by the layout's named
+fixes, mapped onto native keys by its key table, and its config is inferred from the tensors
+(`detect.infer_config`); `native.load_state` then resamples position embeddings and checks every key
+and shape.
 """
 
 from __future__ import annotations
@@ -21,21 +22,12 @@ from typing import Any
 
 import torch
 
-from ..io import (
-    CONFIG_KEY,
-    CheckpointError,
-    expected_shapes,
-    load,
-    load_state,
-    read_folder_config,
-    read_json,
-    read_weights,
-    save,
-)
+from ..files import CheckpointError, read_json, read_weights
 from ..models.config import ViTConfig
 from ..models.vit import VisionTransformer
 from .detect import LAYOUTS, detect_layout, infer_config
 from .keymap import KeyTable, Layout, State
+from .native import CONFIG_KEY, expected_shapes, load_native, load_state, read_folder_config, save
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +206,7 @@ def read_model(
     if checkpoint.layout == "vitkit":
         if not pre_logits:
             overrides["representation_size"] = None
-        return load(path, strict=strict, layout="vitkit", **overrides), "vitkit"
+        return load_native(path, strict=strict, **overrides), "vitkit"
     known = {key: value for key, value in overrides.items() if key in HINT_FIELDS}
     native, source = to_native(
         checkpoint,

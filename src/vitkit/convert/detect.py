@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..io import CheckpointError
+from ..files import CheckpointError
 from ..models.config import SIZES, ViTConfig, check_fields, hybrid_stride
 from .deit import DEIT
 from .google import BIG_VISION, VIT_JAX

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..io import CheckpointError, atomic_write
+from ..files import CheckpointError, atomic_write
 from ..models.config import ViTConfig
 from .keymap import (
     FUSE_QKV,

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..io import CheckpointError, atomic_write
+from ..files import CheckpointError, atomic_write
 from ..models.config import ViTConfig
 
 log = logging.getLogger(__name__)
