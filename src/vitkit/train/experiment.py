@@ -3,7 +3,7 @@
 An experiment is a dataclass tree, `Experiment(model, data, optim, train, eval)`, produced by a Python
 function in `configs/` and changed from the CLI with type-checked `--set a.b=value` overrides (and
 from $VITKIT_SET, after the command line's). `load_experiment` finds a config by name or path, parses
-it and applies the overrides; the checks here name every bad value before any data is read.
+it and applies the overrides; the checks here name bad values before training starts.
 """
 
 from __future__ import annotations
