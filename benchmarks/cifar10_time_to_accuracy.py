@@ -28,7 +28,7 @@ import torch
 from vitkit.data import DataConfig, build_loader
 from vitkit.io import atomic_write
 from vitkit.train import load_experiment, train
-from vitkit.train.loop import read_metrics
+from vitkit.train.metrics import read_metrics
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from vitkit.eval.classification import CLASSES_KEY, DATA_KEY
 from vitkit.io import CONFIG_KEY, expected_shapes, read_weights, save
 from vitkit.models.variants import VARIANTS
 from vitkit.models.vit import VisionTransformer
-from vitkit.train.loop import read_metrics
+from vitkit.train.metrics import read_metrics
 from vitkit.train.state import MARKER, STATE_NAME, Progress, capture_rng, model_metadata, save_checkpoint
 
 TESTS = Path(__file__).parent

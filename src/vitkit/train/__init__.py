@@ -1,15 +1,8 @@
-"""Training: the experiment config, the loop, objectives, optimiser groups and the resumable state."""
+"""Training: the experiment config, the loop, its metrics and EMA, objectives, optimiser groups and the
+resumable state."""
 
-from .loop import (
-    EvalConfig,
-    Experiment,
-    ModelConfig,
-    NonFiniteLossError,
-    TrainConfig,
-    build_model,
-    load_experiment,
-    train,
-)
+from .experiment import EvalConfig, Experiment, ModelConfig, TrainConfig, load_experiment
+from .loop import NonFiniteLossError, build_model, train
 from .objectives import OBJECTIVES
 from .optim import FREEZE_RULES, OptimConfig, apply_freeze_rule, param_groups
 from .run_folder import RunFinishedError, RunFolderError

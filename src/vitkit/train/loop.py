@@ -1,9 +1,7 @@
-"""The training loop, and the experiment config it runs.
+"""The training loop: `train` runs an experiment (`experiment.py`) to the end.
 
-An experiment is a dataclass tree, `Experiment(model, data, optim, train, eval)`, produced by a Python
-function in `configs/` and changed from the CLI with type-checked `--set a.b=value` overrides. `train`
-runs it the same way on one CPU, one GPU or N processes under torchrun (nanoGPT's habit: one
-autocast context, a grad scaler enabled only for fp16, and `main_process` guarding every write):
+It runs the same way on one CPU, one GPU or N processes under torchrun (nanoGPT's habit: one autocast
+context, a grad scaler enabled only for fp16, and `main_process` guarding every write):
 
     for each optimiser step:  lr from the schedule
         for each micro-batch:  autocast forward -> loss; stop if not finite; scaled backward
@@ -16,44 +14,38 @@ Only this file and `distributed.py` know about devices and ranks.
 from __future__ import annotations
 
 import contextlib
-import copy
-import csv
-import dataclasses
-import difflib
-import importlib.util
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data import DataConfig, build_loader
+from ..data import build_loader
 from ..data.datasets import derive_seed
-from ..data.loader import resolve_root
 from ..eval.classification import (
     ClassificationResult,
     evaluate_classification,
     plot_confusion_matrix,
     write_results,
 )
-from ..io import atomic_write, read_json
+from ..io import atomic_write
 from ..io import load as load_model
-from ..models.config import ViTConfig, check_fields
 from ..models.vit import VisionTransformer
-from ..registry import create_model, get_config
+from ..registry import create_model
 from . import distributed, run_folder
+from .ema import ModelEma
+from .experiment import Experiment, ModelConfig, check_model_config, check_top_k
+from .metrics import MetricsLog, plot_curves
 from .objectives import get_objective
-from .optim import FreezeRule, OptimConfig, apply_freeze_rule, build_optimizer, learning_rate, set_lr
+from .optim import apply_freeze_rule, build_optimizer, learning_rate, set_lr
 from .state import (
     Checkpoint,
     Progress,
@@ -70,280 +62,7 @@ from .state import (
 )
 
 log = logging.getLogger(__name__)
-
-Precision = Literal["fp32", "bf16", "fp16"]
-Resume = Literal["auto", "never"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# The experiment config ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which model: a registered name with ViTConfig overrides, or a checkpoint to start from.
-
-    img_size and num_classes default to the data's; `init_from` loads any vitkit checkpoint with the
-    overrides applied (a new head for other classes, position embeddings resampled to img_size).
-    """
-
-    name: str = "vit_tiny_patch16_224"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    init_from: str = ""
-    freeze: FreezeRule = "none"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    out_dir: str = "runs/experiment"
-    epochs: int = 10
-    # Stop after this many optimiser steps (0: the full schedule); the schedule still spans `epochs`.
-    max_steps: int = 0
-    # A wall-clock budget for the training steps, in minutes (0: none), for time-to-accuracy runs: the
-    # lr schedule advances by the larger of the fraction of steps and the fraction of the budget spent,
-    # and training stops when the budget is spent, so the schedule anneals fully whatever the machine's
-    # speed (`epochs` is then an upper bound). Timing makes such a run not bitwise reproducible.
-    time_budget_minutes: float = 0.0
-    seed: int = 0
-    objective: str = "supervised"
-    device: distributed.DeviceName = "auto"
-    strategy: distributed.Strategy = "ddp"
-    precision: Precision = "fp32"
-    # Micro-batches per optimiser step: the effective batch is accumulation x data.batch_size x ranks.
-    accumulation: int = 1
-    # EMA of the weights (Polyak averaging); 0 turns it off.
-    ema_decay: float = 0.0
-    grad_checkpointing: bool = False
-    compile: bool = False
-    deterministic: bool = False
-    # CPU threads of this process (0: torch's default). Small models run faster on one thread: the
-    # per-op overhead of splitting work across cores outweighs the arithmetic they share.
-    num_threads: int = 0
-    log_every: int = 10
-    # A resumable checkpoint every N steps (0: only at epoch ends); keep the newest `keep_last`.
-    checkpoint_every: int = 0
-    keep_last: int = 2
-    # "auto": go on from the run folder's newest valid checkpoint (refused when the model, data or
-    # objective differ from its config.json; schedule changes are recorded in history.jsonl); "never":
-    # move the folder's earlier run to <out_dir>/previous/<time>/ and start over (see run_folder.py).
-    resume: Resume = "auto"
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    # Split evaluated after every `every` epochs and at the end ("": no evaluation).
-    split: str = "test"
-    every: int = 1
-    evaluator: Literal["classification"] = "classification"
-    top_k: tuple[int, ...] = (1, 5)
-    # With EMA on, evaluate (and keep as best) the EMA weights.
-    use_ema: bool = True
-
-
-@dataclass(frozen=True)
-class Experiment:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        check_fields(ViTConfig, self.model.overrides, what="model.overrides (ViTConfig)")
-        failed = check_train_config(self.train)
-        if self.eval.every < 1:
-            failed.append("eval.every must be >= 1")
-        if failed:
-            raise ValueError(f"invalid experiment: {'; '.join(failed)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
-def check_model_config(model: ModelConfig, data: DataConfig) -> None:
-    """Build the model's config now, so that a bad name or override fails before any data is read,
-    naming the override (a checkpoint's config is checked when it is read)."""
-    if model.init_from:
-        return
-    try:
-        get_config(model.name, img_size=data.img_size, **model.overrides)
-    except (KeyError, TypeError, ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        overrides = ", ".join(f"{key}={value!r}" for key, value in model.overrides.items())
-        raise ValueError(
-            f"model.name={model.name!r} with model.overrides ({overrides}) and data.img_size={data.img_size}: {message}"
-        ) from error
-
-
-def check_train_config(train: TrainConfig) -> list[str]:
-    """The train section's errors (a value outside its choices raises at once; bounds come back as
-    messages, so that one error names them all)."""
-    for name, allowed in (
-        ("precision", Precision),
-        ("resume", Resume),
-        ("device", distributed.DeviceName),
-        ("strategy", distributed.Strategy),
-    ):
-        if getattr(train, name) not in get_args(allowed):
-            raise ValueError(f"train.{name}={getattr(train, name)!r}: expected one of {get_args(allowed)}")
-    checks = {
-        f"train.epochs must be >= 1, not {train.epochs}": train.epochs >= 1,
-        f"train.max_steps must be >= 0 (0: the full schedule), not {train.max_steps}": train.max_steps >= 0,
-        f"train.checkpoint_every must be >= 0 (0: at epoch ends), not {train.checkpoint_every}": (
-            train.checkpoint_every >= 0
-        ),
-        "train.accumulation must be >= 1": train.accumulation >= 1,
-        "train.keep_last must be >= 1": train.keep_last >= 1,
-        "train.log_every must be >= 1": train.log_every >= 1,
-        "train.num_threads must be >= 0": train.num_threads >= 0,
-        "train.time_budget_minutes must be >= 0": train.time_budget_minutes >= 0,
-        "train.ema_decay must be in [0, 1)": 0 <= train.ema_decay < 1,
-    }
-    return [message for message, ok in checks.items() if not ok]
-
-
-# Configs from files and the CLI ---------------------------------------------------------------------
-def config_dirs() -> list[Path]:
-    """Where config names are looked up: ./configs, then the source checkout's configs/."""
-    return [Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"]
-
-
-def list_configs() -> list[str]:
-    names = {p.stem for folder in config_dirs() if folder.is_dir() for p in folder.glob("*.py")}
-    return sorted(name for name in names if not name.startswith("_"))
-
-
-def _config_path(config: str) -> Path:
-    path = Path(config)
-    if path.suffix in (".py", ".json"):
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        return path
-    for folder in config_dirs():
-        if (folder / f"{config}.py").exists():
-            return folder / f"{config}.py"
-    raise FileNotFoundError(
-        f"no config named {config!r} in {', '.join(str(d) for d in config_dirs())}; known: {', '.join(list_configs())}"
-    )
-
-
-def _experiment_from_file(path: Path) -> Experiment:
-    if path.suffix == ".json":
-        return _parse({"experiment": read_json(path, error=ValueError)}, path)
-    spec = importlib.util.spec_from_file_location(f"vitkit_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "experiment", None)):
-        raise ValueError(f"{path}: a config file must define `experiment() -> Experiment`")
-    result = module.experiment()
-    if not isinstance(result, Experiment):
-        raise TypeError(f"{path}: experiment() returned {type(result).__name__}, expected Experiment")
-    return result
-
-
-def _parser():
-    import jsonargparse
-
-    parser = jsonargparse.ArgumentParser(exit_on_error=False, prog="vitkit train")
-    parser.add_class_arguments(Experiment, "experiment")
-    return parser
-
-
-def _parse(data: dict[str, Any] | None, origin: Any, flags: list[str] | None = None) -> Experiment:
-    import jsonargparse
-
-    parser = _parser()
-    try:
-        namespace = parser.parse_object(data) if data is not None else parser.parse_args(flags or [])
-        return parser.instantiate(namespace).experiment
-    except jsonargparse.ArgumentError as error:
-        raise ValueError(f"{origin}: {error}".replace("experiment.", "")) from error
-
-
-def _known_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    for item in dataclasses.fields(cls):
-        factory = item.default_factory
-        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
-            keys += _known_keys(factory, f"{prefix}{item.name}.")
-        else:
-            keys.append(f"{prefix}{item.name}")
-    return keys
-
-
-def load_experiment(config: str | Experiment, overrides: list[str] = ()) -> Experiment:
-    """An experiment from a config name in configs/, a .py or .json file (e.g. a run's config.json),
-    or an Experiment, with `key=value` overrides (`optim.lr=1e-3`, `model.overrides.depth=6`).
-
-    Overrides are type-checked by jsonargparse; unknown keys are errors with close matches named.
-    """
-    import yaml
-
-    if isinstance(config, Experiment):
-        base = config
-    else:
-        path = _config_path(config)
-        base = _experiment_from_file(path)
-        # A config's relative data root is taken from the config file's folder, never the working one.
-        base = dataclasses.replace(
-            base, data=base.data.replace(root=resolve_root(base.data.root, path.parent))
-        )
-    overrides = [*overrides, *environment_overrides()]
-    data = base.to_dict()
-    known = _known_keys(Experiment)
-    flags = []
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        key = key.strip().removeprefix("--")
-        if not sep:
-            raise ValueError(f"override {override!r}: expected key=value, e.g. optim.lr=1e-3")
-        if key.startswith("model.overrides."):
-            # One ViTConfig field at a time; its type is checked when the ViTConfig is built.
-            data["model"]["overrides"][key.removeprefix("model.overrides.")] = yaml.safe_load(value)
-            continue
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"override {override!r}: unknown config key {key!r}{hint}")
-        flags.append(f"--experiment.{key}={value}")
-    base = _parse({"experiment": data}, config if isinstance(config, str) else "config")
-    parser = _parser()
-    parser.set_defaults({"experiment": base.to_dict()})
-    import jsonargparse
-
-    try:
-        experiment = parser.instantiate(parser.parse_args(flags)).experiment
-    except jsonargparse.ArgumentError as error:
-        raise ValueError(f"override: {error}".replace("experiment.", "")) from error
-    # What is still relative was typed on the command line: it is taken from the working folder.
-    return dataclasses.replace(
-        experiment, data=experiment.data.replace(root=resolve_root(experiment.data.root, Path.cwd()))
-    )
-
-
-OVERRIDES_ENV = "VITKIT_SET"
-
-
-def environment_overrides() -> list[str]:
-    """`key=value` overrides from $VITKIT_SET (space-separated, shell quoting), applied after the
-    command line's: e.g. VITKIT_SET="train.epochs=1 train.max_steps=2" for a smoke run of any
-    command that trains."""
-    import shlex
-
-    text = os.environ.get(OVERRIDES_ENV, "")
-    items = shlex.split(text)
-    if items:
-        log.warning("%s adds the overrides %s", OVERRIDES_ENV, " ".join(items))
-    return items
-
-
-def check_top_k(top_k: tuple[int, ...], num_classes: int) -> None:
-    """eval.top_k holds positive ks and 1 (top-1 picks the best checkpoint and is logged), checked
-    before training instead of failing after an epoch. A k above the data's classes counts every
-    label (see evaluate_classification), as top-5 does on sets of fewer classes."""
-    if not top_k or 1 not in top_k or min(top_k) < 1:
-        raise ValueError(
-            f"eval.top_k={list(top_k)}: expected positive ks that include 1 (the data has {num_classes} "
-            f"classes; top-1 picks the best checkpoint)"
-        )
 
 
 # The model ------------------------------------------------------------------------------------------
@@ -362,123 +81,8 @@ def build_model(cfg: ModelConfig, img_size: int, num_classes: int) -> VisionTran
     return model
 
 
-class ModelEma:
-    """An exponential moving average of the weights: ema = decay * ema + (1 - decay) * weights."""
-
-    def __init__(self, model: VisionTransformer, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: VisionTransformer) -> None:
-        for ema, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
-            if ema.is_floating_point():
-                ema.lerp_(current, 1.0 - self.decay)
-            else:
-                ema.copy_(current)
-
-
 class NonFiniteLossError(RuntimeError):
     """Raised before the optimiser step that a NaN/inf loss would have poisoned."""
-
-
-# Metrics --------------------------------------------------------------------------------------------
-CSV_COLUMNS = [
-    "step", "epoch", "kind", "split", "loss", "accuracy", "lr", "grad_norm", "samples_per_s", "train_time_s",
-    "top1", "top5", "mean_class_accuracy",
-]  # fmt: skip
-
-
-class MetricsLog:
-    """Rows to metrics.jsonl and metrics.csv, scalars to TensorBoard; a no-op off the main process.
-
-    On resume, rows after the checkpoint's step are dropped: the resumed run logs them again.
-    """
-
-    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None):
-        self.enabled = enabled
-        self.jsonl = out_dir / "metrics.jsonl"
-        self.csv = out_dir / "metrics.csv"
-        self.writer = None
-        if not enabled:
-            return
-        rows = [
-            row for row in read_metrics(self.jsonl) if resume_step is not None and row["step"] <= resume_step
-        ]
-        atomic_write(
-            self.jsonl, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        )
-
-        def write_csv(tmp: str) -> None:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-
-        atomic_write(self.csv, write_csv)
-        from tensorboardX import SummaryWriter
-
-        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.jsonl, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        with open(self.csv, "a", newline="") as handle:
-            csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore").writerow(row)
-        for key, value in row.items():
-            if key not in ("step", "kind", "split") and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{row['kind']}_{row['split']}/{key}", value, row["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl (a last line cut by a killed write is dropped, with a log line)."""
-    return run_folder.read_jsonl(path)
-
-
-def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
-    """Training loss and eval top-1 against the step, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
-    train = [r for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    loss_axes.set_xlabel("step")
-    loss_axes.set_ylabel("loss")
-    loss_axes.set_yscale("log")
-    loss_axes.legend()
-    scored = [r for r in train if "accuracy" in r]  # a regression objective has none
-    if scored:
-        accuracy_axes.plot(
-            [r["step"] for r in scored], [r["accuracy"] for r in scored], alpha=0.5, label="train batch"
-        )
-    if evals:
-        accuracy_axes.plot(
-            [r["step"] for r in evals],
-            [r["top1"] for r in evals],
-            marker="o",
-            label=f"{evals[0]['split']} top-1",
-        )
-    accuracy_axes.set_xlabel("step")
-    accuracy_axes.set_ylabel("accuracy")
-    accuracy_axes.set_ylim(0, 1)
-    accuracy_axes.grid(alpha=0.3)
-    if scored or evals:
-        accuracy_axes.legend()
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
-    plt.close(figure)
-    return Path(path)
 
 
 # The loop -------------------------------------------------------------------------------------------

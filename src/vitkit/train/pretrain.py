@@ -33,18 +33,10 @@ from ..models.config import ViTConfig, check_fields
 from ..models.masked import MaskedConfig, MaskedPatchModel
 from ..registry import create_model
 from . import distributed
-from .loop import (
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    Trainer,
-    check_train_config,
-    config_dirs,
-    environment_overrides,
-    hold_run_folder,
-    read_metrics,
-)
-from .optim import param_groups
+from .experiment import ModelConfig, TrainConfig, check_train_config, config_dirs, environment_overrides
+from .loop import Trainer, hold_run_folder
+from .metrics import read_metrics
+from .optim import OptimConfig, param_groups
 from .state import model_metadata, write_weights
 
 log = logging.getLogger(__name__)
