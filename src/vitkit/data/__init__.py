@@ -1,7 +1,8 @@
-"""Data: data sets yielding (uint8 image, label), a decoded-image cache, tensor transforms, mixup, and
-`build_loader`."""
+"""Data: `DataConfig` (config.py), data sets yielding (uint8 image, label), a decoded-image cache,
+tensor transforms, mixup, and `build_loader`."""
 
 from vitkit.data.cache import CachedImages
+from vitkit.data.config import DataConfig, data_root
 from vitkit.data.datasets import (
     BadImageError,
     Digits,
@@ -11,7 +12,7 @@ from vitkit.data.datasets import (
     decode_image,
     write_shards,
 )
-from vitkit.data.loader import DataConfig, Loader, ResumableSampler, build_loader, data_root
+from vitkit.data.loader import Loader, ResumableSampler, build_loader
 from vitkit.data.mixup import Mixup, soft_target_cross_entropy
 from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD, build_transforms
 

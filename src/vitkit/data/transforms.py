@@ -13,18 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from vitkit.data.loader import DataConfig
+# The ViT normalisation is DataConfig's default, so it lives with it; re-exported here beside ImageNet's.
+from vitkit.data.config import VIT_MEAN, VIT_STD, DataConfig, Interpolation
 
-Interpolation = Literal["bicubic", "bilinear"]
 Generator = torch.Generator | None
 
-VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)  # the official ViT code maps pixels to [-1, 1]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,0 +1,7 @@
+"""`python -m vitkit.cli`, as `python -m vitkit`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,227 @@
+"""Commands that measure or show a trained checkpoint: eval, predict, fewshot, plot."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import add_set_arg
+
+
+# vitkit eval --------------------------------------------------------------------------------------
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint", help="a run folder (its best weights), or a .safetensors training checkpoint"
+    )
+    parser.add_argument("--split", default="test", help="split of the data set (train, val, test)")
+    parser.add_argument(
+        "--root", default=None,
+        help="ImageFolder root with one folder per split (default: the data set the checkpoint was trained on)",
+    )  # fmt: skip
+    add_set_arg(
+        parser, "override the data config stored with the checkpoint, e.g. root=/data/cifar10 batch_size=256"
+    )
+    parser.add_argument("--out", default=None, help="folder for results.json and the confusion matrix PNG")
+
+
+def parse_data_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`--set key=value` of a DataConfig field, the value read as YAML (256, [0.5, 0.5, 0.5], true)."""
+    import yaml
+
+    parsed = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ValueError(f"--set {override!r}: expected key=value, e.g. root=/data/cifar10")
+        parsed[key.strip().removeprefix("data.")] = yaml.safe_load(value)
+    return parsed
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Top-1/top-5, per-class accuracy and a confusion matrix PNG of a checkpoint on a split."""
+    from ..data import DataConfig, build_loader
+    from ..eval.classification import (
+        evaluate_classification,
+        load_classifier,
+        plot_confusion_matrix,
+        resolve_checkpoint,
+        write_results,
+    )
+
+    path = resolve_checkpoint(args.checkpoint)
+    model, classes, data = load_classifier(path)
+    overrides = parse_data_overrides(args.overrides)
+    if args.root is not None:
+        overrides.setdefault("root", args.root)
+        if not data:
+            overrides.setdefault("dataset", "imagefolder")
+    if not data and "root" not in overrides and "dataset" not in overrides:
+        raise ValueError(
+            f"{path} names no data set (it carries no training data config); pass --root FOLDER "
+            f"(an ImageFolder with {args.split}/ inside) or --set dataset=..."
+        )
+    if not data:
+        data = {"img_size": model.config.img_size[0]}
+    config = DataConfig.from_dict(data).replace(**overrides)
+    loader = build_loader(config, args.split, augment=False)
+    if loader.classes != classes:
+        raise ValueError(
+            f"{path}: trained on classes {classes[:10]}{' ...' if len(classes) > 10 else ''}, but split "
+            f"{args.split!r} of {config.root or config.dataset} has {loader.classes[:10]}"
+            f"{' ...' if len(loader.classes) > 10 else ''}"
+        )
+    result = evaluate_classification(model, loader, classes, progress=True)
+    if result.num_samples == 0:
+        raise ValueError(f"split {args.split!r} of {config.root or config.dataset} has no images")
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / f"eval_{args.split}"
+    results = write_results(result, out / "results.json", checkpoint=str(path), split=args.split)
+    figure = plot_confusion_matrix(result, out / "confusion_matrix.png")
+    print(
+        f"{path} on {args.split} ({result.num_samples} images): top-1 {result.top_k(1):.2%}, "
+        f"top-5 {result.top_k(5):.2%}, mean per-class {result.metrics()['mean_class_accuracy']:.2%}"
+    )
+    print(f"wrote {results}\nwrote {figure}")
+    return 0
+
+
+# vitkit predict -----------------------------------------------------------------------------------
+def add_predict_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a run folder or a .safetensors training checkpoint")
+    parser.add_argument("images", nargs="+", help="JPEG, PNG, WebP or BMP files")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="classes shown per image, 1..classes (default: 5, or all if fewer)",
+    )
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """The top-k class names and probabilities of each image."""
+    from ..data import DataConfig, build_transforms, decode_image
+    from ..data.datasets import BadImageError
+    from ..eval.classification import load_classifier, predict_images
+
+    model, classes, data = load_classifier(args.checkpoint)
+    if args.top_k is None:
+        args.top_k = min(5, len(classes))
+    if not 1 <= args.top_k <= len(classes):
+        raise ValueError(f"--top-k {args.top_k}: expected 1..{len(classes)} (the checkpoint's classes)")
+    config = DataConfig.from_dict(data) if data else DataConfig(img_size=model.config.img_size[0])
+    transform = build_transforms(config, train=False)
+    failed = 0
+    for path in args.images:
+        try:
+            image = transform(decode_image(path), None)
+        except BadImageError as error:
+            print(f"{path}: skipped: {error.reason}", file=sys.stderr)
+            failed += 1
+            continue
+        ranked = predict_images(model, classes, image[None], args.top_k)[0]
+        print(f"{path}: " + ", ".join(f"{name} {probability:.3f}" for name, probability in ranked))
+    return 1 if failed else 0
+
+
+# vitkit fewshot -----------------------------------------------------------------------------------
+def add_fewshot_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="weights to evaluate frozen: any file or folder vitkit.load reads")
+    parser.add_argument(
+        "--root", default=None,
+        help="ImageFolder root with train/ and test/ (default: $VITKIT_DATA/cifar10, by default "
+        "../shared/data/cifar10 beside the source checkout)",
+    )  # fmt: skip
+    parser.add_argument("--dataset", default="imagefolder", help="data set kind (DataConfig.dataset)")
+    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
+    parser.add_argument("--seeds", type=int, default=3, help="draws per shot count")
+    parser.add_argument("--l2-reg", type=float, default=1024.0, help="ridge strength on whitened features")
+    parser.add_argument("--no-probe", action="store_true", help="skip the logistic-regression linear probe")
+    parser.add_argument(
+        "--probe-per-class", type=int, default=500, help="probe training images per class (0: all)"
+    )
+    parser.add_argument(
+        "--max-test", type=int, default=0, help="evaluate on the first N test images (0: all)"
+    )
+    parser.add_argument("--out", default=None, help="write the metrics as JSON here")
+
+
+def run_fewshot(args: argparse.Namespace) -> int:
+    """Few-shot linear evaluation of frozen features (ViT paper): 1/5/10/25 shots, and a linear probe."""
+    import json
+
+    import torch
+    from torch.utils.data import Subset
+
+    from ..data import DataConfig, build_transforms, data_root
+    from ..data.loader import open_dataset
+    from ..eval.classification import resolve_checkpoint
+    from ..eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, format_table
+    from ..io import atomic_write, load
+
+    model = load(resolve_checkpoint(args.checkpoint)).eval()
+    img_size = args.img_size or model.config.img_size[0]
+    root = args.root if args.root is not None else str(data_root() / "cifar10")
+    data = DataConfig(dataset=args.dataset, root=root, img_size=img_size, eval_resize="squash")
+    transform = build_transforms(data, train=False)
+    train_set = Transformed(open_dataset(data, "train"), transform)
+    test_set = Transformed(open_dataset(data, "test"), transform)
+    if args.max_test:
+        # A class-balanced cut: every k-th image, since ImageFolder lists the test set class by class.
+        stride = max(len(test_set) // args.max_test, 1)
+        test_set = Subset(test_set, list(range(0, len(test_set), stride))[: args.max_test])
+    config = FewShotConfig(
+        shots=tuple(args.shots), num_seeds=args.seeds, l2_reg=args.l2_reg,
+        linear_probe=not args.no_probe, probe_samples_per_class=args.probe_per_class,
+    )  # fmt: skip
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+
+    metrics = evaluate_fewshot(predict, train_set, test_set, config)
+    print(format_table(metrics, config.shots))
+    if args.out:
+        text = json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=1) + "\n"
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+    return 0
+
+
+# vitkit plot --------------------------------------------------------------------------------------
+def add_plot_args(parser: argparse.ArgumentParser) -> None:
+    figures = ("pos-embed", "attention-distance", "filters", "attention")
+    parser.add_argument("figure", choices=figures, help="which figure of the ViT paper (Figures 6 and 7)")
+    parser.add_argument("checkpoint", help="any checkpoint `vitkit.load` reads")
+    parser.add_argument(
+        "images", nargs="*", help="attention-distance: image files or folders; attention: one image"
+    )
+    parser.add_argument("--out", default=None, help="PNG path (default: figures/<figure>.png)")
+    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
+    parser.add_argument("--max-images", type=int, default=64, help="attention-distance: images used")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--layer", type=int, default=-1, help="attention: block of the per-head maps")
+    parser.add_argument("--num-components", type=int, default=28, help="filters: components shown")
+    parser.add_argument("--mean", type=float, nargs=3, default=(0.5, 0.5, 0.5), help="input normalisation")
+    parser.add_argument("--std", type=float, nargs=3, default=(0.5, 0.5, 0.5), help="input normalisation")
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    """Draw a figure of the ViT paper from a checkpoint: position embeddings, attention, filters."""
+    from ..analysis.plots import figure_from_checkpoint
+    from ..eval.classification import resolve_checkpoint
+
+    path, message = figure_from_checkpoint(
+        args.figure,
+        resolve_checkpoint(args.checkpoint),
+        args.images,
+        out=args.out,
+        img_size=args.img_size,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        layer=args.layer,
+        num_components=args.num_components,
+        mean=tuple(args.mean),
+        std=tuple(args.std),
+    )
+    print(f"{message}\nwrote {path}")
+    return 0

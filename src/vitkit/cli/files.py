@@ -1,0 +1,94 @@
+"""Commands that write checkpoints in other formats: convert (layouts), export (ONNX)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+# vitkit convert -----------------------------------------------------------------------------------
+def add_convert_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="checkpoint file or folder in any layout (detected)")
+    parser.add_argument("dst", help="output: a file (.safetensors, .pth, .npz) or, for hf, a folder")
+    parser.add_argument("--to", required=True, choices=["vitkit", "timm", "hf", "npz", "mmpretrain"])
+    parser.add_argument(
+        "--from",
+        dest="layout",
+        default=None,
+        choices=["vitkit", "vit_jax", "big_vision", "timm", "hf", "dinov2", "mmpretrain", "deit"],
+        help="force the source layout instead of detecting it",
+    )
+    parser.add_argument("--num-heads", type=int, default=None, help="heads, for widths not in the size table")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="resample position embeddings to this size"
+    )
+    parser.add_argument(
+        "--keep-source-numerics",
+        action="store_true",
+        help="keep the source's GELU form, LayerNorm eps and position-embedding resampling",
+    )
+    parser.add_argument(
+        "--drop-pre-logits", action="store_true", help="drop the ImageNet-21k pre-logits layer"
+    )
+    parser.add_argument("--non-strict", action="store_true", help="convert despite unused or missing keys")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert a checkpoint between layouts: vitkit, timm, HF, vit_jax .npz, mmpretrain."""
+    from ..convert import convert
+
+    overrides = {}
+    if args.num_heads is not None:
+        overrides["num_heads"] = args.num_heads
+    if args.img_size is not None:
+        overrides["img_size"] = args.img_size
+    report = convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        layout=args.layout,
+        strict=not args.non_strict,
+        keep_source_numerics=args.keep_source_numerics,
+        pre_logits=not args.drop_pre_logits,
+        progress=True,
+        **overrides,
+    )
+    config = report.config
+    print(
+        f"read {args.src} as {report.source_layout}: width {config.embed_dim}, depth {config.depth}, heads "
+        f"{config.num_heads}, stem {config.stem}, patch {config.patch_size}, {config.img_size[0]}x"
+        f"{config.img_size[1]} px, {config.num_classes} classes"
+    )
+    print(
+        f"wrote {report.path} ({report.target}, {report.num_tensors} tensors; converted back bitwise equal)"
+    )
+    return 0
+
+
+# vitkit export ------------------------------------------------------------------------------------
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="native vitkit checkpoint (.safetensors file or folder)")
+    parser.add_argument("output", help="ONNX file to write, e.g. model.onnx")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="resolution of the graph (default: the checkpoint's)"
+    )
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint to ONNX (dynamic batch), checked against PyTorch with onnxruntime."""
+    from ..eval.classification import resolve_checkpoint
+    from ..export import export_onnx
+    from ..io import load
+
+    overrides = {} if args.img_size is None else {"img_size": args.img_size}
+    model = load(resolve_checkpoint(args.checkpoint), **overrides)
+    check = export_onnx(model, args.output, check=not args.no_check)
+    size = "x".join(map(str, model.config.img_size))
+    print(f"wrote {args.output}: images (batch, {model.config.in_chans}, {size}) -> logits (batch, "
+          f"{model.config.num_classes}), dynamic batch")  # fmt: skip
+    if check is not None:
+        print(
+            f"onnxruntime vs PyTorch on a batch of {check.batch_size}: max |error| {check.max_abs_error:.2e} "
+            f"(logits up to {check.max_abs_logit:.2f})"
+        )
+    return 0

@@ -1,0 +1,227 @@
+"""Commands that train: train, demo, and the papers' finetune and pretrain."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .common import add_set_arg
+
+
+# vitkit train -------------------------------------------------------------------------------------
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="a name in configs/ (e.g. digits_vit), a .py file, or a run's config.json",
+    )
+    add_set_arg(
+        parser,
+        "override a config field, type-checked: optim.lr=1e-3, train.epochs=5, model.overrides.depth=6",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train an experiment from configs/ (resumes from its run folder); torchrun runs it on N processes."""
+    import json
+
+    from ..train import NonFiniteLossError, load_experiment, train
+
+    experiment = load_experiment(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(experiment.to_dict(), indent=1))
+        return 0
+    try:
+        summary = train(experiment)
+    except NonFiniteLossError as error:
+        print(f"vitkit train: stopped: {error}", file=sys.stderr)
+        return 3
+    if "last" in summary:  # the main process
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+# vitkit demo --------------------------------------------------------------------------------------
+def add_demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="run folder of the demo")
+    add_set_arg(parser, "override the digits_vit config, e.g. train.epochs=5")
+
+
+def command_name() -> str:
+    """How to call this vitkit again from the user's shell: `vitkit` when it is on the PATH, else
+    the path of the entry point beside this Python (e.g. .venv/bin/vitkit), else `python -m vitkit`."""
+    entry = Path(sys.executable).parent / "vitkit"
+    on_path = shutil.which("vitkit")
+    if on_path and entry.exists() and Path(on_path).resolve() == entry.resolve():
+        return "vitkit"
+    if entry.exists():
+        try:
+            return str(entry.relative_to(Path.cwd()))
+        except ValueError:
+            return str(entry)
+    return f"{sys.executable} -m vitkit"
+
+
+def write_digit_samples(folder: Path, num_samples: int = 4) -> list[Path]:
+    """A few test-split digits as PNG files (8x8, as in the data set), to try `vitkit predict` on."""
+    from PIL import Image
+
+    from ..data import Digits
+
+    test = Digits("test")
+    paths = []
+    for index in range(num_samples):
+        image, label = test[index]
+        path = folder / f"test{index:03d}_label{label}.png"
+        pixels = image.permute(1, 2, 0).numpy()
+        atomic_write_image(path, Image.fromarray(pixels))
+        paths.append(path)
+    return paths
+
+
+def atomic_write_image(path: Path, image) -> None:
+    from ..io import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The main job: train a small ViT on the embedded digits, evaluate it, write results and figures."""
+    from ..train import load_experiment, train
+
+    started = time.perf_counter()
+    experiment = load_experiment("digits_vit", [f"train.out_dir={args.out}", *args.overrides])
+    print(
+        f"vitkit demo: training {experiment.model.name} with {experiment.model.overrides} on the embedded "
+        f"digits (scikit-learn, 8x8 upsampled to {experiment.data.img_size} px) for {experiment.train.epochs} epochs",
+        file=sys.stderr,
+    )
+    summary = train(experiment)
+    out = Path(summary["out_dir"])
+    samples = write_digit_samples(out / "samples")
+    print(
+        f"\nvitkit demo: test top-1 {summary['top1']:.2%} (top-5 {summary['top5']:.2%}, best {summary['best_top1']:.2%}) "
+        f"after {summary['steps']} steps; {summary['train_time_s']:.0f} s training, "
+        f"{time.perf_counter() - started:.0f} s in all"
+    )
+    for what, key in (
+        ("results (JSON)", "results"),
+        ("loss/accuracy curves (PNG)", "curves"),
+        ("confusion matrix (PNG)", "confusion_matrix"),
+        ("best weights", "best"),
+        ("last weights", "last"),
+        ("metrics (JSONL; CSV beside it)", "metrics"),
+    ):
+        print(f"  {what:32s} {summary[key]}")
+    print(f"  {'resolved config':32s} {out / 'config.json'}")
+    print(f"  {'resumable checkpoints':32s} {out / 'checkpoints'}")
+    print(f"  {'TensorBoard logs':32s} {out / 'tensorboard'}")
+    print(f"  {'test digits to predict (PNG)':32s} {out / 'samples'}")
+    vitkit = command_name()
+    print(f"next: {vitkit} eval {out}   |   {vitkit} predict {out} {samples[0]}")
+    return 0
+
+
+# vitkit finetune ----------------------------------------------------------------------------------
+def add_finetune_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="pre-trained weights: any file or folder vitkit.load reads")
+    parser.add_argument("--config", default="finetune_cifar10", help="a fine-tuning experiment in configs/")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="fine-tuning resolution (default: config's)"
+    )
+    parser.add_argument(
+        "--freeze", default=None, choices=["none", "attention-only", "head-only"],
+        help="freezing rule; attention-only also writes delta.safetensors (default: the config's)",
+    )  # fmt: skip
+    add_set_arg(parser, "override a config field: optim.lr=0.01, train.epochs=5, data.root=/data/cifar10")
+    parser.add_argument(
+        "--compare-freezing", action="store_true",
+        help="first print trainable parameters, memory and step time of full vs attention-only",
+    )  # fmt: skip
+
+
+def start_digest(checkpoint: str, num_classes: int, img_size: int) -> str:
+    """A short digest of a fine-tuning start: the source file or folder (path, size, mtime) and the
+    new head and resolution."""
+    import hashlib
+
+    path = Path(checkpoint).resolve()
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    text = f"{path}|{num_classes}|{img_size}|" + "|".join(
+        f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}" for file in files if file.is_file()
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a pre-trained checkpoint as the ViT paper: new zero head, 2D-interpolated positions."""
+    import dataclasses
+    import json
+
+    from ..data.loader import open_dataset
+    from ..delta import finetune_model, format_freezing_report, freezing_report, save_delta
+    from ..eval.classification import resolve_checkpoint
+    from ..io import save
+    from ..train import load_experiment, train
+
+    checkpoint = str(resolve_checkpoint(args.checkpoint))
+    experiment = load_experiment(args.config, args.overrides)
+    data = experiment.data
+    if args.img_size is not None:
+        data = data.replace(img_size=args.img_size)
+    dataset = open_dataset(data, "train")
+    num_classes = len(getattr(dataset, "dataset", dataset).classes)
+    model = finetune_model(checkpoint, num_classes, data.img_size)
+    freeze = args.freeze or experiment.model.freeze
+    if args.compare_freezing:
+        report = freezing_report(model.config, ("none", freeze if freeze != "none" else "attention-only"))
+        print(format_freezing_report(report))
+    out_dir = Path(experiment.train.out_dir)
+    # Named by what it was made from, so that preparing another start never overwrites the one a run
+    # in this folder began from: the run folder's own checks then name what differs.
+    start = out_dir / f"init-{start_digest(checkpoint, num_classes, data.img_size)}.safetensors"
+    if not start.exists():
+        save(model, start)
+    experiment = dataclasses.replace(
+        experiment,
+        data=data,
+        model=dataclasses.replace(experiment.model, init_from=str(start), overrides={}, freeze=freeze),
+    )
+    summary = train(experiment)
+    if "last" in summary and freeze != "none":
+        from ..io import load
+
+        delta = save_delta(load(summary["last"]), checkpoint, out_dir / "delta.safetensors")
+        summary["delta"] = str(delta)
+        summary["delta_note"] = f"vitkit.load({checkpoint!r}, delta={str(delta)!r}) rebuilds the task model"
+    if "last" in summary:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+# vitkit pretrain ----------------------------------------------------------------------------------
+def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="pretrain_cifar10", help="a pre-training experiment in configs/")
+    add_set_arg(
+        parser, "override a field: masked.masking=blockwise, masked.target=pixels, model.overrides.stem=hmlp"
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    """Masked-patch pre-training (ViT 4.6 mean colour, BeiT blockwise); writes encoder.safetensors."""
+    import json
+
+    from ..train.pretrain import load_pretrain_experiment, pretrain
+
+    experiment = load_pretrain_experiment(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(experiment.to_dict(), indent=1))
+        return 0
+    print(json.dumps(pretrain(experiment), indent=1))
+    return 0
