@@ -1,0 +1,137 @@
+"""The house rules of docs/ARCHITECTURE.md, checked on the source tree: the map names every source
+file, no file is over 600 lines, and imports run one way (no circle, lazy imports inside functions
+included)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PACKAGE = SRC / "vitkit"
+MAP = ROOT / "docs" / "ARCHITECTURE.md"
+MAX_LINES = 600
+
+
+def source_files() -> list[Path]:
+    return sorted(path for path in PACKAGE.rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the vitkit modules it imports anywhere in its text (functions included). `from
+    package import name` counts as importing the submodule `package.name` when there is one."""
+    files = {module_name(path): path for path in source_files()}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(
+                        parts[: len(parts) - node.level + 1] + ([node.module] if node.module else [])
+                    )
+                else:
+                    base = node.module or ""
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base
+                    for alias in node.names
+                ]
+            for target in targets:
+                while target and target not in files:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles = []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    circles.append(sorted(component))
+    return circles
+
+
+def test_the_circle_finder_finds_circles() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert import_circles(graph) == [["a", "b", "c"]]
+    assert import_circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle() -> None:
+    circles = import_circles(import_graph())
+    assert not circles, "import circles: " + "; ".join(" <-> ".join(circle) for circle in circles)
+
+
+@pytest.mark.parametrize("path", source_files(), ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_no_source_file_over_the_limit(path: Path) -> None:
+    num_lines = len(path.read_text().splitlines())
+    assert num_lines <= MAX_LINES, f"{path.relative_to(ROOT)}: {num_lines} lines (at most {MAX_LINES})"
+
+
+def test_the_map_names_every_source_file() -> None:
+    text = MAP.read_text()
+    named = set(re.findall(r"[\w/]+\.py", text))
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in source_files()
+        if str(path.relative_to(PACKAGE)) not in named and str(path.relative_to(SRC)) not in named
+    ]
+    assert not missing, f"docs/ARCHITECTURE.md does not name {missing}"
+    stale = [
+        name
+        for name in named
+        if name.count("/") and not (PACKAGE / name).exists() and not (ROOT / name).exists()
+    ]
+    assert not stale, f"docs/ARCHITECTURE.md names files that do not exist: {stale}"
+
+
+def test_the_readme_points_to_the_map() -> None:
+    assert "docs/ARCHITECTURE.md" in (ROOT / "README.md").read_text()
