@@ -195,6 +195,23 @@ def test_fifo_given_to_predict(run, tmp_path, checkpoint, image):
     RESULTS[-1]["outcome"] = "exit 1: fifo.png skipped (is a FIFO), image.png predicted"
 
 
+def test_fifo_given_to_plot(run, tmp_path, checkpoint):
+    os.mkfifo(tmp_path / "fifo.png")
+    reply = run(
+        "FIFO image given to vitkit plot attention",
+        argv=[
+            "plot",
+            "attention",
+            str(checkpoint),
+            str(tmp_path / "fifo.png"),
+            "--out",
+            str(tmp_path / "a.png"),
+        ],
+    )
+    refused(reply, "fifo.png", "is a FIFO")
+    assert not (tmp_path / "a.png").exists()
+
+
 def test_fifo_given_as_checkpoint(run, tmp_path, image):
     os.mkfifo(tmp_path / "fifo.safetensors")
     reply = run(

@@ -56,8 +56,8 @@ def image_files(sources: list[str | os.PathLike]) -> list[Path]:
     for source in map(Path, sources):
         if source.is_dir():
             files += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif source.is_file():
-            files.append(source)
+        elif source.exists():
+            files.append(source)  # read_image names what is not a regular file
         else:
             raise FileNotFoundError(f"{source}: no such image file or folder")
     if not files:
@@ -69,8 +69,10 @@ def image_files(sources: list[str | os.PathLike]) -> list[Path]:
 
 def read_image(path: str | os.PathLike, size: tuple[int, int]) -> torch.Tensor:
     """An RGB image as uint8 (3, H, W): shorter side resized (bicubic) to fit, then centre-cropped."""
+    from ..data.datasets import open_regular  # only regular files: a FIFO would block the read
+
     try:
-        with Image.open(path) as image:
+        with open_regular(path) as stream, Image.open(stream) as image:
             image = image.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from error
