@@ -181,35 +181,39 @@ def _config_path(config: str) -> Path:
     )
 
 
-def _experiment_from_file(path: Path) -> Experiment:
+class UnknownKeyError(ValueError, TypeError):
+    """An override names a key the experiment does not have (a ValueError of the command line, a
+    TypeError of the dataclass it would be passed to)."""
+
+
+def _experiment_from_file(path: Path, kind: type) -> Any:
     if path.suffix == ".json":
-        return _parse({"experiment": read_json(path, error=ValueError)}, path)
+        return _parse({"experiment": read_json(path, error=ValueError)}, path, kind)
     spec = importlib.util.spec_from_file_location(f"vitkit_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not callable(getattr(module, "experiment", None)):
-        raise ValueError(f"{path}: a config file must define `experiment() -> Experiment`")
+        raise ValueError(f"{path}: a config file must define `experiment() -> {kind.__name__}`")
     result = module.experiment()
-    if not isinstance(result, Experiment):
-        raise TypeError(f"{path}: experiment() returned {type(result).__name__}, expected Experiment")
+    if not isinstance(result, kind):
+        raise TypeError(f"{path}: experiment() returned {type(result).__name__}, expected {kind.__name__}")
     return result
 
 
-def _parser():
+def _parser(kind: type):
     import jsonargparse
 
-    parser = jsonargparse.ArgumentParser(exit_on_error=False, prog="vitkit train")
-    parser.add_class_arguments(Experiment, "experiment")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False, prog="vitkit")
+    parser.add_class_arguments(kind, "experiment")
     return parser
 
 
-def _parse(data: dict[str, Any] | None, origin: Any, flags: list[str] | None = None) -> Experiment:
+def _parse(data: dict[str, Any], origin: Any, kind: type) -> Any:
     import jsonargparse
 
-    parser = _parser()
+    parser = _parser(kind)
     try:
-        namespace = parser.parse_object(data) if data is not None else parser.parse_args(flags or [])
-        return parser.instantiate(namespace).experiment
+        return parser.instantiate(parser.parse_object(data)).experiment
     except jsonargparse.ArgumentError as error:
         raise ValueError(f"{origin}: {error}".replace("experiment.", "")) from error
 
@@ -225,26 +229,31 @@ def _known_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def load_experiment(config: str | Experiment, overrides: list[str] = ()) -> Experiment:
-    """An experiment from a config name in configs/, a .py or .json file (e.g. a run's config.json),
-    or an Experiment, with `key=value` overrides (`optim.lr=1e-3`, `model.overrides.depth=6`).
+def _with_root(experiment: Any, base: Path) -> Any:
+    """The experiment with its data root absolute, a relative one taken from `base`."""
+    return dataclasses.replace(
+        experiment, data=experiment.data.replace(root=resolve_root(experiment.data.root, base))
+    )
+
+
+def load_experiment(config: str | Any, overrides: list[str] = (), kind: type = Experiment) -> Any:
+    """An experiment of `kind` (an `Experiment`, or a `PretrainExperiment` for `vitkit pretrain`)
+    from a config name in configs/, a .py or .json file (e.g. a run's config.json), or an instance,
+    with `key=value` overrides (`optim.lr=1e-3`, `model.overrides.depth=6`) and $VITKIT_SET's.
 
     Overrides are type-checked by jsonargparse; unknown keys are errors with close matches named.
     """
     import yaml
 
-    if isinstance(config, Experiment):
-        base = config
-    else:
+    if isinstance(config, str):
         path = _config_path(config)
-        base = _experiment_from_file(path)
         # A config's relative data root is taken from the config file's folder, never the working one.
-        base = dataclasses.replace(
-            base, data=base.data.replace(root=resolve_root(base.data.root, path.parent))
-        )
+        base = _with_root(_experiment_from_file(path, kind), path.parent)
+    else:
+        base, kind = config, type(config)
     overrides = [*overrides, *environment_overrides()]
     data = base.to_dict()
-    known = _known_keys(Experiment)
+    known = _known_keys(kind)
     flags = []
     for override in overrides:
         key, sep, value = override.partition("=")
@@ -258,10 +267,10 @@ def load_experiment(config: str | Experiment, overrides: list[str] = ()) -> Expe
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"override {override!r}: unknown config key {key!r}{hint}")
+            raise UnknownKeyError(f"override {override!r}: unknown config key {key!r}{hint}")
         flags.append(f"--experiment.{key}={value}")
-    base = _parse({"experiment": data}, config if isinstance(config, str) else "config")
-    parser = _parser()
+    base = _parse({"experiment": data}, config if isinstance(config, str) else "config", kind)
+    parser = _parser(kind)
     parser.set_defaults({"experiment": base.to_dict()})
     import jsonargparse
 
@@ -270,9 +279,7 @@ def load_experiment(config: str | Experiment, overrides: list[str] = ()) -> Expe
     except jsonargparse.ArgumentError as error:
         raise ValueError(f"override: {error}".replace("experiment.", "")) from error
     # What is still relative was typed on the command line: it is taken from the working folder.
-    return dataclasses.replace(
-        experiment, data=experiment.data.replace(root=resolve_root(experiment.data.root, Path.cwd()))
-    )
+    return _with_root(experiment, Path.cwd())
 
 
 OVERRIDES_ENV = "VITKIT_SET"

@@ -11,29 +11,23 @@ and the whole pre-training model (encoder, mask embedding, head) as `masked_mode
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
-import importlib.util
 import json
 import logging
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ..data import DataConfig
 from ..data.datasets import derive_seed
-from ..data.loader import resolve_root
 from ..models.config import ViTConfig, check_fields
 from ..models.masked import MaskedConfig, MaskedPatchModel
 from ..registry import create_model
 from . import distributed
-from .experiment import ModelConfig, TrainConfig, check_train_config, config_dirs, environment_overrides
+from .experiment import ModelConfig, TrainConfig, check_train_config, load_experiment
 from .loop import Trainer, hold_run_folder
 from .metrics import read_metrics
 from .optim import OptimConfig, param_groups
@@ -68,104 +62,11 @@ class PretrainExperiment:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def replace(self, overrides: list[str]) -> PretrainExperiment:
-        """`section.field=value` overrides (values parsed as YAML); unknown names are errors."""
-        sections: dict[str, dict[str, Any]] = {}
-        top: dict[str, Any] = {}
-        for override in overrides:
-            key, sep, value = override.partition("=")
-            if not sep:
-                raise ValueError(f"override {override!r}: expected key=value, e.g. optim.lr=1e-3")
-            parsed = yaml.safe_load(value)
-            section, _, name = key.strip().removeprefix("--").partition(".")
-            if not name:
-                top[section] = parsed
-            elif section == "model" and name.startswith("overrides."):
-                sections.setdefault("model", {}).setdefault("overrides", dict(self.model.overrides))
-                sections["model"]["overrides"][name.removeprefix("overrides.")] = parsed
-            else:
-                sections.setdefault(section, {})[name] = parsed
-        check_fields(PretrainExperiment, {**sections, **top}, what="pretrain experiment section")
-        changed = {}
-        for section, values in sections.items():
-            current = getattr(self, section)
-            check_fields(type(current), values, what=f"{section} config")
-            for name, value in values.items():
-                values[name] = check_type(type(current), name, value, f"{section}.{name}")
-            changed[section] = dataclasses.replace(current, **values)
-        return dataclasses.replace(self, **changed, **top)
-
-
-def check_type(cls: type, name: str, value: Any, key: str) -> Any:
-    """`value` (parsed from YAML) as the type of field `name` of dataclass `cls`, or a one-line
-    error naming the key and the value. YAML reads 1e-3 as a string: numbers are read as floats."""
-    annotation = typing.get_type_hints(cls)[name]
-    if isinstance(value, str) and _fits(0.5, annotation) and not _fits(value, annotation):
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    if not _fits(value, annotation):
-        raise ValueError(f"{key}={value!r}: expected {_describe(annotation)}")
-    return value
-
-
-def _fits(value: Any, annotation: Any) -> bool:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any:
-        return True
-    if origin is typing.Literal:
-        return value in args
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, arg) for arg in args)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_fits(item, args[0]) for item in value)
-        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
-    if origin is dict:
-        return isinstance(value, dict)
-    return True
-
-
-def _describe(annotation: Any) -> str:
-    if typing.get_origin(annotation) is typing.Literal:
-        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
-    return getattr(annotation, "__name__", str(annotation))
-
 
 def load_pretrain_experiment(config: str, overrides: list[str] = ()) -> PretrainExperiment:
-    """A config name in configs/ or a .py file defining `experiment() -> PretrainExperiment`."""
-    path = Path(config)
-    if path.suffix != ".py":
-        found = [folder / f"{config}.py" for folder in config_dirs() if (folder / f"{config}.py").exists()]
-        if not found:
-            raise FileNotFoundError(f"no config named {config!r} in {', '.join(map(str, config_dirs()))}")
-        path = found[0]
-    spec = importlib.util.spec_from_file_location(f"vitkit_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    experiment = module.experiment()
-    if not isinstance(experiment, PretrainExperiment):
-        raise TypeError(
-            f"{path}: experiment() returned {type(experiment).__name__}, expected PretrainExperiment"
-        )
-    root = resolve_root(experiment.data.root, path.parent)
-    experiment = dataclasses.replace(experiment, data=experiment.data.replace(root=root))
-    experiment = experiment.replace([*overrides, *environment_overrides()])
-    # What is still relative was typed on the command line: it is taken from the working folder.
-    return dataclasses.replace(
-        experiment, data=experiment.data.replace(root=resolve_root(experiment.data.root, Path.cwd()))
-    )
+    """A config name in configs/ or a .py file defining `experiment() -> PretrainExperiment`, with
+    `section.field=value` overrides: `load_experiment`'s, type-checked the same way."""
+    return load_experiment(config, overrides, kind=PretrainExperiment)
 
 
 def build_tokenizer(spec: str) -> torch.nn.Module:
