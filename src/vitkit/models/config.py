@@ -161,8 +161,6 @@ class ViTConfig:
             f"stem 'hmlp' needs patch_size 16, not {self.patch_size}": self.stem != "hmlp"
             or self.patch_size == 16,
             "pool 'token' needs class_token=True": self.pool != "token" or self.class_token,
-            "parallel must be >= 1": self.parallel >= 1,
-            "depth must be >= 1": self.depth >= 1,
             f"img_size {size[0]}x{size[1]} must be divisible by the stem's stride {stride}": all(
                 s % stride == 0 for s in size
             ),
