@@ -28,6 +28,7 @@ from ..models.vit import VisionTransformer
 from .detect import LAYOUTS, detect_layout, infer_config
 from .keymap import KeyTable, Layout, State
 from .native import CONFIG_KEY, expected_shapes, load_native, load_state, read_folder_config, save
+from .preprocess import attach_preprocessing, write_processor_config
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def read_model(
         log.info("%s: dropped the pre-logits layer (pre_logits=False)", path)
     model = VisionTransformer(source.replace(**overrides))
     load_state(model, native, source_config=source, strict=strict, origin=str(path))
-    return model, checkpoint.layout
+    return attach_preprocessing(model, path, checkpoint.layout), checkpoint.layout
 
 
 def load_converted(
@@ -271,7 +272,12 @@ def write_layout(model: VisionTransformer, path: str | os.PathLike, to: str, pro
     different = [key for key, value in state.items() if key not in back or not torch.equal(back[key], value)]
     if different:
         raise CheckpointError(f"{layout.name}: converting back does not give the same tensors: {different}")
-    return layout.save(foreign, Path(path), config)
+    written = layout.save(foreign, Path(path), config)
+    if layout.name == "hf":
+        write_processor_config(model, written)
+    elif getattr(model, "preprocessing", None) is not None:
+        log.info("%s: the %s layout has no place for preprocessing; not recorded", written, layout.name)
+    return written
 
 
 def check_target_path(path: Path, to: str) -> None:

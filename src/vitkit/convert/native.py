@@ -28,6 +28,7 @@ from ..files import CheckpointError, atomic_write, parse_metadata, read_header, 
 from ..models.config import ViTConfig
 from ..models.pos_embed import resample_pos_embed
 from ..models.vit import VisionTransformer
+from .preprocess import attach_preprocessing, preprocessing_metadata
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def save(model: VisionTransformer, path: str | os.PathLike, metadata: dict[str, 
         )
     path = Path(path)
     config_json = json.dumps(model.config.to_dict(), sort_keys=True)
-    meta = {"format": "pt", CONFIG_KEY: config_json, **(metadata or {})}
+    meta = {"format": "pt", CONFIG_KEY: config_json, **preprocessing_metadata(model), **(metadata or {})}
     tensors = _tensors(model)
     if path.suffix == ".safetensors":
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -191,7 +192,7 @@ def load_native(path: str | os.PathLike, strict: bool = True, **overrides: Any) 
     state, _ = read_weights(weights_path)
     model = VisionTransformer(source.replace(**overrides))
     load_state(model, state, source_config=source, strict=strict, origin=str(weights_path))
-    return model
+    return attach_preprocessing(model, path, "vitkit")
 
 
 def load_state(

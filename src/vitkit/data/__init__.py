@@ -14,7 +14,9 @@ from vitkit.data.datasets import (
 )
 from vitkit.data.loader import Loader, ResumableSampler, build_loader
 from vitkit.data.mixup import Mixup, soft_target_cross_entropy
-from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD, build_transforms
+from vitkit.data.preprocess import eval_transform, preprocessing_of, resolve_preprocessing
+from vitkit.data.transforms import build_transforms
+from vitkit.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -35,6 +37,9 @@ __all__ = [
     "build_transforms",
     "data_root",
     "decode_image",
+    "eval_transform",
+    "preprocessing_of",
+    "resolve_preprocessing",
     "soft_target_cross_entropy",
     "write_shards",
 ]

@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 from vitkit.data.datasets import OnBad, Verify
 from vitkit.models.config import MAX_IMG_SIZE, check_fields
+from vitkit.models.preprocessing import VIT_MEAN, VIT_STD
 
 Interpolation = Literal["bicubic", "bilinear"]
 DatasetName = Literal["digits", "imagefolder", "shards", "synthetic"]
@@ -21,7 +22,6 @@ AutoAugment = Literal["none", "randaugment", "3aug"]
 EvalResize = Literal["crop", "squash"]
 TrainCrop = Literal["inception", "pad"]
 
-VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)  # the official ViT code maps pixels to [-1, 1]
 
 
 # Bounds on the integer fields, so that a data config read from a checkpoint's metadata cannot make

@@ -22,8 +22,6 @@ from vitkit.data.config import VIT_MEAN, VIT_STD, DataConfig, Interpolation
 
 Generator = torch.Generator | None
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _uniform(low: float, high: float, generator: Generator) -> float:
@@ -453,11 +451,12 @@ class ResizeCenterCrop:
 class SquashResize:
     """Eval of the official ViT code: both sides to `size`, aspect ratio not kept, nothing cropped."""
 
-    size: int
+    size: int | tuple[int, int]
     interpolation: Interpolation = "bicubic"
 
     def __call__(self, image: torch.Tensor, generator: Generator = None) -> torch.Tensor:
-        return resize(image, (self.size, self.size), self.interpolation)
+        size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        return resize(image, size, self.interpolation)
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..convert.preprocess import DATA_KEY
 from ..io import CheckpointError, atomic_write, load, parse_metadata, read_header
 from ..models.vit import VisionTransformer
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 # safetensors metadata written with training checkpoints: what `predict` and `vitkit eval` need.
 CLASSES_KEY = "vitkit.classes"
-DATA_KEY = "vitkit.data"
 
 
 class NonFiniteLogitsError(ValueError):

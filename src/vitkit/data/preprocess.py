@@ -1,0 +1,59 @@
+"""The eval transform of a loaded model: its checkpoint's preprocessing (`model.preprocessing`,
+see `vitkit.models.preprocessing`), with any field overridden, as one transform.
+
+`predict`, `eval`, `fewshot`, `finetune`, `plot` and `serve` all build their eval transform here, so
+an image is prepared the same way everywhere a checkpoint is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from vitkit.data.transforms import Compose, Normalize, ResizeCenterCrop, SquashResize
+from vitkit.models.preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+def preprocessing_of(model: nn.Module) -> Preprocessing:
+    """What the model's checkpoint says about its input; vitkit's default (squash to the model's
+    size, mean = std = 0.5) for a model built in code."""
+    preprocessing = getattr(model, "preprocessing", None)
+    if isinstance(preprocessing, Preprocessing):
+        return preprocessing
+    return Preprocessing(tuple(model.config.img_size))
+
+
+def resolve_preprocessing(model: nn.Module | Preprocessing, **overrides: Any) -> Preprocessing:
+    """The model's preprocessing with `overrides` (None values are ignored) applied; logged once."""
+    base = model if isinstance(model, Preprocessing) else preprocessing_of(model)
+    changes = {name: value for name, value in overrides.items() if value is not None}
+    preprocessing = (
+        base.replace(**changes, source=f"{base.source}, overridden: {', '.join(sorted(changes))}")
+        if changes
+        else base
+    )
+    log.info("preprocessing: %s", preprocessing.describe())
+    return preprocessing
+
+
+def transform_of(preprocessing: Preprocessing) -> Compose:
+    """Preprocessing -> uint8 (3, H, W) to float (3, *img_size) transform."""
+    normalize = Normalize(preprocessing.mean, preprocessing.std)
+    if preprocessing.eval_resize == "squash":
+        return Compose((SquashResize(preprocessing.img_size, preprocessing.interpolation), normalize))
+    return Compose(
+        (
+            ResizeCenterCrop(preprocessing.img_size[0], preprocessing.crop_pct, preprocessing.interpolation),
+            normalize,
+        )
+    )
+
+
+def eval_transform(model: nn.Module | Preprocessing, **overrides: Any) -> Compose:
+    """The eval transform of a loaded model (or of a Preprocessing), fields overridable by name:
+    img_size, eval_resize, crop_pct, interpolation, mean, std."""
+    return transform_of(resolve_preprocessing(model, **overrides))
