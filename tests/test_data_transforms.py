@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 from vitkit.data import transforms as T
 from vitkit.data.loader import DataConfig
 from vitkit.data.mixup import Mixup, cutmix_box, one_hot, soft_target_cross_entropy
+from vitkit.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 
 def random_image(height: int = 24, width: int = 32, seed: int = 0) -> torch.Tensor:
@@ -198,7 +199,7 @@ def test_normalize_maps_to_the_configured_statistics() -> None:
     image = torch.tensor([0, 255, 51], dtype=torch.uint8).reshape(3, 1, 1).expand(3, 2, 2)
     out = T.Normalize()(image)
     assert torch.allclose(out[:, 0, 0], torch.tensor([-1.0, 1.0, -0.6]))
-    imagenet = T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)(image)
+    imagenet = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(image)
     assert imagenet[0, 0, 0].item() == pytest.approx(-0.485 / 0.229)
 
 

@@ -102,7 +102,7 @@ def test_evaluate_fewshot_reads_only_the_images_it_needs():
     assert metrics["num_test"] == 50 and metrics["feature_dim"] == 16
     # At most (1 + 5) * 2 seeds + 8 probe images per class of train, then all 50 test images.
     assert 50 < sum(seen) <= 5 * (12 + 8) + 50
-    assert "| 5-shot | 100.00 +- 0.00 |" in format_table(metrics, (1, 5))
+    assert "| 5-shot | 5 | 100.00 +- 0.00 |" in format_table(metrics, (1, 5))
 
 
 def test_bad_input_is_named():

@@ -13,6 +13,7 @@ Figures are built on `matplotlib.figure.Figure` directly: no pyplot state, no GU
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,12 @@ def image_files(sources: list[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def read_image(path: str | os.PathLike, size: tuple[int, int]) -> torch.Tensor:
-    """An RGB image as uint8 (3, H, W): shorter side resized (bicubic) to fit, then centre-cropped."""
+def read_image(
+    path: str | os.PathLike, size: tuple[int, int], geometry: Callable | None = None
+) -> torch.Tensor:
+    """An RGB image as uint8 (3, H, W): through `geometry` (a checkpoint's resize and crop, see
+    `vitkit.data.preprocess.geometry_of`) if given, else shorter side resized (bicubic) to fit and
+    centre-cropped."""
     from ..data.datasets import open_regular  # only regular files: a FIFO would block the read
 
     try:
@@ -76,6 +81,8 @@ def read_image(path: str | os.PathLike, size: tuple[int, int]) -> torch.Tensor:
             image = image.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from error
+    if geometry is not None:
+        return geometry(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous())
     scale = max(size[0] / image.height, size[1] / image.width)
     resized = (max(size[1], round(image.width * scale)), max(size[0], round(image.height * scale)))
     image = image.resize(resized, Image.Resampling.BICUBIC)
@@ -85,7 +92,10 @@ def read_image(path: str | os.PathLike, size: tuple[int, int]) -> torch.Tensor:
 
 
 def read_images(
-    sources: list[str | os.PathLike], size: tuple[int, int], limit: int | None = None
+    sources: list[str | os.PathLike],
+    size: tuple[int, int],
+    limit: int | None = None,
+    geometry: Callable | None = None,
 ) -> torch.Tensor:
     """Images of files and folders as uint8 (B, 3, H, W); at most `limit`, evenly spaced in sorted order.
 
@@ -94,7 +104,7 @@ def read_images(
     files = image_files(sources)
     if limit is not None and len(files) > limit:
         files = [files[i * len(files) // limit] for i in range(limit)]
-    return torch.stack([read_image(path, size) for path in files])
+    return torch.stack([read_image(path, size, geometry) for path in files])
 
 
 def normalize(
@@ -300,15 +310,16 @@ def figure_from_checkpoint(
     batch_size: int = 32,
     layer: int = -1,
     num_components: int = 28,
-    mean: tuple[float, ...] = VIT_MEAN,
-    std: tuple[float, ...] = VIT_STD,
+    preprocessing: dict | None = None,
 ) -> tuple[Path, str]:
     """Load any checkpoint `vitkit.load` reads and draw one of FIGURES; returns (path, a summary line).
 
     `inputs` are image files or folders: several for "attention-distance" (`max_images` of them, spread over the folders),
     exactly one image for "attention", none for the others. Images are resized and centre-cropped to
-    the model's resolution (or `img_size`, which also resamples the position embeddings).
+    the model's resolution (or `img_size`, which also resamples the position embeddings) and
+    normalised as the checkpoint's preprocessing says, any field overridden by `preprocessing`.
     """
+    from ..data.preprocess import geometry_of, resolve_preprocessing
     from ..io import load
 
     if figure not in FIGURES:
@@ -321,6 +332,8 @@ def figure_from_checkpoint(
         raise ValueError(f"figure {figure!r} takes no images, got {inputs}")
     model = load(checkpoint, **({} if img_size is None else {"img_size": img_size})).eval()
     size = model.config.img_size
+    steps = resolve_preprocessing(model, **(preprocessing or {}))
+    geometry, mean, std = geometry_of(steps), steps.mean, steps.std
     path = Path(out) if out is not None else Path("figures") / f"{figure}.png"
     if figure == "pos-embed":
         similarity = plot_pos_embed(model, path)
@@ -331,7 +344,7 @@ def figure_from_checkpoint(
         top = ", ".join(f"{100 * share:.1f}%" for share in result.explained[:3].tolist())
         return path, f"{len(result.components)} filter components; the first explain {top} of the variance"
     if figure == "attention-distance":
-        images = normalize(read_images(inputs, size, limit=max_images), mean, std)
+        images = normalize(read_images(inputs, size, limit=max_images, geometry=geometry), mean, std)
         distances = plot_attention_distance(model, images, path, batch_size)
         per_layer = ", ".join(f"{d:.1f}" for d in distances.mean(dim=1).tolist())
         return path, f"mean attention distance (px) per layer over {len(images)} images: {per_layer}"
@@ -340,6 +353,6 @@ def figure_from_checkpoint(
         raise ValueError(
             f"figure 'attention' takes one image, got {len(files)}: {[str(f) for f in files][:5]}"
         )
-    rollout, _ = plot_attention(model, read_image(files[0], size), path, layer, mean, std)
+    rollout, _ = plot_attention(model, read_image(files[0], size, geometry), path, layer, mean, std)
     peak = divmod(int(rollout.argmax()), rollout.shape[1])
     return path, f"attention rollout of {files[0]}: peak at patch row {peak[0] + 1}, column {peak[1] + 1}"

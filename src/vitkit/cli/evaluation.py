@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_set_arg
+from .common import add_preprocessing_args, add_set_arg, preprocessing_overrides
 
 
 # vitkit eval --------------------------------------------------------------------------------------
@@ -24,6 +24,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         parser, "override the data config stored with the checkpoint, e.g. root=/data/cifar10 batch_size=256"
     )
     parser.add_argument("--out", default=None, help="folder for results.json and the confusion matrix PNG")
+    add_preprocessing_args(parser, img_size=False)
 
 
 def parse_data_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -41,7 +42,8 @@ def parse_data_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5, per-class accuracy and a confusion matrix PNG of a checkpoint on a split."""
-    from ..data import DataConfig, build_loader
+    from ..data import DataConfig, build_loader, preprocessing_of
+    from ..data.preprocess import data_fields
     from ..eval.classification import (
         evaluate_classification,
         load_classifier,
@@ -63,7 +65,9 @@ def run_eval(args: argparse.Namespace) -> int:
             f"(an ImageFolder with {args.split}/ inside) or --set dataset=..."
         )
     if not data:
-        data = {"img_size": model.config.img_size[0]}
+        # A checkpoint trained elsewhere: its own preprocessing (recorded or its layout's default).
+        data = data_fields(preprocessing_of(model))
+    overrides.update(preprocessing_overrides(args))
     config = DataConfig.from_dict(data).replace(**overrides)
     loader = build_loader(config, args.split, augment=False)
     if loader.classes != classes:
@@ -96,21 +100,21 @@ def add_predict_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="classes shown per image, 1..classes (default: 5, or all if fewer)",
     )
+    add_preprocessing_args(parser, img_size=False)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """The top-k class names and probabilities of each image."""
-    from ..data import DataConfig, build_transforms, decode_image
+    from ..data import decode_image, eval_transform
     from ..data.datasets import BadImageError
     from ..eval.classification import load_classifier, predict_images
 
-    model, classes, data = load_classifier(args.checkpoint)
+    model, classes, _ = load_classifier(args.checkpoint)
     if args.top_k is None:
         args.top_k = min(5, len(classes))
     if not 1 <= args.top_k <= len(classes):
         raise ValueError(f"--top-k {args.top_k}: expected 1..{len(classes)} (the checkpoint's classes)")
-    config = DataConfig.from_dict(data) if data else DataConfig(img_size=model.config.img_size[0])
-    transform = build_transforms(config, train=False)
+    transform = eval_transform(model, **preprocessing_overrides(args))
     failed = 0
     for path in args.images:
         try:
@@ -133,18 +137,19 @@ def add_fewshot_args(parser: argparse.ArgumentParser) -> None:
         "../shared/data/cifar10 beside the source checkout)",
     )  # fmt: skip
     parser.add_argument("--dataset", default="imagefolder", help="data set kind (DataConfig.dataset)")
-    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
     parser.add_argument("--seeds", type=int, default=3, help="draws per shot count")
     parser.add_argument("--l2-reg", type=float, default=1024.0, help="ridge strength on whitened features")
     parser.add_argument("--no-probe", action="store_true", help="skip the logistic-regression linear probe")
     parser.add_argument(
-        "--probe-per-class", type=int, default=500, help="probe training images per class (0: all)"
-    )
+        "--probe-per-class", type=int, default=0,
+        help="cap the probe's training images per class (default 0: every image given)",
+    )  # fmt: skip
     parser.add_argument(
         "--max-test", type=int, default=0, help="evaluate on the first N test images (0: all)"
     )
     parser.add_argument("--out", default=None, help="write the metrics as JSON here")
+    add_preprocessing_args(parser)
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
@@ -154,17 +159,22 @@ def run_fewshot(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import Subset
 
-    from ..data import DataConfig, build_transforms, data_root
+    from ..data import DataConfig, data_root, resolve_preprocessing
     from ..data.loader import open_dataset
+    from ..data.preprocess import transform_of
     from ..eval.classification import resolve_checkpoint
     from ..eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, format_table
     from ..io import atomic_write, load
 
     model = load(resolve_checkpoint(args.checkpoint)).eval()
-    img_size = args.img_size or model.config.img_size[0]
+    overrides = preprocessing_overrides(args)
+    if args.img_size is not None:
+        overrides["img_size"] = args.img_size
+    preprocessing = resolve_preprocessing(model, **overrides)
+    print(f"preprocessing: {preprocessing.describe()}")
     root = args.root if args.root is not None else str(data_root() / "cifar10")
-    data = DataConfig(dataset=args.dataset, root=root, img_size=img_size, eval_resize="squash")
-    transform = build_transforms(data, train=False)
+    data = DataConfig(dataset=args.dataset, root=root)
+    transform = transform_of(preprocessing)
     train_set = Transformed(open_dataset(data, "train"), transform)
     test_set = Transformed(open_dataset(data, "test"), transform)
     if args.max_test:
@@ -201,8 +211,7 @@ def add_plot_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--layer", type=int, default=-1, help="attention: block of the per-head maps")
     parser.add_argument("--num-components", type=int, default=28, help="filters: components shown")
-    parser.add_argument("--mean", type=float, nargs=3, default=(0.5, 0.5, 0.5), help="input normalisation")
-    parser.add_argument("--std", type=float, nargs=3, default=(0.5, 0.5, 0.5), help="input normalisation")
+    add_preprocessing_args(parser, img_size=False)
 
 
 def run_plot(args: argparse.Namespace) -> int:
@@ -220,8 +229,7 @@ def run_plot(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         layer=args.layer,
         num_components=args.num_components,
-        mean=tuple(args.mean),
-        std=tuple(args.std),
+        preprocessing=preprocessing_overrides(args),
     )
     print(f"{message}\nwrote {path}")
     return 0

@@ -40,17 +40,32 @@ def resolve_preprocessing(model: nn.Module | Preprocessing, **overrides: Any) ->
     return preprocessing
 
 
+def geometry_of(preprocessing: Preprocessing) -> Compose:
+    """The resize (and crop) of a preprocessing alone: uint8 (3, H, W) -> uint8 (3, *img_size), for
+    figures that draw the image the model sees."""
+    if preprocessing.eval_resize == "squash":
+        return Compose((SquashResize(preprocessing.img_size, preprocessing.interpolation),))
+    return Compose(
+        (ResizeCenterCrop(preprocessing.img_size[0], preprocessing.crop_pct, preprocessing.interpolation),)
+    )
+
+
 def transform_of(preprocessing: Preprocessing) -> Compose:
     """Preprocessing -> uint8 (3, H, W) to float (3, *img_size) transform."""
-    normalize = Normalize(preprocessing.mean, preprocessing.std)
-    if preprocessing.eval_resize == "squash":
-        return Compose((SquashResize(preprocessing.img_size, preprocessing.interpolation), normalize))
-    return Compose(
-        (
-            ResizeCenterCrop(preprocessing.img_size[0], preprocessing.crop_pct, preprocessing.interpolation),
-            normalize,
+    return Compose((*geometry_of(preprocessing).steps, Normalize(preprocessing.mean, preprocessing.std)))
+
+
+def data_fields(preprocessing: Preprocessing) -> dict[str, Any]:
+    """The DataConfig fields of a preprocessing, for loaders built from a checkpoint (`vitkit eval`,
+    `vitkit finetune`)."""
+    height, width = preprocessing.img_size
+    if height != width:
+        raise ValueError(
+            f"preprocessing img_size={preprocessing.img_size}: data configs take square images only"
         )
-    )
+    fields = preprocessing.as_dict()
+    fields["img_size"] = height
+    return fields
 
 
 def eval_transform(model: nn.Module | Preprocessing, **overrides: Any) -> Compose:

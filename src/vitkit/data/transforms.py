@@ -14,8 +14,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # The ViT normalisation is DataConfig's default, so it lives with it; re-exported here beside ImageNet's.
 from vitkit.data.config import VIT_MEAN, VIT_STD, DataConfig, Interpolation
@@ -37,19 +39,23 @@ def _to_uint8(image: torch.Tensor) -> torch.Tensor:
     return image.round().clamp_(0, 255).to(torch.uint8)
 
 
+PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
 # Geometry -----------------------------------------------------------------------------------------
 
 
 def resize(
     image: torch.Tensor, size: tuple[int, int], interpolation: Interpolation = "bicubic"
 ) -> torch.Tensor:
-    """uint8 (3, H, W) -> (3, *size); antialiased when shrinking, as PIL does."""
+    """uint8 (3, H, W) -> (3, *size), computed by PIL as timm (through torchvision) and HF's image
+    processors compute it, so a checkpoint sees the pixels its reference pipeline gives."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    resized = F.interpolate(
-        image[None].float(), size=size, mode=interpolation, align_corners=False, antialias=True
-    )
-    return _to_uint8(resized[0])
+    height, width = size
+    pixels = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    resized = pixels.resize((width, height), resample=PIL_RESAMPLE[interpolation], reducing_gap=None)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
 
 
 def resize_shorter(image: torch.Tensor, size: int, interpolation: Interpolation = "bicubic") -> torch.Tensor:

@@ -212,6 +212,8 @@ def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[st
     model = load(path).eval()
     check_finite(model, path)
     num_classes = model.config.num_classes
+    if classes is None and path.is_dir():
+        classes = folder_class_names(path, num_classes)
     if classes is None:
         classes = [str(index) for index in range(num_classes)]
     elif len(classes) != num_classes or not all(isinstance(name, str) for name in classes):
@@ -227,6 +229,24 @@ def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[st
             f"built for {model.config.img_size}"
         )
     return model, classes, data
+
+
+def folder_class_names(folder: Path, num_classes: int) -> list[str] | None:
+    """An HF folder's class names (`id2label` of its config.json), or None when it has none."""
+    from ..convert.native import read_folder_config
+
+    if not (folder / "config.json").is_file():
+        return None
+    id2label = read_folder_config(folder).get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    names = [id2label.get(str(index)) for index in range(num_classes)]
+    if len(id2label) != num_classes or not all(isinstance(name, str) for name in names):
+        raise CheckpointError(
+            f"{folder / 'config.json'}: id2label has {len(id2label)} entries for {num_classes} classes "
+            "(expected one name per class, keys '0', '1', ...)"
+        )
+    return names
 
 
 def check_finite(model: VisionTransformer, path: str | os.PathLike) -> None:

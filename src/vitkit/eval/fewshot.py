@@ -240,12 +240,16 @@ def _targets(dataset: Dataset) -> torch.Tensor:
 
 
 def _per_class_cap(labels: torch.Tensor, cap: int, seed: int) -> torch.Tensor:
-    """At most `cap` indices of each class (all when cap is 0), drawn with a seeded generator."""
+    """At most `cap` indices of each class, each class on its own (a small class keeps all it has
+    and caps no other); every index when cap is 0. Drawn with a seeded generator."""
     if cap <= 0:
         return torch.arange(len(labels))
-    num_classes = int(labels.max()) + 1
-    counts = torch.bincount(labels, minlength=num_classes)
-    return sample_shots(labels, min(cap, int(counts.min())), seed, num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in range(int(labels.max()) + 1):
+        members = torch.nonzero(labels == label).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:cap]])
+    return torch.cat(chosen)
 
 
 def evaluate_fewshot(
@@ -285,6 +289,10 @@ def evaluate_fewshot(
         metrics.update(
             linear_probe(full_features[probe_rows], labels[probe_rows], test_features, test_labels, config)
         )
+        per_class = torch.bincount(labels[probe_rows], minlength=num_classes)
+        metrics["linear_probe_rows"] = int(per_class.sum())
+        metrics["linear_probe_rows_per_class_min"] = int(per_class.min())
+        metrics["linear_probe_rows_per_class_max"] = int(per_class.max())
     metrics["num_test"] = len(test_labels)
     metrics["feature_dim"] = train_features.shape[1]
     if not math.isfinite(sum(v for k, v in metrics.items() if k.endswith("shot"))):
@@ -294,11 +302,15 @@ def evaluate_fewshot(
 
 def format_table(metrics: dict[str, float], shots: Sequence[int]) -> str:
     """A markdown table of the few-shot accuracies (mean +- std over seeds) and the probe."""
-    rows = ["| evaluation | accuracy (%) |", "|---|---:|"]
+    rows = ["| evaluation | training rows per class | accuracy (%) |", "|---|---:|---:|"]
     for k in shots:
-        rows.append(f"| {k}-shot | {100 * metrics[f'{k}shot']:.2f} +- {100 * metrics[f'{k}shot_std']:.2f} |")
-    if "linear_probe" in metrics:
         rows.append(
-            f"| linear probe (C={metrics['linear_probe_c']:g}) | {100 * metrics['linear_probe']:.2f} |"
+            f"| {k}-shot | {k} | {100 * metrics[f'{k}shot']:.2f} +- {100 * metrics[f'{k}shot_std']:.2f} |"
+        )
+    if "linear_probe" in metrics:
+        low, high = metrics["linear_probe_rows_per_class_min"], metrics["linear_probe_rows_per_class_max"]
+        per_class = f"{low}" if low == high else f"{low}-{high}"
+        rows.append(
+            f"| linear probe (C={metrics['linear_probe_c']:g}) | {per_class} | {100 * metrics['linear_probe']:.2f} |"
         )
     return "\n".join(rows)

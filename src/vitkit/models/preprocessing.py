@@ -168,7 +168,7 @@ def from_hf_processor(processor: Any, source: str = "preprocessor_config.json") 
         for key, values in (("image_mean", mean), ("image_std", std)):
             if isinstance(values, (int, float)) and not isinstance(values, bool):
                 values = [values] * 3
-            if not isinstance(values, list) or len(values) != 3:
+            if not isinstance(values, (list, tuple)) or len(values) != 3:
                 raise ValueError(f"{source}: {key}={values!r}: expected three numbers")
             if key == "image_mean":
                 mean = [number(v, key) for v in values]
