@@ -7,7 +7,11 @@
 attaches a zero-initialised head for the 10 classes and interpolates the position embeddings in 2D
 from the checkpoint's grid to this config's 48 px (12 x 12 patches of 4 px for a 32 px, patch-4
 pre-trained model). The paper's recipe: SGD with momentum 0.9, no weight decay, gradient clipping at
-global norm 1, linear warmup then cosine decay, batch 512 (here 128 on a CPU), no mixup.
+global norm 1, linear warmup then cosine decay, batch 512, no mixup. The lr is stated for batch 512
+and scaled linearly to the batch actually used (`optim.lr_base_batch`): 0.0075 at this config's 128,
+0.00094 at batch 16; `--print-config` shows the scaled value and `optim.lr_note` says how it came.
+Images are prepared as the checkpoint expects them (its recorded preprocessing, or its layout's
+default: mean/std, interpolation, eval resize); `--set data.mean=[...]` and the like override it.
 Data: CIFAR-10 as an ImageFolder (`$VITKIT_DATA/cifar10`, by default ../shared/data/cifar10 beside the checkout). The learning rate is one value of the
 paper's fine-tuning grid {0.001, 0.003, 0.01, 0.03}, not tuned here: choose yours on a held-out
 part of train (`--set data.val_fraction=0.1 --set eval.split=val`), never on test.
@@ -38,6 +42,7 @@ def experiment() -> Experiment:
         optim=OptimConfig(
             name="sgd",
             lr=0.03,
+            lr_base_batch=512,
             momentum=0.9,
             weight_decay=0.0,
             clip_grad=1.0,

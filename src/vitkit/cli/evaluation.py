@@ -171,7 +171,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
     if args.img_size is not None:
         overrides["img_size"] = args.img_size
     preprocessing = resolve_preprocessing(model, **overrides)
-    print(f"preprocessing: {preprocessing.describe()}")
+    print(f"preprocessing: {preprocessing.describe()}", file=sys.stderr)
     root = args.root if args.root is not None else str(data_root() / "cifar10")
     data = DataConfig(dataset=args.dataset, root=root)
     transform = transform_of(preprocessing)

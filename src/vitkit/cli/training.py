@@ -166,17 +166,21 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ..data.loader import open_dataset
     from ..delta import finetune_model, format_freezing_report, freezing_report, save_delta
     from ..eval.classification import resolve_checkpoint
-    from ..io import save
+    from ..io import load, save
     from ..train import load_experiment, train
+    from ..train.experiment import environment_overrides
 
     checkpoint = str(resolve_checkpoint(args.checkpoint))
     experiment = load_experiment(args.config, args.overrides)
-    data = experiment.data
+    base = load(checkpoint)
+    data = experiment.data.replace(
+        **checkpoint_preprocessing(base, [*args.overrides, *environment_overrides()])
+    )
     if args.img_size is not None:
         data = data.replace(img_size=args.img_size)
     dataset = open_dataset(data, "train")
     num_classes = len(getattr(dataset, "dataset", dataset).classes)
-    model = finetune_model(checkpoint, num_classes, data.img_size)
+    model = finetune_model(base, num_classes, data.img_size)
     freeze = args.freeze or experiment.model.freeze
     if args.compare_freezing:
         report = freezing_report(model.config, ("none", freeze if freeze != "none" else "attention-only"))
@@ -194,14 +198,35 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     summary = train(experiment)
     if "last" in summary and freeze != "none":
-        from ..io import load
-
         delta = save_delta(load(summary["last"]), checkpoint, out_dir / "delta.safetensors")
         summary["delta"] = str(delta)
         summary["delta_note"] = f"vitkit.load({checkpoint!r}, delta={str(delta)!r}) rebuilds the task model"
     if "last" in summary:
         print(json.dumps(summary, indent=1))
     return 0
+
+
+def checkpoint_preprocessing(model, overrides: list[str]) -> dict:
+    """The data fields a fine-tuning takes from the checkpoint's preprocessing (mean, std,
+    interpolation, eval resize; not the size, which is the recipe's), except those set by `--set`."""
+    from ..data import preprocessing_of
+
+    preprocessing = preprocessing_of(model)
+    given = {
+        override.partition("=")[0].strip().removeprefix("--").removeprefix("data.") for override in overrides
+    }
+    taken = {
+        name: value
+        for name, value in preprocessing.as_dict().items()
+        if name != "img_size" and name not in given
+    }
+    import sys
+
+    print(
+        f"preprocessing from {preprocessing.source}: {', '.join(f'{k}={v}' for k, v in taken.items())}",
+        file=sys.stderr,
+    )
+    return taken
 
 
 # vitkit pretrain ----------------------------------------------------------------------------------

@@ -279,7 +279,27 @@ def load_experiment(config: str | Any, overrides: list[str] = (), kind: type = E
     except jsonargparse.ArgumentError as error:
         raise ValueError(f"override: {error}".replace("experiment.", "")) from error
     # What is still relative was typed on the command line: it is taken from the working folder.
-    return _with_root(experiment, Path.cwd())
+    return scale_lr(_with_root(experiment, Path.cwd()))
+
+
+def scale_lr(experiment: Any) -> Any:
+    """Linear lr scaling: a recipe whose lr is stated for `optim.lr_base_batch` gets lr x (effective
+    batch / base batch), the effective batch being data.batch_size x train.accumulation x ranks
+    ($WORLD_SIZE, set by torchrun). The result says what was done (`optim.lr_note`) and sets
+    lr_base_batch to 0, so a resolved config loaded again (a run's config.json) is not scaled twice."""
+    optim = experiment.optim
+    if not optim.lr_base_batch:
+        return experiment
+    world = os.environ.get("WORLD_SIZE", "1")
+    ranks = int(world) if world.isdigit() and int(world) >= 1 else 1
+    batch = experiment.data.batch_size * experiment.train.accumulation * ranks
+    factor = batch / optim.lr_base_batch
+    note = f"{optim.lr:g} at batch {optim.lr_base_batch}, scaled linearly to batch {batch}: {optim.lr * factor:g}"
+    log.info("optim.lr: %s", note)
+    scaled = dataclasses.replace(
+        optim, lr=optim.lr * factor, min_lr=optim.min_lr * factor, lr_base_batch=0, lr_note=note
+    )
+    return dataclasses.replace(experiment, optim=scaled)
 
 
 OVERRIDES_ENV = "VITKIT_SET"

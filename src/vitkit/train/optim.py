@@ -43,6 +43,11 @@ class OptimConfig:
     layer_decay: float = 1.0
     # Clip the global gradient norm to this value; 0 turns clipping off.
     clip_grad: float = 0.0
+    # The batch `lr` (and `min_lr`) are stated for; another effective batch scales them linearly
+    # (Goyal et al., DeiT), when the experiment is loaded. 0: the lr is used as given.
+    lr_base_batch: int = 0
+    # What the loading did to the lr, e.g. "0.03 at batch 512, scaled linearly to batch 16".
+    lr_note: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(beta) for beta in self.betas))
@@ -58,6 +63,8 @@ class OptimConfig:
             )
             >= 0,
             "layer_decay must be in (0, 1]": 0 < self.layer_decay <= 1,
+            "lr_base_batch must be in [0, 2^24]": isinstance(self.lr_base_batch, int)
+            and 0 <= self.lr_base_batch <= 1 << 24,
             "betas must be two values in [0, 1)": len(self.betas) == 2
             and all(0 <= b < 1 for b in self.betas),
         }
