@@ -15,7 +15,7 @@ where it sits; a convention is a function that says what one operation is worth 
 `vitkit` convention equals the module-hook count of `analysis.flops.count` for every registered
 name, which tests hold, so the inventory is the model's own. Parameters are the same in every
 convention (all of the model's parameters: position embeddings at the model's resolution and the
-classifier included), so only compute is counted here.
+classifier included); `num_params` gives them from the config alone.
 """
 
 from __future__ import annotations
