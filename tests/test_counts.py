@@ -14,7 +14,7 @@ from vitkit.models.vit import ParallelBlock, VisionTransformer
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "counts.json").read_text())
 
-# MMClassification's ViT table and the ViT paper (1000 classes): parameters, GMACs.
+# mmpretrain 1.x's ViT metafile (1000 classes): parameters, GMACs (theirs leave out the head's D x 1000).
 PUBLISHED = {
     "vit_base_patch16_224": (86_567_656, 17.58),
     "vit_base_patch16_384": (86_859_496, 55.54),

@@ -2,11 +2,13 @@
 
 Two numbers, named apart:
 - `macs`: multiply-accumulates of every dense layer, convolution and attention product (q k^T and
-  attention x v), plus 5 operations per element for each affine normalisation. This is the
-  convention of fvcore / mmengine, i.e. the "FLOPs" column of the MMClassification and timm tables
-  (ViT-B/16 at 224: 17.58 G).
+  attention x v), the head included, plus 5 operations per element for each affine normalisation
+  (fvcore's estimate; ViT-B/16 at 224: 17.58 G).
 - `flops`: floating-point operations, 2 per multiply-accumulate, plus the same normalisation ops.
-Biases, activations, softmax and residual additions are not counted (as in those tables).
+Biases, activations, softmax and residual additions are not counted. Published tables count in
+other conventions (fvcore without the head, MMClassification 0.x without attention, torch's
+FlopCounterMode without norms): `analysis.conventions` computes each from the config, and its
+`vitkit` convention equals `count(...).macs`.
 """
 
 from __future__ import annotations
