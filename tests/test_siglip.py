@@ -3,12 +3,14 @@ read by `vitkit.load(folder)`, equal to transformers' last_hidden_state, pooler_
 the native size and at other sizes; two-tower folders give their image tower; the layouts that cannot
 hold a SigLIP tower refuse it in one line."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import vitkit
 from vitkit.cli import main
-from vitkit.convert import read_checkpoint, write_layout
+from vitkit.convert import Checkpoint, read_checkpoint, to_native, write_layout
 from vitkit.files import CheckpointError
 
 transformers = pytest.importorskip(
@@ -99,6 +101,20 @@ def test_tower_without_head_averages(tmp_path):
         torch.testing.assert_close(model(images), expected.mean(dim=1), rtol=0, atol=1e-5)
 
 
+def test_image_size_not_a_multiple_of_the_patch(tmp_path):
+    """The source's Conv2d drops the pixels past the last whole patch: vitkit takes the covered size."""
+    source = randomise(
+        transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TOWER, image_size=36))
+    )
+    source.save_pretrained(tmp_path / "odd")
+    model = vitkit.load(tmp_path / "odd", keep_source_numerics=True).eval()
+    assert model.config.img_size == (32, 32)
+    images = torch.randn(2, 3, 36, 36)
+    with torch.no_grad():
+        expected = source(pixel_values=images).pooler_output
+        torch.testing.assert_close(model(images[..., :32, :32]), expected, rtol=0, atol=1e-5)
+
+
 def two_tower_config(**extra):
     text = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50
@@ -167,3 +183,36 @@ def test_naflex_patch_embedding_that_is_no_square_patch(tmp_path):
         CheckpointError, match=r"embeddings.patch_embedding.weight \(32, 190\): 190 input features"
     ):
         vitkit.load(tmp_path / "naflex")
+
+
+FULL_SIZE = {
+    # google/siglip-so400m-patch14-384 and google/siglip2-so400m-patch16-naflex (their config.json sizes).
+    "so400m_patch14_384": (
+        transformers.SiglipVisionConfig,
+        dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+        dict(patch_size=14, image_size=384),
+    ),
+    "so400m_patch16_naflex": (
+        transformers.Siglip2VisionConfig,
+        dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+        dict(patch_size=16, num_patches=256),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size_keys_and_shapes_on_meta(name):
+    """Width 1152 is not in the size table: the heads come from config.json, the rest from tensors."""
+    config_class, size, grid = FULL_SIZE[name]
+    hf_config = config_class(**size, **grid)
+    model_class = transformers.SiglipVisionModel if "naflex" not in name else transformers.Siglip2VisionModel
+    with torch.device("meta"):
+        state = model_class(hf_config).state_dict()
+    checkpoint = Checkpoint(Path(name), "siglip", state, hf_config.to_dict())
+    native, config = to_native(checkpoint, keep_source_numerics=True)
+    assert (config.embed_dim, config.depth, config.num_heads, config.mlp_dim) == (1152, 27, 16, 4304)
+    assert (config.patch_size, config.pool, config.class_token) == (grid["patch_size"], "map", False)
+    # 384 px at patch 14: the convolution covers 27 patches, 378 px.
+    assert config.img_size == ((378, 378) if "naflex" not in name else (256, 256))
+    assert native["patch_embed.proj.weight"].shape == (1152, 3, grid["patch_size"], grid["patch_size"])
+    assert native["attn_pool.kv.weight"].shape == (2304, 1152)

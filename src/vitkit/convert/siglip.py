@@ -25,12 +25,15 @@ head without class token) and refuses the layouts that cannot hold it, in one li
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 
 from ..files import CheckpointError
 from .hf import GELU
 from .keymap import FUSE_QKV, Fix, KeyTable, Layout, State, Transform, drop_keys, rename_prefix, renamed, rule
+
+log = logging.getLogger(__name__)
 
 _LAYER = "encoder.layers.{i}."
 
@@ -170,8 +173,19 @@ def siglip_folder_config(config_json: dict) -> tuple[dict[str, object], dict[str
         size, resample = side * patch, "bilinear_antialias"
     else:
         size, resample = vision.get("image_size", 224), "bicubic"
-        if type(size) is not int or size < 1:
-            raise CheckpointError(f"image_size {size!r} is not a positive integer")
+        if type(size) is not int or size < patch:
+            raise CheckpointError(f"image_size {size!r} is not an integer of at least patch_size {patch}")
+        if size % patch:
+            # siglip-so400m-patch14-384: 27 patches of 14 px cover 378 of the 384 pixels.
+            log.info(
+                "image_size %d is not a multiple of patch_size %d: the source's patch convolution ignores "
+                "the last %d pixel rows and columns, so the model takes %d px (crop images to it)",
+                size,
+                patch,
+                size % patch,
+                size - size % patch,
+            )
+            size -= size % patch
     structure = {
         "num_heads": vision.get("num_attention_heads", 12),
         "img_size": size,
