@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import vitkit
+from helpers import tiny_config
 from vitkit.cli import main
-from vitkit.convert import Checkpoint, read_checkpoint, to_native, write_layout
+from vitkit.convert import Checkpoint, read_checkpoint, to_native
 from vitkit.files import CheckpointError
+from vitkit.models.vit import VisionTransformer
 
 transformers = pytest.importorskip(
     "transformers", reason="peer equivalence needs transformers (extra 'peers')"
@@ -164,11 +166,40 @@ def test_convert_to_timm_and_refusals(tmp_path, capsys):
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(errors) == 1 and "cannot hold this model" in errors[0] and reason in errors[0], errors
         assert not (tmp_path / dst).exists()
-    with pytest.raises(CheckpointError, match="the siglip layout is read-only"):
-        from vitkit.convert.detect import LAYOUTS
 
-        LAYOUTS["siglip"].write(timm_model.state_dict(), timm_model.config)
-    assert write_layout(timm_model, tmp_path / "again.safetensors", "vitkit").exists()
+
+@pytest.mark.parametrize("pool", ["map", "gap"])
+def test_write_siglip_vision_model(tmp_path, capsys, pool):
+    """vitkit -> SiglipVisionModel folder (the MAP head packed back into in_proj) -> transformers, and
+    back to vitkit bitwise."""
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny_config(class_token=False, pool=pool, num_classes=0, gelu="tanh")).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    source = vitkit.save(model, tmp_path / "model.safetensors")
+    assert main(["convert", str(source), str(tmp_path / "out"), "--to", "siglip"]) == 0
+    written = transformers.SiglipVisionModel.from_pretrained(tmp_path / "out").eval()
+    assert written.config.vision_use_head == (pool == "map")
+    images = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        expected = written(pixel_values=images, interpolate_pos_encoding=True)
+        torch.testing.assert_close(
+            model.forward_features(images), expected.last_hidden_state, rtol=0, atol=1e-5
+        )
+        if pool == "map":
+            torch.testing.assert_close(model(images), expected.pooler_output, rtol=0, atol=1e-5)
+    back = vitkit.load(tmp_path / "out", keep_source_numerics=True)
+    assert back.config == model.config.replace(zero_head=back.config.zero_head)
+    assert all(torch.equal(back.state_dict()[key], value) for key, value in model.state_dict().items())
+
+    capsys.readouterr()
+    token_model = vitkit.save(VisionTransformer(tiny_config()), tmp_path / "token.safetensors")
+    assert main(["convert", str(token_model), str(tmp_path / "no"), "--to", "siglip"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "the siglip layout cannot hold this model: a class token" in errors[0], errors
+    assert not (tmp_path / "no").exists()
 
 
 def test_naflex_patch_embedding_that_is_no_square_patch(tmp_path):

@@ -32,7 +32,14 @@ from .native import CONFIG_KEY, expected_shapes, load_native, load_state, read_f
 log = logging.getLogger(__name__)
 
 # `vitkit convert --to` names -> layouts ("npz" is the official vit_jax format).
-TARGETS = {"vitkit": None, "timm": "timm", "hf": "hf", "npz": "vit_jax", "mmpretrain": "mmpretrain"}
+TARGETS = {
+    "vitkit": None,
+    "timm": "timm",
+    "hf": "hf",
+    "npz": "vit_jax",
+    "mmpretrain": "mmpretrain",
+    "siglip": "siglip",
+}
 # The output paths each target writes ("" is a folder); any other suffix is refused, not renamed.
 TARGET_SUFFIXES = {
     "vitkit": (".safetensors", ""),
@@ -40,6 +47,7 @@ TARGET_SUFFIXES = {
     "hf": ("",),
     "npz": (".npz",),
     "mmpretrain": (".pth", ".pt"),
+    "siglip": ("",),
 }
 
 # Config fields that tensors cannot tell: given by the user, they describe the source checkpoint.
@@ -295,7 +303,7 @@ def convert(
     progress: bool = False,
     **overrides: Any,
 ) -> ConversionReport:
-    """Convert a checkpoint of any layout into `to` (vitkit, timm, hf, npz, mmpretrain).
+    """Convert a checkpoint of any layout into `to` (vitkit, timm, hf, npz, mmpretrain, siglip).
 
     Everything is read, converted and checked in memory first; files are written atomically, so a
     failed conversion leaves no partial output and an existing `dst` as it was.

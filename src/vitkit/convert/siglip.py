@@ -1,4 +1,4 @@
-"""HuggingFace SigLIP and SigLIP 2 image towers (read).
+"""HuggingFace SigLIP and SigLIP 2 image towers (read; write as SiglipVisionModel).
 
 `SiglipVisionModel` folders (model_type `siglip_vision_model`), and the image tower of two-tower
 `SiglipModel` / `SiglipForImageClassification` folders (`siglip`, the config under `vision_config`;
@@ -19,19 +19,37 @@ antialiased bilinear interpolation ("bilinear_antialias"). For one image size pe
 padding, vitkit computes the same; variable-length batches with `pixel_attention_mask` padding are
 NaFlex's own input format and not supported (feed images, one size per batch).
 
-The layout is read-only: `vitkit convert` writes such a model to vitkit and timm (which hold a MAP
-head without class token) and refuses the layouts that cannot hold it, in one line.
+`vitkit convert --to siglip` writes a SiglipVisionModel folder (a model without class token, pooled by
+a MAP head or not at all, no classifier); SigLIP towers convert to vitkit and timm too, and the
+layouts that cannot hold them (HF ViT, mmpretrain, vit_jax) refuse in one line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
-from ..files import CheckpointError
+import torch
+
+from ..files import CheckpointError, atomic_write
+from ..models.config import ViTConfig
 from .hf import GELU
-from .keymap import FUSE_QKV, Fix, KeyTable, Layout, State, Transform, drop_keys, rename_prefix, renamed, rule
+from .keymap import (
+    FUSE_QKV,
+    Fix,
+    KeyTable,
+    Layout,
+    State,
+    Transform,
+    drop_keys,
+    rename_prefix,
+    renamed,
+    rule,
+    save_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +227,58 @@ def _siglip_keys(keys: Iterable[str]) -> bool:
     )
 
 
+# Writing: a SiglipVisionModel folder ---------------------------------------------------------------------
+def siglip_limits(config: ViTConfig) -> list[str]:
+    checks = {
+        f"stem {config.stem!r} (SigLIP has a patch stem)": config.stem == "patch",
+        "parallel blocks": config.parallel == 1,
+        "LayerScale": config.layer_scale_init is None,
+        "qkv_bias=False (SigLIP's projections have biases)": config.qkv_bias,
+        "a class token (SigLIP has none)": not config.class_token,
+        f"pool {config.pool!r} (SigLIP's tower has a MAP head, 'map', or none, 'gap')": config.pool
+        in ("map", "gap"),
+        f"position embedding {config.pos_embed!r}": config.pos_embed == "learn",
+        "a pre-logits layer": not config.representation_size,
+        "a classifier (SiglipVisionModel has none; load with num_classes=0)": config.num_classes == 0,
+        f"a non-square image {config.img_size}": config.img_size[0] == config.img_size[1],
+    }
+    return [message for message, ok in checks.items() if not ok]
+
+
+def siglip_config_json(config: ViTConfig) -> dict:
+    """config.json of the SiglipVisionModel that computes the same function."""
+    return {
+        "architectures": ["SiglipVisionModel"],
+        "model_type": "siglip_vision_model",
+        "hidden_size": config.embed_dim,
+        "intermediate_size": config.mlp_dim,
+        "num_hidden_layers": config.depth,
+        "num_attention_heads": config.num_heads,
+        "num_channels": config.in_chans,
+        "image_size": config.img_size[0],
+        "patch_size": config.patch_size,
+        "hidden_act": "gelu" if config.gelu == "exact" else "gelu_pytorch_tanh",
+        "layer_norm_eps": config.norm_eps,
+        "attention_dropout": config.attn_dropout,
+        "vision_use_head": config.pool == "map",
+    }
+
+
+def save_siglip_folder(state: State, path: Path, config: ViTConfig) -> Path:
+    """A SiglipVisionModel folder; the MAP head's query and key/value are packed back into in_proj."""
+    if path.suffix:
+        raise CheckpointError(f"{path}: a SigLIP checkpoint is a folder; give a path without a suffix")
+    state = dict(state)
+    for suffix in ("weight", "bias"):
+        if f"{_POOL_Q}.{suffix}" in state:
+            q, kv = state.pop(f"{_POOL_Q}.{suffix}"), state.pop(f"{_POOL_KV}.{suffix}")
+            state[f"head.attention.in_proj_{suffix}"] = torch.cat([q, kv])
+    save_safetensors(state, path / "model.safetensors")
+    text = json.dumps(siglip_config_json(config), indent=2, sort_keys=True) + "\n"
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
 SIGLIP = Layout(
     name="siglip",
     description="HuggingFace SigLIP / SigLIP 2 image tower (SiglipVisionModel, SiglipModel, NaFlex)",
@@ -232,7 +302,9 @@ SIGLIP = Layout(
         SPLIT_PACKED_POOL,
         UNFLATTEN_NAFLEX_PATCHES,
     ),
+    limits=siglip_limits,
     numerics={"gelu": "tanh"},
+    save=save_siglip_folder,
     model_types=("siglip_vision_model", "siglip", *NAFLEX_TYPES),
     folder_config=siglip_folder_config,
 )
