@@ -8,13 +8,17 @@ import argparse
 # vitkit convert -----------------------------------------------------------------------------------
 def add_convert_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint file or folder in any layout (detected)")
-    parser.add_argument("dst", help="output: a file (.safetensors, .pth, .npz) or, for hf, a folder")
-    parser.add_argument("--to", required=True, choices=["vitkit", "timm", "hf", "npz", "mmpretrain"])
+    parser.add_argument(
+        "dst", help="output: a file (.safetensors, .pth, .npz) or, for hf and siglip, a folder"
+    )
+    parser.add_argument(
+        "--to", required=True, choices=["vitkit", "timm", "hf", "npz", "mmpretrain", "siglip"]
+    )
     parser.add_argument(
         "--from",
         dest="layout",
         default=None,
-        choices=["vitkit", "vit_jax", "big_vision", "timm", "hf", "dinov2", "mmpretrain", "deit"],
+        choices=["vitkit", "vit_jax", "big_vision", "timm", "hf", "dinov2", "siglip", "mmpretrain", "deit"],
         help="force the source layout instead of detecting it",
     )
     parser.add_argument("--num-heads", type=int, default=None, help="heads, for widths not in the size table")
@@ -33,7 +37,7 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """Convert a checkpoint between layouts: vitkit, timm, HF, vit_jax .npz, mmpretrain."""
+    """Convert a checkpoint between layouts: vitkit, timm, HF, vit_jax .npz, mmpretrain, SigLIP."""
     from ..convert import convert
 
     overrides = {}

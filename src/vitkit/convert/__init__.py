@@ -5,7 +5,7 @@
     report = convert("ViT-B_16.npz", "vit-b16-hf", to="hf")  # `vitkit convert SRC DST --to hf`
 
 Layouts (see each module): vitkit's own (native.py), vit_jax and big_vision .npz (google.py), timm
-(timm.py), HF ViT and DINOv2 folders (hf.py), mmpretrain (mmpretrain.py), DeiT III (deit.py). A
+(timm.py), HF ViT and DINOv2 folders (hf.py), SigLIP image towers (siglip.py), mmpretrain (mmpretrain.py), DeiT III (deit.py). A
 foreign checkpoint is read safely (`vitkit.files.read_weights`), repaired by the layout's named
 fixes, mapped onto native keys by its key table, and its config is inferred from the tensors
 (`detect.infer_config`); `native.load_state` then resamples position embeddings and checks every key
@@ -33,7 +33,14 @@ from .preprocess import attach_preprocessing, write_processor_config
 log = logging.getLogger(__name__)
 
 # `vitkit convert --to` names -> layouts ("npz" is the official vit_jax format).
-TARGETS = {"vitkit": None, "timm": "timm", "hf": "hf", "npz": "vit_jax", "mmpretrain": "mmpretrain"}
+TARGETS = {
+    "vitkit": None,
+    "timm": "timm",
+    "hf": "hf",
+    "npz": "vit_jax",
+    "mmpretrain": "mmpretrain",
+    "siglip": "siglip",
+}
 # The output paths each target writes ("" is a folder); any other suffix is refused, not renamed.
 TARGET_SUFFIXES = {
     "vitkit": (".safetensors", ""),
@@ -41,6 +48,7 @@ TARGET_SUFFIXES = {
     "hf": ("",),
     "npz": (".npz",),
     "mmpretrain": (".pth", ".pt"),
+    "siglip": ("",),
 }
 
 # Config fields that tensors cannot tell: given by the user, they describe the source checkpoint.
@@ -238,7 +246,7 @@ def load_converted(
     """Load a checkpoint of any layout as a vitkit model (`vitkit.load` calls this for foreign files).
 
     - `layout`: force a layout instead of detecting it (vitkit, vit_jax, big_vision, timm, hf,
-      dinov2, mmpretrain, deit).
+      dinov2, siglip, mmpretrain, deit).
     - `keep_source_numerics`: compute as the source toolkit does (tanh GELU for vit_jax/big_vision,
       HF's LayerNorm eps, the source's position-embedding resampling).
     - `pre_logits=False`: drop the pre-logits layer of ImageNet-21k checkpoints.
@@ -301,7 +309,7 @@ def convert(
     progress: bool = False,
     **overrides: Any,
 ) -> ConversionReport:
-    """Convert a checkpoint of any layout into `to` (vitkit, timm, hf, npz, mmpretrain).
+    """Convert a checkpoint of any layout into `to` (vitkit, timm, hf, npz, mmpretrain, siglip).
 
     Everything is read, converted and checked in memory first; files are written atomically, so a
     failed conversion leaves no partial output and an existing `dst` as it was.

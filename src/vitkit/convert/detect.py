@@ -24,13 +24,14 @@ from .google import BIG_VISION, VIT_JAX
 from .hf import DINOV2, HF_VIT
 from .keymap import Layout
 from .mmpretrain import MMPRETRAIN
+from .siglip import SIGLIP
 from .timm import TIMM
 
 log = logging.getLogger(__name__)
 
 # Most specific first: DeiT III and DINOv2 share names with timm and HF ViT.
 LAYOUTS: dict[str, Layout] = {
-    layout.name: layout for layout in (DINOV2, HF_VIT, MMPRETRAIN, BIG_VISION, VIT_JAX, DEIT, TIMM)
+    layout.name: layout for layout in (DINOV2, HF_VIT, SIGLIP, MMPRETRAIN, BIG_VISION, VIT_JAX, DEIT, TIMM)
 }
 
 # The LayerScale init only seeds a fresh model; a checkpoint's gammas replace it. DeiT III's value.

@@ -295,6 +295,9 @@ class Layout:
     - `save(foreign_state, path, config)` writes the layout's files; None for read-only layouts.
     - `parallel_table`/`parallel_marker`: layouts whose parallel blocks reuse the sequential
       block's names (DeiT's paralx2) pick this table when a key contains the marker.
+    - `choose_table(keys, config)`: layouts with variants that name the same native tensors
+      differently (mmpretrain's two classification heads) pick their table from a checkpoint's
+      keys (reading) or from the config (writing).
     - `needs_class_slot`: the layout's position embedding always has the class token's row.
     - `model_types`: the `model_type` values of a folder's config.json in this layout (HF), and
       `folder_config(config_json)` turns that file into (structural config fields, numerics).
@@ -310,11 +313,14 @@ class Layout:
     save: Callable[[State, Path, ViTConfig], Path] | None = None
     parallel_table: KeyTable | None = None
     parallel_marker: str | None = None
+    choose_table: Callable[[list[str], ViTConfig | None], KeyTable] | None = None
     needs_class_slot: bool = False
     model_types: tuple[str, ...] = ()
     folder_config: Callable[[dict], tuple[dict[str, object], dict[str, object]]] | None = None
 
     def table_for(self, keys: Iterable[str] = (), config: ViTConfig | None = None) -> KeyTable:
+        if self.choose_table is not None:
+            return self.choose_table(list(keys), config)
         if self.parallel_table is None:
             return self.table
         if config is not None:

@@ -30,7 +30,9 @@ PoolType = Literal["token", "gap", "gap_fc_norm", "map"]
 PosEmbedType = Literal["learn", "sincos2d", "none"]
 GeluType = Literal["exact", "tanh"]
 StemType = Literal["patch", "hmlp", "hybrid"]
-ResampleMethod = Literal["bicubic", "bicubic_antialias", "bilinear", "bilinear_align_corners"]
+ResampleMethod = Literal[
+    "bicubic", "bicubic_antialias", "bilinear", "bilinear_antialias", "bilinear_align_corners"
+]
 
 # Bounds on every size a config can claim, so that a config read from an untrusted file cannot make
 # vitkit build an absurd model (depth 10**9 or width 10**7 would exhaust memory before any check of

@@ -15,11 +15,13 @@ import torch.nn.functional as F
 #   bicubic                 HuggingFace ViT and mmpretrain (align_corners=False, no antialias)
 #   bicubic_antialias       timm when it loads a checkpoint at another size (resample_abs_pos_embed)
 #   bilinear                timm's .npz loader (align_corners=False)
+#   bilinear_antialias      SigLIP 2 NaFlex, per image (HF Siglip2VisionEmbeddings)
 #   bilinear_align_corners  the official vit_jax code, scipy.ndimage.zoom(order=1) on the grid
 _METHODS = {
     "bicubic": dict(mode="bicubic", align_corners=False, antialias=False),
     "bicubic_antialias": dict(mode="bicubic", align_corners=False, antialias=True),
     "bilinear": dict(mode="bilinear", align_corners=False, antialias=False),
+    "bilinear_antialias": dict(mode="bilinear", align_corners=False, antialias=True),
     "bilinear_align_corners": dict(mode="bilinear", align_corners=True, antialias=False),
 }
 RESAMPLE_METHODS = tuple(_METHODS)
