@@ -281,7 +281,7 @@ def write_layout(model: VisionTransformer, path: str | os.PathLike, to: str, pro
     if different:
         raise CheckpointError(f"{layout.name}: converting back does not give the same tensors: {different}")
     written = layout.save(foreign, Path(path), config)
-    if layout.name == "hf":
+    if written.is_dir():  # an HF-style folder (hf, siglip): its preprocessor_config.json beside
         write_processor_config(model, written)
     elif getattr(model, "preprocessing", None) is not None:
         log.info("%s: the %s layout has no place for preprocessing; not recorded", written, layout.name)

@@ -209,12 +209,11 @@ def siglip_folder_config(config_json: dict) -> tuple[dict[str, object], dict[str
         "img_size": size,
         "patch_size": patch,
         "in_chans": vision.get("num_channels", 3),
-    }
-    numerics = {
-        "norm_eps": vision.get("layer_norm_eps", 1e-6),
+        # Part of what the tower computes, not a rounding detail: a plain load keeps them.
         "gelu": GELU[act],
         "pos_embed_resample": resample,
     }
+    numerics = {"norm_eps": vision.get("layer_norm_eps", 1e-6)}
     return structure, numerics
 
 
