@@ -151,9 +151,8 @@ def test_convert_to_timm_and_refusals(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "siglip"), str(tmp_path / "t.safetensors"), "--to", "timm"]) == 0
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        timm_model = vitkit.load(
-            tmp_path / "t.safetensors", num_heads=4, pool="map", gelu="tanh"
-        )  # a timm file does not say its GELU form.eval()
+        # A timm file does not say its GELU form: timm's SigLIP models set it in code.
+        timm_model = vitkit.load(tmp_path / "t.safetensors", num_heads=4, pool="map", gelu="tanh").eval()
         torch.testing.assert_close(timm_model(images), vitkit.load(tmp_path / "siglip").eval()(images))
     capsys.readouterr()
     for target, dst, reason in (
