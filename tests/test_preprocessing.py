@@ -273,3 +273,21 @@ def test_the_finetuning_recipe_scales_its_lr_with_the_batch(monkeypatch) -> None
     )
     fixed = load_experiment("finetune_cifar10", ["data.batch_size=16", "optim.lr_base_batch=0"])
     assert fixed.optim.lr == 0.03 and fixed.optim.lr_note == ""
+
+
+def test_finetune_takes_the_checkpoint_preprocessing_unless_set(hf_vit: Path) -> None:
+    def resolved(*extra: str) -> dict:
+        result = vitkit_cli("finetune", str(hf_vit), "--config", "finetune_cifar10", "--print-config", *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)
+
+    taken = resolved("--set", "data.batch_size=16")
+    assert (taken["data"]["mean"], taken["data"]["std"], taken["data"]["interpolation"]) == (
+        MEAN,
+        STD,
+        "bicubic",
+    )
+    assert taken["optim"]["lr"] == pytest.approx(0.03 * 16 / 512) and "batch 512" in taken["optim"]["lr_note"]
+    assert taken["data"]["img_size"] == 48  # the recipe's resolution, not the checkpoint's
+    kept = resolved("--set", "data.mean=[0.5,0.5,0.5]")
+    assert kept["data"]["mean"] == [0.5, 0.5, 0.5] and kept["data"]["std"] == STD

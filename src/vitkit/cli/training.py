@@ -143,6 +143,10 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
         "--compare-freezing", action="store_true",
         help="first print trainable parameters, memory and step time of full vs attention-only",
     )  # fmt: skip
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved config (the checkpoint's preprocessing taken, the lr scaled) and exit",
+    )  # fmt: skip
 
 
 def start_digest(checkpoint: str, num_classes: int, img_size: int) -> str:
@@ -178,6 +182,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     if args.img_size is not None:
         data = data.replace(img_size=args.img_size)
+    if args.print_config:
+        print(json.dumps(dataclasses.replace(experiment, data=data).to_dict(), indent=1))
+        return 0
     dataset = open_dataset(data, "train")
     num_classes = len(getattr(dataset, "dataset", dataset).classes)
     model = finetune_model(base, num_classes, data.img_size)
