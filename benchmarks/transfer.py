@@ -1,0 +1,199 @@
+"""Transfer of a pre-trained checkpoint: few-shot and linear-probe accuracy through vitkit's own
+pipeline, each recomputed independently on the same features, then full vs attention-only
+fine-tuning with the recipe's batch-scaled lr.
+
+    .venv/bin/python benchmarks/transfer.py CHECKPOINT --dataset digits
+    .venv/bin/python benchmarks/transfer.py CHECKPOINT --root ../shared/data/cifar10 --max-test 2000
+
+The features are those `vitkit fewshot` uses (the checkpoint's own preprocessing). Independent
+recomputations on them:
+- k-shot: scikit-learn's `Ridge` (its own solver) on the same design matrix (whitened features and
+  a constant 100 column) and the same {-1, 1} targets and regulariser as vitkit's closed form;
+- linear probe: a multinomial logistic regression with the probe's chosen C minimised by torch's
+  L-BFGS in float64 (the same convex objective as scikit-learn's, another optimiser).
+Fine-tuning runs `vitkit finetune --config finetune_cifar10` as a subprocess at the given batch
+(default 16), so the lr is the recipe's, scaled from batch 512.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vitkit
+from vitkit.data import DataConfig, data_root, resolve_preprocessing
+from vitkit.data.loader import open_dataset
+from vitkit.data.preprocess import transform_of
+from vitkit.eval.classification import resolve_checkpoint
+from vitkit.eval.fewshot import (
+    BIAS_CONSTANT,
+    FewShotConfig,
+    Transformed,
+    extract_features,
+    fewshot_accuracies,
+    linear_probe,
+    sample_shots,
+)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def ridge_by_sklearn(train_x, train_y, test_x, test_y, num_classes: int, l2_reg: float) -> float:
+    from sklearn.linear_model import Ridge
+
+    x = train_x.double().numpy()
+    mean, std = x.mean(0, keepdims=True), x.std(0, keepdims=True) + 1e-5
+
+    def design(features: torch.Tensor) -> np.ndarray:
+        z = (features.double().numpy() - mean) / std
+        return np.concatenate([z, np.full((len(z), 1), BIAS_CONSTANT)], axis=1)
+
+    targets = 2.0 * np.eye(num_classes)[train_y.numpy()] - 1.0
+    model = Ridge(alpha=l2_reg, fit_intercept=False, solver="svd").fit(design(train_x), targets)
+    return float((model.predict(design(test_x)).argmax(1) == test_y.numpy()).mean())
+
+
+def probe_by_lbfgs(train_x, train_y, test_x, test_y, c: float) -> float:
+    x = train_x.double()
+    mean, std = x.mean(0, keepdim=True), x.std(0, unbiased=False, keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    z, z_test = (x - mean) / std, (test_x.double() - mean) / std
+    num_classes = int(train_y.max()) + 1
+    weight = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], max_iter=2000, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ weight + bias, train_y, reduction="sum")
+        loss = loss + 0.5 / c * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(((z_test @ weight + bias).argmax(1) == test_y).double().mean())
+
+
+def finetune(checkpoint: str, args, freeze: str, out: Path) -> dict:
+    data_sets = (
+        ["--set", "data.dataset=digits"] if args.dataset == "digits" else ["--set", f"data.root={args.root}"]
+    )
+    command = [
+        sys.executable, "-m", "vitkit", "finetune", checkpoint, "--config", "finetune_cifar10",
+        "--freeze", freeze, *data_sets,
+        "--set", f"data.batch_size={args.batch_size}", "--set", f"data.img_size={args.img_size}",
+        "--set", f"train.epochs={args.epochs}", "--set", f"train.max_steps={args.max_steps}",
+        "--set", f"train.out_dir={out}", "--set", "data.num_workers=0",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"vitkit finetune --freeze {freeze} failed:\n{result.stderr[-3000:]}")
+    results = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    return {
+        "top1": results.get("top1", results.get("best_top1")),
+        "lr": config["optim"]["lr"],
+        "lr_note": config["optim"]["lr_note"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint")
+    parser.add_argument("--dataset", default="imagefolder", choices=("digits", "imagefolder"))
+    parser.add_argument("--root", default=str(data_root() / "cifar10"))
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--max-test", type=int, default=0, help="every k-th test image, at most N (0: all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch")
+    parser.add_argument("--img-size", type=int, default=32, help="fine-tuning resolution")
+    parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop fine-tuning after N steps (0: the epochs)")
+    parser.add_argument("--no-finetune", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    checkpoint = str(resolve_checkpoint(args.checkpoint))
+    model = vitkit.load(checkpoint).eval()
+    preprocessing = resolve_preprocessing(model)
+    print(f"checkpoint {checkpoint}: {model.config.embed_dim} wide, {model.config.depth} deep")
+    print(f"preprocessing: {preprocessing.describe()}")
+    data = DataConfig(dataset=args.dataset, root=args.root if args.dataset == "imagefolder" else "")
+    transform = transform_of(preprocessing)
+    train_set = Transformed(open_dataset(data, "train"), transform)
+    test_set = Transformed(open_dataset(data, "test"), transform)
+    if args.max_test:
+        stride = max(len(test_set) // args.max_test, 1)
+        test_set = torch.utils.data.Subset(test_set, list(range(0, len(test_set), stride))[: args.max_test])
+
+    @torch.no_grad()
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+
+    config = FewShotConfig(shots=tuple(args.shots), num_seeds=args.seeds)
+    train_x, train_y = extract_features(predict, train_set, desc="train features")
+    test_x, test_y = extract_features(predict, test_set, desc="test features")
+    num_classes = int(train_y.max()) + 1
+    ours = fewshot_accuracies(train_x, train_y, test_x, test_y, config, num_classes)
+    rows = [
+        "| evaluation | rows per class | vitkit (%) | independent (%) | independent by |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for shots in config.shots:
+        theirs = [
+            ridge_by_sklearn(train_x[chosen], train_y[chosen], test_x, test_y, num_classes, config.l2_reg)
+            for chosen in (
+                sample_shots(train_y, shots, config.seed + s, num_classes) for s in range(config.num_seeds)
+            )
+        ]
+        rows.append(
+            f"| {shots}-shot (mean of {config.num_seeds}) | {shots} | {100 * ours[f'{shots}shot']:.2f} | "
+            f"{100 * float(np.mean(theirs)):.2f} | scikit-learn Ridge |"
+        )
+    probe = linear_probe(train_x, train_y, test_x, test_y, config)
+    other = probe_by_lbfgs(train_x, train_y, test_x, test_y, probe["linear_probe_c"])
+    per_class = torch.bincount(train_y)
+    rows.append(
+        f"| linear probe (C={probe['linear_probe_c']:g}) | {int(per_class.min())}-{int(per_class.max())} | "
+        f"{100 * probe['linear_probe']:.2f} | {100 * other:.2f} | torch L-BFGS, same objective |"
+    )
+    print(f"{len(train_y)} training and {len(test_y)} test images\n" + "\n".join(rows))
+    if args.no_finetune:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        table = ["| fine-tuning | lr | test top-1 (%) | wall (s) |", "|---|---:|---:|---:|"]
+        for freeze in ("none", "attention-only"):
+            result = finetune(checkpoint, args, freeze, Path(folder) / freeze)
+            name = "full" if freeze == "none" else freeze
+            table.append(
+                f"| {name}, batch {args.batch_size} | {result['lr']:.3g} | {100 * result['top1']:.2f} | {result['seconds']:.0f} |"
+            )
+        print(f"lr: {result['lr_note']}\n" + "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
