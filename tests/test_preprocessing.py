@@ -291,3 +291,15 @@ def test_finetune_takes_the_checkpoint_preprocessing_unless_set(hf_vit: Path) ->
     assert taken["data"]["img_size"] == 48  # the recipe's resolution, not the checkpoint's
     kept = resolved("--set", "data.mean=[0.5,0.5,0.5]")
     assert kept["data"]["mean"] == [0.5, 0.5, 0.5] and kept["data"]["std"] == STD
+
+
+def test_a_folder_weights_file_is_read_with_its_folder(hf_vit: Path, tmp_path: Path) -> None:
+    """`folder/model.safetensors` is read as the folder: its config.json (a width-48 ViT, not in the
+    size table) and its processor config, by vitkit.load and by every command."""
+    model = vitkit.load(hf_vit / "model.safetensors")
+    assert model.config.num_heads == 3 and model.preprocessing.mean == tuple(MEAN)
+    image = str(random_image(tmp_path / "a.png", 32, 32, seed=5))
+    by_file = vitkit_cli("predict", str(hf_vit / "model.safetensors"), image)
+    by_folder = vitkit_cli("predict", str(hf_vit), image)
+    assert by_file.returncode == 0, by_file.stderr[-2000:]
+    assert by_file.stdout.split(":", 1)[1] == by_folder.stdout.split(":", 1)[1]

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .convert import load_converted
+from .convert import checkpoint_folder, load_converted
 from .convert.native import is_native, load_native
 from .models.vit import VisionTransformer
 
@@ -25,7 +25,7 @@ def load(
     Checkpoints of other toolkits (vit_jax/big_vision .npz, timm, HF folders, mmpretrain, DeiT) are
     detected and converted by `vitkit.convert.load_converted`; `layout=` forces a layout, and its
     options (num_heads=, keep_source_numerics=, pre_logits=) pass through."""
-    path = Path(path)
+    path = checkpoint_folder(path)
     if layout not in (None, "vitkit") or (layout is None and not is_native(path)):
         return load_converted(path, layout=layout, strict=strict, **overrides)
     return load_native(path, strict=strict, **overrides)

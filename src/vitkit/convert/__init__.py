@@ -98,6 +98,19 @@ def _read_folder(path: Path) -> tuple[State, dict]:
     raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or shard index in the folder")
 
 
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def checkpoint_folder(path: str | os.PathLike) -> Path:
+    """The folder a folder's own weights file belongs to (`x/model.safetensors` with `x/config.json`
+    beside it), so that it is read with its config.json and processor config; any other path as is."""
+    path = Path(path)
+    if path.name in FOLDER_WEIGHTS and path.is_file() and (path.parent / "config.json").is_file():
+        log.info("%s: reading its folder %s (config.json beside the weights)", path, path.parent)
+        return path.parent
+    return path
+
+
 def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> Checkpoint:
     """Read any checkpoint file or folder and detect its layout (`layout=` forces one)."""
     path = Path(path)
@@ -330,6 +343,7 @@ __all__ = [
     "Checkpoint",
     "ConversionReport",
     "convert",
+    "checkpoint_folder",
     "detect_layout",
     "infer_config",
     "load_converted",

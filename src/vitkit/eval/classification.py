@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..convert import checkpoint_folder
 from ..convert.preprocess import DATA_KEY
 from ..io import CheckpointError, atomic_write, load, parse_metadata, read_header
 from ..models.vit import VisionTransformer
@@ -174,7 +175,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """What to load for a checkpoint argument: a run folder's best (else last) weights, a
     pre-training run's encoder; any other folder (vitkit's or HuggingFace's config.json + weights)
     or file as it is."""
-    path = Path(path)
+    path = checkpoint_folder(path)
     if path.is_dir():
         for name in ("best.safetensors", "last.safetensors", "encoder.safetensors"):
             if (path / name).is_file():
