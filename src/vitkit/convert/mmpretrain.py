@@ -42,6 +42,7 @@ def mmpretrain_limits(config: ViTConfig) -> list[str]:
     checks = {
         f"stem {config.stem!r} (mmpretrain's VisionTransformer has a patch stem)": config.stem == "patch",
         "parallel blocks": config.parallel == 1,
+        "register tokens": config.num_reg_tokens == 0,
         "a model without class token": config.class_token,
         f"pool {config.pool!r} (only the class token maps onto VisionTransformerClsHead)": config.pool
         == "token",
