@@ -8,6 +8,8 @@ import torch
 
 import vitkit
 from helpers import tiny_config
+from vitkit.analysis.draw import stages
+from vitkit.analysis.flops import count
 from vitkit.cli import main
 from vitkit.convert import read_checkpoint, write_layout
 from vitkit.files import CheckpointError
@@ -82,6 +84,15 @@ def test_config_checks():
         tiny_config(pos_embed="rope", parallel=2)
     with pytest.raises(ValueError, match="rope_theta"):
         tiny_config(rope_theta=0.5)
+
+
+def test_architecture_table_and_counts_name_registers_and_rope():
+    config = tiny_config(pos_embed="rope", num_reg_tokens=2)
+    table = {stage.name: stage for stage in stages(config)}
+    assert table["tokens"].detail == "class token + 2 registers + rotary positions (in attention)"
+    assert table["tokens"].num_params == 3 * 32  # class token and registers; RoPE stores nothing
+    assert sum(stage.num_params for stage in table.values()) == count(config).params
+    assert count(config).params_by_component["tokens"] == 3 * 32
 
 
 def test_native_round_trip(tmp_path):

@@ -191,8 +191,7 @@ class ParallelBlock(nn.Module):
         self.norm_eps = config.norm_eps
         self._fused_cache: tuple[tuple, dict] | None = None
 
-    def forward(self, x: torch.Tensor, rope: None = None) -> torch.Tensor:
-        """`rope` is always None: the config refuses rotary embeddings with parallel blocks."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.noise_per_branch:
             return self.forward_branches(x)
         weights = self.fused_weights()
@@ -265,7 +264,7 @@ class ParallelBlock(nn.Module):
         hidden = _gelu(self.ffns[0].mlp.act, hidden)
         return linear(hidden, *weights["fc2"])
 
-    def attention_weights(self, x: torch.Tensor, rope: None = None) -> torch.Tensor:
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Each branch's heads, concatenated: (B, parallel * heads, L, L)."""
         return torch.cat([b.attn.attention_weights(b.norm(x)) for b in self.attns], dim=1)
 
@@ -438,9 +437,10 @@ class VisionTransformer(nn.Module):
     def forward_blocks(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The L encoder blocks on tokens (B, prefix + h*w, D) of a patch grid."""
         rope = self.rotary_embeddings(grid, x.device)
+        args = () if rope is None else (rope,)  # only `Block` takes RoPE (the config refuses parallel)
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
+            x = checkpoint(block, x, *args, use_reentrant=False) if recompute else block(x, *args)
         return x
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -480,11 +480,12 @@ class VisionTransformer(nn.Module):
         x, grid = self.patchify(images)
         x = self.add_tokens(x, grid)
         rope = self.rotary_embeddings(grid, x.device)
+        args = () if rope is None else (rope,)
         blocks, weights = [], []
         for block in self.blocks:
             if attention:
-                weights.append(block.attention_weights(x, rope))
-            x = block(x, rope)
+                weights.append(block.attention_weights(x, *args))
+            x = block(x, *args)
             blocks.append(x)
         tokens = self.norm(x)
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {
