@@ -14,6 +14,7 @@ from vitkit.convert import read_checkpoint, write_layout
 from vitkit.files import CheckpointError
 from vitkit.models.masked import MaskedConfig, MaskedPatchModel
 from vitkit.models.vit import VisionTransformer
+from vitkit.train.optim import param_groups
 
 
 def registers_model(**overrides) -> VisionTransformer:
@@ -57,6 +58,12 @@ def test_every_parameter_gets_a_gradient():
     model = registers_model().train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_registers_are_tokens_for_the_optimizer():
+    groups = param_groups(registers_model(), weight_decay=0.05, layer_decay=0.5)
+    (group,) = [group for group in groups if "reg_token" in group["names"]]
+    assert group["weight_decay"] == 0.0 and "cls_token" in group["names"]  # undecayed, stem's lr scale
 
 
 def test_registered_names_match_timm():
