@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import vitkit
 from helpers import tiny_config
@@ -164,6 +165,22 @@ def test_hf_dinov3_features(tmp_path, overrides):
                 model.forward_features(images), out.last_hidden_state, atol=1e-5, rtol=0
             )
             torch.testing.assert_close(model(images), out.pooler_output, atol=1e-5, rtol=0)
+
+
+@pytest.mark.peers
+def test_bare_state_dict_file(tmp_path):
+    """A torch state_dict() (layers under `model.`) without config.json: the folder's facts are passed."""
+    source, _ = hf_dinov3(tmp_path)
+    save_file(source.state_dict(), tmp_path / "dinov3.safetensors")
+    assert read_checkpoint(tmp_path / "dinov3.safetensors").layout == "dinov3_vit"
+    model = vitkit.load(
+        tmp_path / "dinov3.safetensors", num_heads=4, pos_embed="rope", norm_eps=1e-5, img_size=32
+    ).eval()
+    images = torch.randn(2, 3, 40, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_features(images), source(pixel_values=images).last_hidden_state, atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.peers

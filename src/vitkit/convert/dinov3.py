@@ -18,7 +18,7 @@ import torch
 
 from ..files import CheckpointError
 from .hf import GELU, hf_image_size
-from .keymap import FUSE_QKV, Fix, KeyTable, Layout, State, drop_keys, renamed, rule
+from .keymap import FUSE_QKV, Fix, KeyTable, Layout, State, drop_keys, rename_prefix, renamed, rule
 
 _LAYER = "layer.{i}."
 _ATTENTION = f"{_LAYER}attention."
@@ -108,6 +108,13 @@ DINOV3 = Layout(
     table=DINOV3_TABLE,
     detect=_dinov3_keys,
     fixes=(
+        rename_prefix(
+            "strip_encoder_prefix",
+            "model.layer.",
+            "layer.",
+            "DINOv3ViTModel's own state_dict() nests the layers under `model.`; save_pretrained and the "
+            "released folders name them without it",
+        ),
         drop_keys(
             "drop_mask_token",
             ("embeddings.mask_token",),
