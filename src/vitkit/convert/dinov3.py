@@ -54,7 +54,7 @@ _OTHERS = ("attention.o_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def _biasless(state: State) -> list[str]:
-    """Layers without a bias that vitkit's model has: x W^T + 0 computes exactly x W^T."""
+    """Layers without a bias that vitkit's model has: a zero bias computes the same, x W^T + 0."""
     out = []
     for key in state:
         if not (key.startswith("layer.") and key.endswith(".weight")):
