@@ -8,7 +8,6 @@ own in `vitkit.convert.native`) and `vitkit.files` reads the files. Task deltas 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from .convert import checkpoint_folder, load_converted

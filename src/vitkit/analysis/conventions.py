@@ -204,6 +204,7 @@ def num_params(config: ViTConfig) -> int:
         total += chans * config.patch_size**2 * d + d
     if config.class_token:
         total += d
+    total += config.num_reg_tokens * d  # register tokens (DINOv2 with registers, DINOv3)
     if config.pos_embed == "learn":
         total += (config.num_patches + (config.num_prefix_tokens if config.pos_embed_class_slot else 0)) * d
     scale = d if config.layer_scale_init else 0

@@ -96,13 +96,23 @@ def stages(config: ViTConfig) -> list[Stage]:
                 else f"linear {config.in_chans * patch * patch} -> {dim}",
             )
         )
-    positions = {"learn": "learned positions", "sincos2d": "fixed sin-cos positions", "none": ""}
-    tokens = [text for text in ("class token" if prefix else "", positions[config.pos_embed]) if text]
+    positions = {
+        "learn": "learned positions",
+        "sincos2d": "fixed sin-cos positions",
+        "rope": "rotary positions (in attention)",
+        "none": "",
+    }
+    registers = f"{config.num_reg_tokens} registers" if config.num_reg_tokens else ""
+    tokens = [
+        text
+        for text in ("class token" if config.class_token else "", registers, positions[config.pos_embed])
+        if text
+    ]
     out.append(
         Stage(
             "tokens",
             (num_patches + prefix, dim),
-            _num_params(model.cls_token, model.pos_embed),
+            _num_params(model.cls_token, model.reg_token, model.pos_embed),
             " + ".join(tokens) or "patches only",
         )
     )

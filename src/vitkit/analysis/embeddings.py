@@ -24,8 +24,10 @@ def patch_position_embeddings(model: VisionTransformer) -> torch.Tensor:
     pass does, so both kinds are analysed alike.
     """
     config = model.config
-    if config.pos_embed == "none":
-        raise ValueError("the model has no position embeddings (ViTConfig.pos_embed='none')")
+    if config.pos_embed in ("none", "rope"):
+        raise ValueError(
+            f"the model has no position embeddings to compare (ViTConfig.pos_embed={config.pos_embed!r})"
+        )
     with torch.no_grad():
         pos_embed = model.position_embeddings(config.grid_size)  # (1, [prefix +] h*w, D)
     num_prefix = config.num_prefix_tokens if config.pos_embed_class_slot else 0

@@ -41,7 +41,7 @@ def component_of(name: str) -> str:
     """Which part of Figure 1 a module or parameter name belongs to."""
     if name.startswith("patch_embed"):
         return "stem"
-    if name in ("cls_token", "pos_embed"):
+    if name in ("cls_token", "reg_token", "pos_embed"):
         return "tokens"
     if name.startswith("blocks."):
         if ".attn" in name:

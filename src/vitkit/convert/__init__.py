@@ -101,11 +101,22 @@ def _read_folder(path: Path) -> tuple[State, dict]:
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
+def _is_model_folder(folder: Path) -> bool:
+    """Whether the folder's config.json describes a model (HF's or vitkit's: it names a
+    `model_type`), not, e.g., a training run's experiment config."""
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        return "model_type" in read_folder_config(folder)
+    except CheckpointError:
+        return False
+
+
 def checkpoint_folder(path: str | os.PathLike) -> Path:
     """The folder a folder's own weights file belongs to (`x/model.safetensors` with `x/config.json`
     beside it), so that it is read with its config.json and processor config; any other path as is."""
     path = Path(path)
-    if path.name in FOLDER_WEIGHTS and path.is_file() and (path.parent / "config.json").is_file():
+    if path.name in FOLDER_WEIGHTS and path.is_file() and _is_model_folder(path.parent):
         log.info("%s: reading its folder %s (config.json beside the weights)", path, path.parent)
         return path.parent
     return path

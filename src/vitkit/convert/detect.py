@@ -20,8 +20,9 @@ import torch
 from ..files import CheckpointError
 from ..models.config import SIZES, ViTConfig, check_fields, hybrid_stride
 from .deit import DEIT
+from .dinov3 import DINOV3
 from .google import BIG_VISION, VIT_JAX
-from .hf import DINOV2, HF_VIT
+from .hf import DINOV2, DINOV2_REG, HF_VIT
 from .keymap import Layout
 from .mmpretrain import MMPRETRAIN
 from .siglip import SIGLIP
@@ -29,9 +30,11 @@ from .timm import TIMM
 
 log = logging.getLogger(__name__)
 
-# Most specific first: DeiT III and DINOv2 share names with timm and HF ViT.
+# Most specific first: DeiT III and DINOv2 share names with timm and HF ViT, DINOv2 with registers
+# and DINOv3 with DINOv2.
 LAYOUTS: dict[str, Layout] = {
-    layout.name: layout for layout in (DINOV2, HF_VIT, SIGLIP, MMPRETRAIN, BIG_VISION, VIT_JAX, DEIT, TIMM)
+    layout.name: layout
+    for layout in (DINOV3, DINOV2_REG, DINOV2, HF_VIT, SIGLIP, MMPRETRAIN, BIG_VISION, VIT_JAX, DEIT, TIMM)
 }
 
 # The LayerScale init only seeds a fresh model; a checkpoint's gammas replace it. DeiT III's value.
@@ -125,6 +128,8 @@ def infer_config(state: Mapping[str, torch.Tensor], origin: str = "checkpoint", 
 
     # Tokens, head.
     fields["class_token"] = "cls_token" in state
+    if "reg_token" in state:
+        fields["num_reg_tokens"] = shape("reg_token")[1]
     if "attn_pool.latent" in state:
         fields["pool"] = "map"
     elif "fc_norm.weight" in state:
@@ -145,7 +150,7 @@ def infer_config(state: Mapping[str, torch.Tensor], origin: str = "checkpoint", 
     stride = fields["patch_size"] * (
         hybrid_stride(fields["hybrid_layers"]) if fields["stem"] == "hybrid" else 1
     )
-    prefix = int(fields["class_token"])
+    prefix = int(fields["class_token"]) + fields.get("num_reg_tokens", 0)
     if "pos_embed" in state:
         fields["pos_embed"] = "learn"
         rows = shape("pos_embed")[1]
@@ -170,13 +175,13 @@ def infer_config(state: Mapping[str, torch.Tensor], origin: str = "checkpoint", 
             notes.append(f"grid {side}x{side} from pos_embed {tuple(shape('pos_embed'))}")
     elif "pos_embed" not in known:
         raise CheckpointError(
-            f"{origin}: no position embedding in the checkpoint; pass pos_embed='sincos2d' or 'none'"
+            f"{origin}: no position embedding in the checkpoint; pass pos_embed='sincos2d', 'rope' or 'none'"
         )
     elif "img_size" not in known:
         raise CheckpointError(
             f"{origin}: no learned position embedding to read the grid from; pass img_size="
         )
-    if not fields["class_token"]:
+    if not prefix:
         fields["pos_embed_class_slot"] = True  # nothing to give a slot to: keep the default
     fields.update(known)
     try:

@@ -191,6 +191,7 @@ def vit_jax_limits(config: ViTConfig) -> list[str]:
         f"stem {config.stem!r} (vit_jax has patch and R50 hybrid stems)": config.stem != "hmlp",
         "parallel blocks": config.parallel == 1,
         "LayerScale": config.layer_scale_init is None,
+        "register tokens": config.num_reg_tokens == 0,
         "qkv_bias=False (Flax attention always has biases)": config.qkv_bias,
         f"position embedding {config.pos_embed!r} (vit_jax learns them)": config.pos_embed == "learn",
         # vit_jax averages tokens ('gap') exactly when it has no class token.

@@ -1,4 +1,4 @@
-"""HuggingFace transformers folders: ViT (read and write) and DINOv2 (read).
+"""HuggingFace transformers folders: ViT (read and write), DINOv2 and DINOv2 with registers (read).
 
 A folder holds `config.json` and `model.safetensors` (or `pytorch_model.bin`, or shards with an
 index). ViT (`ViTForImageClassification`, or `ViTModel` without the `vit.` prefix) keeps query, key
@@ -6,7 +6,9 @@ and value as separate Linear layers, which fuse into timm's `qkv`; its `layer_no
 default) and `hidden_act` come from config.json. Its `ViTModel` pooler (dense + tanh on the class
 token) is the ViT paper's pre-logits layer. DINOv2 (`Dinov2Model`) has patch 14, LayerScale
 `layer_scale{1,2}.lambda1`, a position-embedding grid for 518 px (37 x 37 + class slot) resampled
-bicubically, and a `mask_token` used only in pre-training.
+bicubically, and a `mask_token` used only in pre-training. DINOv2 with registers
+(`Dinov2WithRegistersModel`) adds `register_tokens` after the class token, without position
+embeddings, and resamples its grid with antialiased bicubic interpolation.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ DINOV2_TABLE = KeyTable(
         *renamed("norm", "layernorm"),
     ],
 )
+DINOV2_REG_TABLE = KeyTable(
+    "dinov2_reg", [*DINOV2_TABLE.rules, rule("reg_token", "embeddings.register_tokens")]
+)
 
 
 def _gelu(config_json: dict) -> str:
@@ -99,7 +104,7 @@ def _gelu(config_json: dict) -> str:
     return GELU[act]
 
 
-def _image_size(config_json: dict) -> tuple[int, int]:
+def hf_image_size(config_json: dict) -> tuple[int, int]:
     size = config_json.get("image_size", 224)
     if isinstance(size, int) and not isinstance(size, bool):
         return (size, size)
@@ -109,7 +114,7 @@ def _image_size(config_json: dict) -> tuple[int, int]:
 
 
 def vit_folder_config(config_json: dict) -> tuple[dict[str, object], dict[str, object]]:
-    structure = {"num_heads": config_json["num_attention_heads"], "img_size": _image_size(config_json)}
+    structure = {"num_heads": config_json["num_attention_heads"], "img_size": hf_image_size(config_json)}
     numerics = {
         "norm_eps": config_json.get("layer_norm_eps", 1e-12),
         "gelu": _gelu(config_json),
@@ -123,7 +128,7 @@ def dinov2_folder_config(config_json: dict) -> tuple[dict[str, object], dict[str
         raise CheckpointError("DINOv2 with a SwiGLU MLP (ViT-g) is not supported")
     structure = {
         "num_heads": config_json["num_attention_heads"],
-        "img_size": _image_size(config_json),
+        "img_size": hf_image_size(config_json),
         "layer_scale_init": config_json.get("layerscale_value", 1.0),
     }
     numerics = {
@@ -134,11 +139,26 @@ def dinov2_folder_config(config_json: dict) -> tuple[dict[str, object], dict[str
     return structure, numerics
 
 
+def dinov2_reg_folder_config(config_json: dict) -> tuple[dict[str, object], dict[str, object]]:
+    structure, numerics = dinov2_folder_config(config_json)
+    return structure, {**numerics, "pos_embed_resample": "bicubic_antialias"}
+
+
+def fold_class_position(state: State) -> State:
+    """cls + pos[0] as the class token, pos[1:] as the patches' embeddings."""
+    state = dict(state)
+    pos_embed = state["embeddings.position_embeddings"]
+    state["embeddings.cls_token"] = state["embeddings.cls_token"] + pos_embed[:, :1]
+    state["embeddings.position_embeddings"] = pos_embed[:, 1:]
+    return state
+
+
 def hf_limits(config: ViTConfig) -> list[str]:
     checks = {
         f"stem {config.stem!r} (HF ViT has a patch stem)": config.stem == "patch",
         "parallel blocks": config.parallel == 1,
         "LayerScale": config.layer_scale_init is None,
+        "register tokens": config.num_reg_tokens == 0,
         "a model without class token": config.class_token,
         f"pool {config.pool!r} (HF ViT classifies the class token)": config.pool == "token",
         f"position embedding {config.pos_embed!r}": config.pos_embed == "learn",
@@ -204,6 +224,11 @@ def _dinov2_keys(keys: Iterable[str]) -> bool:
     return any(key.endswith("layer_scale1.lambda1") for key in keys)
 
 
+def _dinov2_reg_keys(keys: Iterable[str]) -> bool:
+    keys = list(keys)
+    return _dinov2_keys(keys) and any(key.endswith("embeddings.register_tokens") for key in keys)
+
+
 HF_VIT = Layout(
     name="hf",
     description="HuggingFace transformers ViT folder (ViTForImageClassification / ViTModel)",
@@ -245,4 +270,37 @@ DINOV2 = Layout(
     ),
     model_types=("dinov2",),
     folder_config=dinov2_folder_config,
+)
+
+DINOV2_REG = Layout(
+    name="dinov2_reg",
+    description="HuggingFace transformers Dinov2WithRegistersModel folder",
+    table=DINOV2_REG_TABLE,
+    detect=_dinov2_reg_keys,
+    fixes=(
+        rename_prefix(
+            "strip_dinov2_with_registers_prefix",
+            "dinov2_with_registers.",
+            "",
+            "Dinov2WithRegistersForImageClassification nests the backbone under `dinov2_with_registers.` "
+            "(its classifier reads class and mean patch tokens together: it is reported unused)",
+        ),
+        drop_keys(
+            "drop_mask_token",
+            ("embeddings.mask_token",),
+            "DINOv2's mask token replaces masked patches in iBOT pre-training and is unused at inference",
+        ),
+        Fix(
+            "fold_class_position",
+            "DINOv2 with registers adds position embeddings to the class token and the patches, not to "
+            "the registers: as timm does, the class token's row is added to the token once, leaving "
+            "embeddings for the patches only (pos_embed_class_slot=False); cls + pos[0] is the same sum",
+            needed=lambda state: {"embeddings.cls_token", "embeddings.position_embeddings"} <= state.keys(),
+            apply=fold_class_position,
+        ),
+    ),
+    # HF resamples with torch's antialiased bicubic kernel (as timm), DINOv2 without registers without.
+    numerics={"pos_embed_resample": "bicubic_antialias"},
+    model_types=("dinov2_with_registers",),
+    folder_config=dinov2_reg_folder_config,
 )

@@ -73,6 +73,7 @@ def mmpretrain_limits(config: ViTConfig) -> list[str]:
     checks = {
         f"stem {config.stem!r} (mmpretrain's VisionTransformer has a patch stem)": config.stem == "patch",
         "parallel blocks": config.parallel == 1,
+        "register tokens": config.num_reg_tokens == 0,
         f"pool {config.pool!r} (the class token maps onto out_type='cls_token', the patch mean normalised "
         "after pooling, 'gap_fc_norm', onto 'avg_featmap')": config.pool in ("token", "gap_fc_norm"),
         f"position embedding {config.pos_embed!r}": config.pos_embed == "learn",

@@ -79,6 +79,7 @@ TIMM_TABLE = KeyTable(
         *HMLP_STEM,
         *hybrid_trunk(),
         rule("cls_token"),
+        rule("reg_token"),
         rule("pos_embed"),
         *block(),
         *parallel_block(),
@@ -91,6 +92,7 @@ def timm_limits(config: ViTConfig) -> list[str]:
     checks = {
         "the hMLP stem (timm's VisionTransformer has none)": config.stem != "hmlp",
         "sin-cos position embeddings (timm stores none for them)": config.pos_embed != "sincos2d",
+        "rotary position embeddings (timm's VisionTransformer has none)": config.pos_embed != "rope",
     }
     return [message for message, ok in checks.items() if not ok]
 

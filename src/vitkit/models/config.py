@@ -1,8 +1,8 @@
 """ViTConfig: the one description of a Vision Transformer, and the size table of the ViT paper.
 
 A config is plain data. Every deviation from the paper's model (LayerScale, global average pooling,
-sin-cos position embeddings, tanh GELU, a LayerNorm eps other than 1e-6) is a named field, so
-reading a config tells exactly which model it builds.
+sin-cos or rotary position embeddings, register tokens, tanh GELU, a LayerNorm eps other than 1e-6)
+is a named field, so reading a config tells exactly which model it builds.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SIZES: dict[str, dict[str, int]] = {
 SIZE_NAMES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
 
 PoolType = Literal["token", "gap", "gap_fc_norm", "map"]
-PosEmbedType = Literal["learn", "sincos2d", "none"]
+PosEmbedType = Literal["learn", "sincos2d", "rope", "none"]
 GeluType = Literal["exact", "tanh"]
 StemType = Literal["patch", "hmlp", "hybrid"]
 ResampleMethod = Literal[
@@ -47,6 +47,7 @@ INT_LIMITS: dict[str, tuple[int, int]] = {
     "mlp_dim": (1, 65536),
     "parallel": (1, 16),
     "num_classes": (0, 1_000_000),
+    "num_reg_tokens": (0, 256),
 }
 MAX_IMG_SIZE = 4096
 MAX_NUM_PATCHES = 65536  # a 256 x 256 token grid
@@ -79,11 +80,17 @@ class ViTConfig:
     layer_scale_init: float | None = None
     # Tokens and positions.
     class_token: bool = True
+    # "Vision Transformers Need Registers" (Darcet et al., 2024): learned tokens after the class
+    # token, attended to by every token, dropped by every pooling (timm's `reg_token`).
+    num_reg_tokens: int = 0
+    # "rope": no absolute embedding; queries and keys of patch tokens are rotated by their patch
+    # centre's coordinates in [-1, 1] (DINOv3), at frequencies 1 / rope_theta ** (4 k / head_dim).
     pos_embed: PosEmbedType = "learn"
-    # True: the class token has its own position embedding (vit_jax, timm); False: only patches do
-    # (DeiT III, big_vision).
+    # True: the class token (and register tokens, as timm) has its own position embedding (vit_jax,
+    # timm); False: only patches do (DeiT III, big_vision, DINOv2 with registers).
     pos_embed_class_slot: bool = True
     pos_embed_resample: ResampleMethod = "bicubic"
+    rope_theta: float = 100.0
     # Head.
     pool: PoolType = "token"
     # Width of the pre-logits layer (Linear + tanh), the paper's pre-training head; None for none.
@@ -148,6 +155,9 @@ class ViTConfig:
             if not _is_real(value) or not low <= value < high or (name == "norm_eps" and value == 0):
                 bounds = f"(0, {high})" if name == "norm_eps" else f"[{low}, {high})"
                 raise ValueError(f"ViTConfig.{name}={value!r}: expected a number in {bounds}")
+        theta = self.rope_theta
+        if not _is_real(theta) or not math.isfinite(theta) or not 1.0 < theta <= 1e9:
+            raise ValueError(f"ViTConfig.rope_theta={theta!r}: expected a number in (1, 1e9]")
         scale = self.layer_scale_init
         if scale is not None and (not _is_real(scale) or not math.isfinite(scale)):
             raise ValueError(f"ViTConfig.layer_scale_init={scale!r}: expected None or a finite number")
@@ -171,6 +181,11 @@ class ViTConfig:
             ),
             f"num_heads {self.num_heads} must not exceed embed_dim {self.embed_dim}": self.num_heads
             <= self.embed_dim,
+            # Two coordinates, each with sin and cos at head_dim / 4 frequencies.
+            f"pos_embed 'rope' needs a head width divisible by 4, not {self.head_dim}": self.pos_embed
+            != "rope"
+            or self.head_dim % 4 == 0,
+            "pos_embed 'rope' needs parallel=1": self.pos_embed != "rope" or self.parallel == 1,
         }
         for choice, allowed in (
             ("pool", PoolType),
@@ -213,7 +228,8 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token)
+        """Tokens before the patches: the class token, then the register tokens."""
+        return int(self.class_token) + self.num_reg_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -26,7 +26,6 @@ from typing import Literal, get_args
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .config import check_fields
 from .vit import VisionTransformer
@@ -398,12 +397,7 @@ class MaskedPatchModel(nn.Module):
         encoder = self.encoder
         tokens, grid = encoder.patchify(images)  # (B, L, D)
         tokens = apply_corruption(tokens, corruption.to(tokens.device), self.mask_token)
-        x = encoder.add_tokens(tokens, grid)
-        for block in encoder.blocks:
-            if encoder.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = encoder.forward_blocks(encoder.add_tokens(tokens, grid), grid)
         return encoder.norm(x)[:, encoder.config.num_prefix_tokens :]
 
     def forward(

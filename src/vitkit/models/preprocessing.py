@@ -265,10 +265,16 @@ LAYOUT_DEFAULTS: dict[str, dict[str, Any]] = {
     "timm": {**_CROP, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
     "deit": {**_CROP, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
     "dinov2": {**_CROP, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "dinov2_reg": {**_CROP, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
     # SiglipImageProcessor: both sides to the size, bicubic, [-1, 1].
     "siglip": {"eval_resize": "squash", "interpolation": "bicubic", "mean": VIT_MEAN, "std": VIT_STD},
     # DINOv3's processor: both sides to the size, bilinear, ImageNet statistics.
-    "dinov3": {"eval_resize": "squash", "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "dinov3_vit": {
+        "eval_resize": "squash",
+        "interpolation": "bilinear",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+    },
     # mmpretrain's ViTs converted from the official code keep its [-1, 1] mapping.
     "mmpretrain": {**_CROP, "mean": VIT_MEAN, "std": VIT_STD},
 }

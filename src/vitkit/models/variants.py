@@ -1,8 +1,8 @@
 """Every registered model name, built from the SIZES table. A name is data: it maps to a ViTConfig.
 
 Names follow timm's grammar: vit_{size}_patch{P}_{resolution}, vit_{size}_r50_s{stride}_{resolution}
-for hybrids, vit_{size}_patch16_{depth}x{parallel}_224 for parallel blocks, plus our own `_hmlp`
-suffix. `_in21k` names are the ImageNet-21k pre-training models of the ViT paper: 21,843 classes and
+for hybrids, vit_{size}_patch16_{depth}x{parallel}_224 for parallel blocks,
+vit_{size}_patch14_reg{R}_dinov2 for DINOv2 with R registers, plus our own `_hmlp` suffix. `_in21k` names are the ImageNet-21k pre-training models of the ViT paper: 21,843 classes and
 the pre-training head with one hidden tanh layer (the pre-logits layer).
 """
 
@@ -26,6 +26,20 @@ def in21k(variant: str) -> ViTConfig:
 def parallel(size: str, depth: int, num_parallel: int) -> ViTConfig:
     # "Three things" trains these with LayerScale (DeiT III recipe); timm registers them the same way.
     return vit(f"{size}/16", 224, depth=depth, parallel=num_parallel, layer_scale_init=1e-5)
+
+
+def dinov2_registers(size: str, num_reg_tokens: int = 4) -> ViTConfig:
+    """DINOv2 with registers (Darcet et al., 2024) as timm builds it: a 37 x 37 grid at 518 px, LayerScale,
+    position embeddings for the patches only (the class token's row is folded into the token), and no
+    classifier (a feature extractor)."""
+    return vit(
+        f"{size}/14",
+        518,
+        num_reg_tokens=num_reg_tokens,
+        layer_scale_init=1e-5,
+        pos_embed_class_slot=False,
+        num_classes=0,
+    )
 
 
 def _standard() -> dict[str, ViTConfig]:
@@ -61,6 +75,9 @@ VARIANTS: dict[str, ViTConfig] = {
     # "Three things" #3: the hierarchical MLP stem.
     "vit_small_patch16_224_hmlp": vit("S/16", 224, stem="hmlp"),
     "vit_base_patch16_224_hmlp": vit("B/16", 224, stem="hmlp"),
+    # "Vision Transformers Need Registers": DINOv2 ViT-S/14 and ViT-B/14 with 4 register tokens.
+    "vit_small_patch14_reg4_dinov2": dinov2_registers("S"),
+    "vit_base_patch14_reg4_dinov2": dinov2_registers("B"),
     # Small-image models (CIFAR-size, 32 px with 4 px patches: 64 tokens).
     "vit_tiny_patch4_32": vit("Ti/4", 32, num_classes=10),
     "vit_small_patch4_32": vit("S/4", 32, num_classes=10),

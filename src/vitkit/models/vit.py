@@ -3,7 +3,8 @@
     image -> patches -> linear embedding -> [class] token + position embeddings -> L encoder blocks
     (pre-norm multi-head self-attention, pre-norm MLP, residuals) -> norm -> pool -> (pre-logits) -> head
 
-plus the parallel block of "Three things everyone should know about ViTs" (Touvron et al., 2022).
+plus the parallel block of "Three things everyone should know about ViTs" (Touvron et al., 2022),
+register tokens (Darcet et al., 2024) and DINOv3's rotary position embeddings (`rope.py`).
 Module names match timm's VisionTransformer so that a timm state dict of a standard ViT loads as is.
 """
 
@@ -20,7 +21,11 @@ from torch.utils.checkpoint import checkpoint
 from .config import ViTConfig
 from .kernels import Linear, attention, linear, linear_chunks
 from .pos_embed import resample_pos_embed, sincos_2d
+from .rope import apply_rope, rope_2d
 from .stems import build_stem
+
+# The rotary embedding's (cos, sin) for the patch tokens, each (h*w, head_dim): see rope.py.
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
@@ -47,16 +52,20 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, L, head_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         q, k, v = self.split_heads(x)
+        if rope is not None:
+            q, k = apply_rope(q, k, *rope)
         dropout = self.attn_dropout if self.training else 0.0
         x = attention(q, k, v, dropout)  # (B, heads, L, head_dim)
         x = x.transpose(1, 2).flatten(2)  # (B, L, D)
         return self.proj_drop(self.proj(x))
 
-    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+    def attention_weights(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) as (B, heads, L, L); recomputed on request, off the fast path."""
         q, k, _ = self.split_heads(x)
+        if rope is not None:
+            q, k = apply_rope(q, k, *rope)
         return torch.softmax((q * self.head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
 
 
@@ -145,15 +154,15 @@ class Block(nn.Module):
         self.ls2 = LayerScale(d, config.layer_scale_init) if config.layer_scale_init else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope)))
         mlp = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if torch.is_grad_enabled() and (x.requires_grad or mlp.requires_grad):
             return x + mlp
         return x.add_(mlp)  # x is this block's own tensor: summed in place in inference
 
-    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn.attention_weights(self.norm1(x))
+    def attention_weights(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+        return self.attn.attention_weights(self.norm1(x), rope)
 
 
 class ParallelBlock(nn.Module):
@@ -313,6 +322,9 @@ class VisionTransformer(nn.Module):
 
         self.patch_embed = build_stem(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if config.class_token else None
+        # Registers start as tiny noise (DINOv2, timm): zeros would keep them identical forever.
+        num_reg = config.num_reg_tokens
+        self.reg_token = nn.Parameter(torch.randn(1, num_reg, d) * 1e-6) if num_reg else None
         num_pos = config.num_patches + (config.num_prefix_tokens if config.pos_embed_class_slot else 0)
         if config.pos_embed == "learn":
             self.pos_embed = nn.Parameter(torch.randn(1, num_pos, d) * 0.02)
@@ -388,7 +400,7 @@ class VisionTransformer(nn.Module):
     def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor | None:
         """Position embeddings for this grid, resampled in 2D from the config's grid when they differ."""
         config = self.config
-        if config.pos_embed == "none":
+        if config.pos_embed in ("none", "rope"):
             return None
         num_prefix = config.num_prefix_tokens if config.pos_embed_class_slot else 0
         if config.pos_embed == "sincos2d":
@@ -399,33 +411,47 @@ class VisionTransformer(nn.Module):
             self.pos_embed, grid, config.grid_size, num_prefix, config.pos_embed_resample
         )
 
+    def rotary_embeddings(self, grid: tuple[int, int], device: torch.device) -> Rope | None:
+        """RoPE's float32 (cos, sin) for this grid, (h*w, head_dim) each; None without RoPE."""
+        config = self.config
+        if config.pos_embed != "rope":
+            return None
+        cos, sin = rope_2d(grid, config.head_dim, config.rope_theta)
+        return cos.to(device), sin.to(device)
+
     def add_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Prepend the class token and add position embeddings: z_0 of equation (1)."""
+        """Prepend the class and register tokens and add position embeddings: z_0 of equation (1)."""
         pos_embed = self.position_embeddings(grid)
         if pos_embed is not None:
             pos_embed = pos_embed.to(dtype=x.dtype, device=x.device)
         class_slot = self.config.pos_embed_class_slot
         if pos_embed is not None and not class_slot:
             x = x + pos_embed
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        prefix = [token for token in (self.cls_token, self.reg_token) if token is not None]
+        if prefix:
+            x = torch.cat([token.expand(x.shape[0], -1, -1).to(x.dtype) for token in prefix] + [x], dim=1)
         if pos_embed is not None and class_slot:
             x = x + pos_embed
         return self.pos_drop(x)
 
+    def forward_blocks(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The L encoder blocks on tokens (B, prefix + h*w, D) of a patch grid."""
+        rope = self.rotary_embeddings(grid, x.device)
+        args = () if rope is None else (rope,)  # only `Block` takes RoPE (the config refuses parallel)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, *args, use_reentrant=False) if recompute else block(x, *args)
+        return x
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> normalised tokens (B, prefix + h*w, D)."""
+        """(B, C, H, W) -> normalised tokens (B, prefix + h*w, D): class, registers, patches."""
         x, grid = self.patchify(images)
         x = self.add_tokens(x, grid)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
+        return self.norm(self.forward_blocks(x, grid))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> (B, D): the class token, the mean of patch tokens, or attention pooling."""
+        """(B, L, D) -> (B, D): the class token, the mean of patch tokens (registers left out), or
+        attention pooling."""
         if self.config.pool == "token":
             return x[:, 0]
         if self.config.pool == "map":
@@ -453,11 +479,13 @@ class VisionTransformer(nn.Module):
         """
         x, grid = self.patchify(images)
         x = self.add_tokens(x, grid)
+        rope = self.rotary_embeddings(grid, x.device)
+        args = () if rope is None else (rope,)
         blocks, weights = [], []
         for block in self.blocks:
             if attention:
-                weights.append(block.attention_weights(x))
-            x = block(x)
+                weights.append(block.attention_weights(x, *args))
+            x = block(x, *args)
             blocks.append(x)
         tokens = self.norm(x)
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {

@@ -79,14 +79,14 @@ def skips_weight_decay(module: nn.Module, param_name: str) -> bool:
     pull them towards zero, which has no regularising meaning for a shift, a scale or a position."""
     if param_name == "bias" or isinstance(module, (nn.LayerNorm, nn.GroupNorm, LayerScale)):
         return True
-    if isinstance(module, VisionTransformer) and param_name in ("pos_embed", "cls_token"):
+    if isinstance(module, VisionTransformer) and param_name in ("pos_embed", "cls_token", "reg_token"):
         return True
     return param_name == "latent"  # the query token of attention pooling
 
 
 def layer_id(name: str, depth: int) -> int:
     """0 for the stem and tokens, i + 1 for block i, depth + 1 for the final norm, pooling and head."""
-    if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
+    if name.startswith(("patch_embed.", "cls_token", "reg_token", "pos_embed")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
