@@ -44,11 +44,16 @@ def make_checkpoints(folder: Path) -> Checkpoints:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     base = VisionTransformer(tiny_config()).eval()
-    data = DataConfig(img_size=32, eval_resize="crop", crop_pct=0.8, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    data = DataConfig(
+        img_size=32, eval_resize="crop", crop_pct=0.8, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3)
+    )
     base_path = folder / "base.safetensors"
     write_weights(base_path, base.state_dict(), model_metadata(base.config, BASE_CLASSES, data.to_dict()))
     deltas = {}
-    for name, seed, overrides in (("pets", 1, {"num_classes": 3}), ("wide", 2, {"num_classes": 7, "img_size": 48})):
+    for name, seed, overrides in (
+        ("pets", 1, {"num_classes": 3}),
+        ("wide", 2, {"num_classes": 7, "img_size": 48}),
+    ):
         task = attention_only_finetune(base, seed=seed, **overrides)
         deltas[name] = save_delta(task, base, folder / f"{name}.safetensors")
     # A delta may carry class names under the training checkpoints' key.
@@ -86,7 +91,9 @@ def png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 def start_server(*args: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +24,9 @@ from vitkit.cli import main
 from vitkit.data.datasets import BadImageError, ImageTooLargeError, decode_image, decode_image_bytes
 from vitkit.serve import TaskBatcher
 
-httpx = pytest.importorskip("httpx", reason="the serving tests need the serve extra: pip install 'vitkit[serve]'")
+httpx = pytest.importorskip(
+    "httpx", reason="the serving tests need the serve extra: pip install 'vitkit[serve]'"
+)
 pytest.importorskip("fastapi", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
 
 MAX_PIXELS = 10_000  # the server's --max-pixels: 100 x 100
@@ -51,7 +51,9 @@ def server(checkpoints):
 
 
 def post_image(url: str, path, **params) -> httpx.Response:
-    return httpx.post(f"{url}/predict", params=params, content=path.read_bytes(), headers={"content-type": "image/png"})
+    return httpx.post(
+        f"{url}/predict", params=params, content=path.read_bytes(), headers={"content-type": "image/png"}
+    )
 
 
 def assert_matches(answer: dict, task: str, expected: list[tuple[str, float]]) -> None:
@@ -84,15 +86,12 @@ def test_each_task_answers_as_the_python_api(server, checkpoints, task):
     assert sorted(p["label"] for p in answer["predictions"]) == sorted(BASE_CLASSES)
 
 
-def test_base_answers_as_vitkit_predict(server, checkpoints):
+def test_base_answers_as_vitkit_predict(server, checkpoints, capsys):
     image = checkpoints.images["wide"]
-    result = subprocess.run(
-        [sys.executable, "-m", "vitkit", "predict", str(checkpoints.base), str(image), "--top-k", "3"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    printed = re.findall(r"(\w+) (\d\.\d{3})", result.stdout.split(": ", 1)[1])
+    assert main(["predict", str(checkpoints.base), str(image), "--top-k", "3"]) == 0
+    printed = re.findall(r"(\w+) (\d\.\d{3})", capsys.readouterr().out.split(": ", 1)[1])
     answer = post_image(server, image, top_k=3).json()["predictions"]
+    assert len(printed) == 3
     assert [(p["label"], f"{p['probability']:.3f}") for p in answer] == printed
 
 
@@ -139,10 +138,8 @@ def test_64_concurrent_requests_of_mixed_tasks_are_batched_and_all_answered(serv
 
             async def one(n: int):
                 task, index = tasks[n % 3], n % len(images)
-                if n % 16 == 5:  # bad requests in the same batches must fail alone
-                    body = b"garbage"
-                else:
-                    body = images[index].read_bytes()
+                # Bad requests among the good ones must fail alone.
+                body = b"garbage" if n % 16 == 5 else images[index].read_bytes()
                 response = await client.post(
                     f"{server}/predict", params={"task": task, "top_k": 2}, content=body,
                     headers={"content-type": "image/png"},

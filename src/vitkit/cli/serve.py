@@ -27,7 +27,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="batches that run at once (threads)")
     parser.add_argument(
-        "--max-pixels", type=int, default=None,
+        "--max-pixels",
+        type=int,
+        default=None,
         help="largest image accepted, width x height (default: 25,000,000)",
     )
     parser.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body, in MiB")
@@ -55,7 +57,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         from ..serve.app import create_app
     except ImportError as error:
-        raise ValueError(f"vitkit serve needs FastAPI and uvicorn ({error}): pip install 'vitkit[serve]'") from error
+        raise ValueError(
+            f"vitkit serve needs FastAPI and uvicorn ({error}): pip install 'vitkit[serve]'"
+        ) from error
     from ..serve.tasks import DEFAULT_MAX_PIXELS, TaskSet, parse_task_specs
 
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--workers", args.workers, 1)):

@@ -101,7 +101,12 @@ class TaskBatcher(Generic[Key]):
                 if len(batch) == 1:
                     results = [error]
                 else:
-                    log.warning("a batch of %d for %r failed (%s); running its requests one by one", len(batch), key, error)
+                    log.warning(
+                        "a batch of %d for %r failed (%s); running its requests one by one",
+                        len(batch),
+                        key,
+                        error,
+                    )
                     results = [await self._run_one(key, item) for item, _ in batch]
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
@@ -115,7 +120,9 @@ class TaskBatcher(Generic[Key]):
 
     async def _run_one(self, key: Key, item: torch.Tensor) -> torch.Tensor | BaseException:
         try:
-            return (await asyncio.get_running_loop().run_in_executor(self._executor, self.run, key, item[None]))[0]
+            return (
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.run, key, item[None])
+            )[0]
         except Exception as error:
             return error
 

@@ -69,7 +69,9 @@ class VitkitDeployment:
             except Exception:  # one bad request must not fail the others: run them alone
                 for index in rows:
                     try:
-                        results[index] = (await asyncio.to_thread(self.tasks.run, task, images[index][None]))[0]
+                        results[index] = (await asyncio.to_thread(self.tasks.run, task, images[index][None]))[
+                            0
+                        ]
                     except Exception as error:
                         results[index] = error
         return results
@@ -80,7 +82,9 @@ class VitkitDeployment:
             return await self.service.predict(request)
         if path.endswith("/health") and request.method == "GET":
             return self.service.health({"batching": self.batching, "server": "ray serve"})
-        return error_response(404, f"{request.method} {request.url.path}: Not Found (POST /predict, GET /health)")
+        return error_response(
+            404, f"{request.method} {request.url.path}: Not Found (POST /predict, GET /health)"
+        )
 
 
 def deployment(

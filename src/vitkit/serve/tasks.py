@@ -166,7 +166,9 @@ class TaskSet:
         if name is None:
             name = self.default_task
             if name is None:
-                raise UnknownTaskError(f"this server holds several tasks: name one with task= ({', '.join(self.tasks)})")
+                raise UnknownTaskError(
+                    f"this server holds several tasks: name one with task= ({', '.join(self.tasks)})"
+                )
         if name not in self.tasks:
             raise UnknownTaskError(f"unknown task {name!r}; served: {', '.join(self.tasks)}")
         return self.tasks[name]
