@@ -208,3 +208,19 @@ def test_serve_mistakes_are_one_line_errors(checkpoints, capsys):
     assert "not a vitkit task delta" in capsys.readouterr().err
     assert main(["serve", str(checkpoints.base), "--max-batch", "0"]) == 2
     assert "--max-batch 0" in capsys.readouterr().err
+
+
+def test_onnx_backend_answers_as_torch(checkpoints):
+    pytest.importorskip("onnxruntime", reason="the onnx backend needs the export extra")
+    from vitkit.serve import TaskSet
+
+    deltas = {"wide": checkpoints.deltas["wide"]}
+    data = checkpoints.images["tall"].read_bytes()
+    by_backend = {}
+    for backend in ("torch", "onnx"):
+        tasks = TaskSet(checkpoints.base, deltas, backend=backend)
+        by_backend[backend] = {
+            name: tasks.run(task, torch.stack([tasks.prepare(task, data)] * 2)) for name, task in tasks.tasks.items()
+        }
+    for name in ("base", "wide"):
+        assert torch.allclose(by_backend["onnx"][name], by_backend["torch"][name], atol=1e-5), name
