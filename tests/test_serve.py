@@ -220,7 +220,8 @@ def test_onnx_backend_answers_as_torch(checkpoints):
     for backend in ("torch", "onnx"):
         tasks = TaskSet(checkpoints.base, deltas, backend=backend)
         by_backend[backend] = {
-            name: tasks.run(task, torch.stack([tasks.prepare(task, data)] * 2)) for name, task in tasks.tasks.items()
+            name: tasks.run(task, torch.stack([tasks.prepare(task, data)] * 2))
+            for name, task in tasks.tasks.items()
         }
     for name in ("base", "wide"):
         assert torch.allclose(by_backend["onnx"][name], by_backend["torch"][name], atol=1e-5), name

@@ -4,6 +4,11 @@
 (batcher.py) batches each task's requests; `create_app` (app.py) is the FastAPI app; the Ray Serve
 deployment is in `vitkit.serve.ray_serve` (imported on its own: it needs `ray`). The HTTP
 layer needs the `serve` extra: `pip install 'vitkit[serve]'`.
+
+FastAPI + uvicorn with a small asyncio batcher rather than LitServe: batching has to be per task
+(tasks differ in resolution and head), decoding must run before a request joins a batch (so a bad
+upload fails alone), and the trunk must live once in the process that answers; LitServe batches all
+requests of an endpoint together and runs inference in worker processes of its own.
 """
 
 from vitkit.serve.batcher import TaskBatcher
