@@ -54,6 +54,7 @@ _DECODE_ERRORS = (
     Image.DecompressionBombError,
     Image.DecompressionBombWarning,
 )
+_PIXEL_LIMIT_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 SHARD_INFO = "dataset.json"
 
 
@@ -130,6 +131,35 @@ def decode_image(source: bytes | str | os.PathLike, name: str | None = None) -> 
     except _DECODE_ERRORS as error:
         raise BadImageError(name, _decode_error_reason(error)) from error
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+class ImageTooLargeError(BadImageError):
+    """An image over a pixel limit: Pillow's decompression-bomb guard, or the caller's `max_pixels`."""
+
+
+def decode_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = None) -> torch.Tensor:
+    """`decode_image` of received bytes (an upload), with the same checks, and images over
+    `max_pixels` refused from their header before any pixel is decoded. Raises `ImageTooLargeError`
+    for an image over the limit (the caller's or Pillow's), `BadImageError` for anything else."""
+    if max_pixels is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                    width, height = image.size
+        except _DECODE_ERRORS as error:
+            kind = ImageTooLargeError if isinstance(error, _PIXEL_LIMIT_ERRORS) else BadImageError
+            raise kind(name, _decode_error_reason(error)) from error
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                name, f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+            )
+    try:
+        return decode_image(data, name)
+    except BadImageError as error:
+        if isinstance(error.__cause__, _PIXEL_LIMIT_ERRORS):
+            raise ImageTooLargeError(name, error.reason) from error.__cause__
+        raise
 
 
 def _decode_error_reason(error: Exception) -> str:

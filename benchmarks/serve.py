@@ -1,0 +1,288 @@
+"""Serving: throughput and latency of dynamic batching against one-request-at-a-time serving, and the
+resident memory of many attention-only tasks on one trunk against separate full models.
+
+    .venv/bin/python benchmarks/serve.py                  # ViT-S/16 at 224, random weights
+    .venv/bin/python benchmarks/serve.py --model vit_base_patch16_224 --requests-per-client 2
+
+Everything runs on loopback (127.0.0.1) against `vitkit serve` subprocesses, with a bounded number
+of requests and a time limit per measurement. The benchmark makes its checkpoints in a temporary
+folder: a headless pre-trained trunk with random weights, five attention-only task deltas of it
+(attention weights, head, position embeddings changed; MLPs and norms shared) and the same five
+tasks as full checkpoints.
+
+1. Throughput: one task served with `--max-batch 1` (batch 1) and with `--max-batch 32` (dynamic
+   batching); requests/s, p50 and p99 latency at 1, 8 and 64 concurrent clients, each sending
+   `--requests-per-client` JPEG uploads.
+2. Memory: the resident set (RSS) of `vitkit serve` with 1, 2 and 5 tasks after one request per
+   task, and of five separate servers of one full model each (summed), the deployment without a
+   shared trunk.
+
+Targets, as ratios within one run: dynamic batching >= 2x the requests/s of batch 1 at 64 clients;
+the RSS of 5 tasks on one trunk <= 0.5x that of 5 full models.
+
+Measured (2-core AMD EPYC shared with other jobs, load average 4-7, torch 2.13, ViT-S/16 at 224):
+5 tasks on one trunk 590 MB RSS (1 task 474, 2 tasks 502) against 5 x 446 = 2228 MB for five
+full-model servers, 0.26x: met. Dynamic batching at 64 clients 4.8 and 4.1 requests/s against 4.5 and
+3.3 for batch 1 in two runs, 1.06x and 1.25x: not met on this CPU, where a request's model time
+dominates and the machine's load moved by more than batching gained (p99 13-22 s at 64 clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import torch
+from PIL import Image
+
+import vitkit
+from vitkit.delta import finetune_model, save_delta
+from vitkit.runtime import keep_freed_memory
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_TASKS = 5
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_checkpoints(folder: Path, model_name: str) -> tuple[Path, list[Path], list[Path]]:
+    """A headless trunk, NUM_TASKS attention-only deltas, and the same tasks as full checkpoints."""
+    torch.manual_seed(0)
+    trunk = vitkit.create_model(model_name, num_classes=0).eval()
+    trunk_path = vitkit.save(trunk, folder / "trunk.safetensors")
+    deltas, fulls = [], []
+    for index in range(NUM_TASKS):
+        task = finetune_model(trunk, num_classes=10 + index)
+        with torch.no_grad():  # what attention-only fine-tuning changes
+            for name, parameter in task.named_parameters():
+                if ".attn." in name or name.startswith(("head.", "pos_embed")):
+                    parameter.add_(torch.randn_like(parameter), alpha=0.02)
+        deltas.append(save_delta(task, trunk, folder / f"task{index}_delta.safetensors"))
+        fulls.append(vitkit.save(task, folder / f"task{index}_full.safetensors"))
+    return Path(trunk_path), deltas, fulls
+
+
+class Server:
+    """`vitkit serve` on 127.0.0.1, a free port; stopped on exit."""
+
+    def __init__(self, checkpoint: Path, tasks: list[Path], *options: str) -> None:
+        task_args = [f"--task=task{index}={path}" for index, path in enumerate(tasks)]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vitkit", "serve", str(checkpoint), *task_args, "--port", "0", *options],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"vitkit serve {checkpoint} did not start (exit {self.process.wait()})")
+        self.url = json.loads(line)["url"]
+        self.tasks = json.loads(line)["tasks"]
+
+    def rss_mb(self) -> float:
+        return psutil.Process(self.process.pid).memory_info().rss / 2**20
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def jpeg(size: int = 256) -> bytes:
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+async def load_test(url: str, task: str, body: bytes, clients: int, per_client: int, limit_s: float) -> dict:
+    """`clients` concurrent clients, each sending `per_client` requests one after another."""
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.perf_counter() + limit_s
+    async with httpx.AsyncClient(timeout=limit_s, limits=httpx.Limits(max_connections=clients)) as client:
+
+        async def one_client() -> None:
+            nonlocal failures
+            for _ in range(per_client):
+                if time.perf_counter() > deadline:
+                    return
+                start = time.perf_counter()
+                response = await client.post(
+                    f"{url}/predict",
+                    params={"task": task},
+                    content=body,
+                    headers={"content-type": "image/jpeg"},
+                )
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    failures += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+
+    def quantile(q: float) -> float:
+        return (
+            latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+        )
+
+    return {
+        "requests": len(latencies),
+        "failures": failures,
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_ms": quantile(0.5),
+        "p99_ms": quantile(0.99),
+    }
+
+
+def throughput(trunk: Path, delta: Path, args: argparse.Namespace) -> dict[str, dict[int, dict]]:
+    body = jpeg()
+    results: dict[str, dict[int, dict]] = {}
+    for mode, max_batch in (("batch 1", 1), ("dynamic", 32)):
+        options = ("--max-batch", str(max_batch), "--batch-timeout-ms", str(args.batch_timeout_ms))
+        with Server(trunk, [delta], *options) as server:
+            asyncio.run(load_test(server.url, "task0", body, 1, 2, args.limit_s))  # warm-up
+            results[mode] = {}
+            for clients in (1, 8, 64):
+                per_client = args.requests_per_client if clients > 1 else max(4, args.requests_per_client * 4)
+                result = asyncio.run(load_test(server.url, "task0", body, clients, per_client, args.limit_s))
+                results[mode][clients] = result
+                print(f"  {mode:8s} {clients:2d} clients: {json.dumps(result)}", flush=True)
+            health = httpx.get(f"{server.url}/health").json()
+            print(f"  {mode} batch sizes: {health['batching']['batch_sizes']}", flush=True)
+    return results
+
+
+@torch.no_grad()
+def model_ceiling(model_name: str, rounds: int = 3, batch: int = 32) -> dict[int, float]:
+    """Images/s of the model alone at batch 1 and at `batch`, timed in alternation (`batch` single
+    images, then one batch, per round; medians): the most that batching can gain over batch 1 on
+    this machine, before HTTP and decoding."""
+    model = vitkit.create_model(model_name, num_classes=10).eval()
+    single, batched = torch.randn(1, 3, *model.config.img_size), torch.randn(batch, 3, *model.config.img_size)
+    model(single), model(batched)  # warm-up
+    times: dict[int, list[float]] = {1: [], batch: []}
+    for _ in range(rounds):
+        for images, runs in ((single, batch), (batched, 1)):
+            start = time.perf_counter()
+            for _ in range(runs):
+                model(images)
+            times[len(images)].append(time.perf_counter() - start)
+    return {size: batch / statistics.median(values) for size, values in times.items()}
+
+
+def touch_every_task(server: Server) -> None:
+    body = jpeg()
+    for task in server.tasks:
+        response = httpx.post(
+            f"{server.url}/predict", params={"task": task}, content=body, headers={"content-type": "image/jpeg"},
+            timeout=120,
+        )  # fmt: skip
+        response.raise_for_status()
+
+
+def memory(trunk: Path, deltas: list[Path], fulls: list[Path]) -> dict[str, float]:
+    results = {}
+    for count in (1, 2, NUM_TASKS):
+        with Server(trunk, deltas[:count]) as server:
+            touch_every_task(server)
+            results[f"{count} tasks, one trunk"] = server.rss_mb()
+            print(
+                f"  {count} task(s) on one trunk: {results[f'{count} tasks, one trunk']:.0f} MB", flush=True
+            )
+    servers = [Server(path, []) for path in fulls]
+    try:
+        for server in servers:
+            touch_every_task(server)
+        sizes = [server.rss_mb() for server in servers]
+    finally:
+        for server in servers:
+            server.__exit__()
+    results[f"{NUM_TASKS} full models, separate servers"] = sum(sizes)
+    results["1 full model server"] = statistics.median(sizes)
+    print(f"  {NUM_TASKS} full-model servers: {' + '.join(f'{s:.0f}' for s in sizes)} MB", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--requests-per-client", type=int, default=2, help="requests per client at 8 and 64")
+    parser.add_argument("--batch-timeout-ms", type=float, default=10.0)
+    parser.add_argument("--limit-s", type=float, default=180.0, help="time limit of one measurement")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    keep_freed_memory()  # as `vitkit serve` does
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}, random weights")
+    with tempfile.TemporaryDirectory(prefix="vitkit-bench-serve-") as tmp:
+        trunk, deltas, fulls = make_checkpoints(Path(tmp), args.model)
+        delta_mb = deltas[0].stat().st_size / 2**20
+        print(f"trunk {trunk.stat().st_size / 2**20:.0f} MB, a delta {delta_mb:.0f} MB, a full task model "
+              f"{fulls[0].stat().st_size / 2**20:.0f} MB on disk")  # fmt: skip
+        if not args.skip_throughput:
+            print("throughput (one task, JPEG 256x256 uploads):")
+            speed = throughput(trunk, deltas[0], args)
+            print(
+                "\n| serving | clients | requests | requests/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|"
+            )
+            for mode, rows in speed.items():
+                for clients, row in rows.items():
+                    print(f"| {mode} | {clients} | {row['requests']} | {row['requests_per_s']:.2f} | "
+                          f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} |")  # fmt: skip
+            ratio = speed["dynamic"][64]["requests_per_s"] / speed["batch 1"][64]["requests_per_s"]
+            print(f"\ndynamic / batch 1 at 64 clients: {ratio:.2f}x requests/s (target >= 2x)")
+            rates = model_ceiling(args.model)
+            print(
+                f"the model alone, in this process: {rates[1]:.2f} images/s at batch 1, {rates[32]:.2f} at "
+                f"batch 32 ({rates[32] / rates[1]:.2f}x: the ceiling of batching's gain here)"
+            )
+        if not args.skip_memory:
+            print("memory (RSS of the server processes after one request per task):")
+            rss = memory(trunk, deltas, fulls)
+            print("\n| served | RSS MB |\n|---|---|")
+            for name, value in rss.items():
+                print(f"| {name} | {value:.0f} |")
+            ratio = rss[f"{NUM_TASKS} tasks, one trunk"] / rss[f"{NUM_TASKS} full models, separate servers"]
+            print(
+                f"\n{NUM_TASKS} tasks on one trunk / {NUM_TASKS} full-model servers: {ratio:.2f}x RSS (target <= 0.5x)"
+            )
+
+
+if __name__ == "__main__":
+    main()

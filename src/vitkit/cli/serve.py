@@ -1,0 +1,89 @@
+"""`vitkit serve`: predictions over HTTP from one trunk and many task deltas, batched per task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="the base: a run folder or any checkpoint `vitkit.load` reads")
+    parser.add_argument(
+        "--task", action="append", default=[], metavar="NAME=DELTA",
+        help="serve a task delta (vitkit.delta.save_delta) on the base's trunk; repeatable",
+    )  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed at start)")
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="largest batch of one task's requests (1: no batching)"
+    )
+    parser.add_argument(
+        "--batch-timeout-ms", type=float, default=5.0,
+        help="how long a request waits for others of its task to join its batch",
+    )  # fmt: skip
+    parser.add_argument(
+        "--backend", choices=("torch", "onnx"), default="torch",
+        help="torch: tasks share the trunk's tensors; onnx: each task an onnxruntime graph (a full model each)",
+    )  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="batches that run at once (threads)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image accepted, width x height (default: 25,000,000)",
+    )
+    parser.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body, in MiB")
+
+
+def listening_socket(host: str, port: int):
+    """A bound socket on (host, port), IPv4 or IPv6 as the host is spelt."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise OSError(error.errno, f"--host {host} --port {port}: {error.strerror}") from error
+    return sock
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve predictions over HTTP: one trunk, many task deltas, dynamically batched per task."""
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as error:
+        raise ValueError(
+            f"vitkit serve needs FastAPI and uvicorn ({error}): pip install 'vitkit[serve]'"
+        ) from error
+    from ..serve.tasks import DEFAULT_MAX_PIXELS, TaskSet, parse_task_specs
+
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--workers", args.workers, 1)):
+        if value < low:
+            raise ValueError(f"{flag} {value}: expected >= {low}")
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
+    if args.batch_timeout_ms < 0 or args.max_body_mb <= 0 or max_pixels < 1:
+        raise ValueError("--batch-timeout-ms must be >= 0, --max-body-mb and --max-pixels positive")
+    tasks = TaskSet(args.checkpoint, parse_task_specs(args.task), backend=args.backend, max_pixels=max_pixels)
+    sock = listening_socket(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def ready() -> None:
+        print(json.dumps({"url": url, "tasks": list(tasks.tasks), "backend": args.backend}), flush=True)
+
+    app = create_app(
+        tasks,
+        max_batch=args.max_batch,
+        batch_timeout_ms=args.batch_timeout_ms,
+        num_workers=args.workers,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        on_ready=ready,
+    )
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

@@ -1,0 +1,137 @@
+"""Dynamic batching per task, on asyncio: requests of one task that arrive close together run as one batch.
+
+Each task has its own queue (tasks differ in resolution and head, so their images cannot share a
+tensor). A task's collector takes the first waiting request, waits at most `timeout_s` for more, up
+to `max_batch`, then hands the batch to one of `num_workers` threads. While every worker is busy the
+queue keeps filling, so the batch grows with the load: one request alone waits `timeout_s` at most,
+64 at once run in a few large batches. `max_batch=1` is plain one-request-at-a-time serving.
+
+Only prepared inputs are submitted (decoding and the eval transform run before, in the request's
+own handler), so a bad upload never reaches a batch; if a batch still fails, its requests run one by
+one, and only the one that fails gets the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+import torch
+
+Key = TypeVar("Key")
+log = logging.getLogger(__name__)
+
+
+class TaskBatcher(Generic[Key]):
+    """`await batcher.submit(task, image)` -> that image's row of `run(task, images)`."""
+
+    def __init__(
+        self,
+        run: Callable[[Key, torch.Tensor], torch.Tensor],
+        max_batch: int = 32,
+        timeout_s: float = 0.005,
+        num_workers: int = 1,
+    ) -> None:
+        if max_batch < 1 or num_workers < 1 or timeout_s < 0:
+            raise ValueError(
+                f"batching: max_batch {max_batch} and workers {num_workers} must be >= 1, "
+                f"the timeout {timeout_s} s >= 0"
+            )
+        self.run = run
+        self.max_batch = max_batch
+        self.timeout_s = timeout_s
+        self.num_workers = num_workers
+        self.batch_sizes: Counter[int] = Counter()  # size -> how many batches ran at that size
+        self._queues: dict[Key, asyncio.Queue] = {}
+        self._collectors: list[asyncio.Task] = []
+        self._running: set[asyncio.Task] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    async def submit(self, key: Key, item: torch.Tensor) -> torch.Tensor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="vitkit-batch")
+            self._slots = asyncio.Semaphore(self.num_workers)
+        if key not in self._queues:
+            self._queues[key] = asyncio.Queue()
+            self._collectors.append(asyncio.create_task(self._collect(key)))
+        future = asyncio.get_running_loop().create_future()
+        await self._queues[key].put((item, future))
+        return await future
+
+    async def _collect(self, key: Key) -> None:
+        queue = self._queues[key]
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            deadline = loop.time() + self.timeout_s
+            while len(batch) < self.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            await self._slots.acquire()
+            # Whatever arrived while the workers were busy joins this batch.
+            while len(batch) < self.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            batch = [(item, future) for item, future in batch if not future.cancelled()]
+            if not batch:
+                self._slots.release()
+                continue
+            running = asyncio.create_task(self._run_batch(key, batch))
+            self._running.add(running)
+            running.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, key: Key, batch: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.batch_sizes[len(batch)] += 1
+            try:
+                images = torch.stack([item for item, _ in batch])
+                outputs = await loop.run_in_executor(self._executor, self.run, key, images)
+                results: list[torch.Tensor | BaseException] = list(outputs)
+            except Exception as error:
+                if len(batch) == 1:
+                    results = [error]
+                else:
+                    log.warning(
+                        "a batch of %d for %r failed (%s); running its requests one by one",
+                        len(batch),
+                        key,
+                        error,
+                    )
+                    results = [await self._run_one(key, item) for item, _ in batch]
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self._slots.release()
+
+    async def _run_one(self, key: Key, item: torch.Tensor) -> torch.Tensor | BaseException:
+        try:
+            return (
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.run, key, item[None])
+            )[0]
+        except Exception as error:
+            return error
+
+    async def close(self) -> None:
+        for collector in self._collectors:
+            collector.cancel()
+        await asyncio.gather(*self._collectors, *self._running, return_exceptions=True)
+        self._collectors.clear()
+        self._queues.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

@@ -1,0 +1,210 @@
+"""The tasks one server answers: a trunk held once, each task's delta on top of it.
+
+`TaskSet(checkpoint, {"pets": "pets.safetensors"})` loads the base checkpoint (a training checkpoint
+brings its class names and data config, see `vitkit.eval.classification.load_classifier`) and adds
+every task delta to one `MultiTaskModel`: each task holds its own attention weights, head and
+position embeddings and the very trunk tensors for the rest, so a task costs its delta in memory.
+The base itself is served as task "base" when it has a classification head.
+
+Each task prepares an image as `vitkit predict` does: `decode_image_bytes` (the checks of
+`decode_image`, plus a pixel limit) and the eval transform of the task's model
+(`vitkit.data.eval_transform`), so the same image gets the same answer from both.
+
+With backend="onnx" each task model is exported (`vitkit.export.export_onnx`, checked against
+PyTorch) and run by onnxruntime; a graph holds all its weights, so there every task costs a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..data.datasets import decode_image_bytes
+from ..data.preprocess import eval_transform, preprocessing_of
+from ..delta import MultiTaskModel, read_delta
+from ..eval.classification import CLASSES_KEY, check_finite, load_classifier, resolve_checkpoint
+from ..files import CheckpointError, parse_metadata, read_header
+from ..models.vit import VisionTransformer
+
+Backend = Literal["torch", "onnx"]
+BASE_TASK = "base"
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_MAX_PIXELS = 25_000_000  # a 5000 x 5000 photograph; decoded, 75 MB of RGB
+log = logging.getLogger(__name__)
+
+
+class UnknownTaskError(KeyError):
+    """A request for a task this server does not hold."""
+
+
+@dataclass
+class Task:
+    """One served task: its model's forward (preprocessed images -> logits), class names, eval
+    transform (uint8 (3, H, W) -> float (3, *img_size)) and where it came from."""
+
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    classes: list[str]
+    transform: Callable[[torch.Tensor, Any], torch.Tensor]
+    source: str
+    img_size: tuple[int, int]
+    num_params: int  # parameters this task holds beyond the trunk (the whole model for the base)
+    preprocessing: str = ""
+    model: VisionTransformer | None = field(default=None, repr=False)
+
+
+def parse_task_specs(specs: list[str]) -> dict[str, str]:
+    """["pets=pets.safetensors", ...] -> {"pets": "pets.safetensors"}; names checked, none twice."""
+    tasks: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--task {spec!r}: expected NAME=DELTA, e.g. pets=pets_delta.safetensors")
+        if not TASK_NAME.match(name):
+            raise ValueError(
+                f"--task {spec!r}: the name must be 1-64 letters, digits, '_', '.' or '-', starting "
+                f"with a letter or digit"
+            )
+        if name == BASE_TASK or name in tasks:
+            raise ValueError(f"--task {spec!r}: the task name {name!r} is taken")
+        tasks[name] = path
+    return tasks
+
+
+def delta_classes(path: str | os.PathLike, num_classes: int) -> list[str]:
+    """The class names a delta file records under the training checkpoints' key, else "0", "1", ..."""
+    _, metadata = read_header(path)  # the header only: read_delta reads the tensors
+    if CLASSES_KEY not in metadata:
+        return [str(index) for index in range(num_classes)]
+    classes = parse_metadata(path, metadata, CLASSES_KEY, list)
+    if len(classes) != num_classes or not all(isinstance(name, str) for name in classes):
+        raise CheckpointError(
+            f"{path}: metadata {CLASSES_KEY!r}: expected {num_classes} class names (the head's outputs)"
+        )
+    return classes
+
+
+class TaskSet:
+    """The base checkpoint and its task deltas, ready to answer: `prepare` an upload, `run` a batch."""
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        deltas: dict[str, str | os.PathLike] | None = None,
+        backend: Backend = "torch",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"backend {backend!r}: expected 'torch' or 'onnx'")
+        self.backend = backend
+        self.max_pixels = max_pixels
+        self.checkpoint = str(resolve_checkpoint(checkpoint))
+        base, classes, _ = load_classifier(checkpoint)
+        self.trunk = MultiTaskModel(base)
+        self.tasks: dict[str, Task] = {}
+        self._onnx_folder = tempfile.TemporaryDirectory(prefix="vitkit-serve-") if backend == "onnx" else None
+        if base.config.num_classes > 0:
+            self._add(BASE_TASK, base, classes, self.checkpoint, base.num_params())
+        trunk_ids = {id(p) for p in base.parameters()}
+        for name, path in (deltas or {}).items():
+            delta = read_delta(path)
+            model = self.trunk.add_task(name, delta)
+            check_finite(model, path)
+            own = sum(p.numel() for p in model.parameters() if id(p) not in trunk_ids)
+            self._add(name, model, delta_classes(path, delta.config.num_classes), str(path), own)
+        if not self.tasks:
+            raise ValueError(f"{checkpoint}: the base has no classification head and no --task was given")
+        log.info("serving %s", ", ".join(f"{t.name} ({t.source})" for t in self.tasks.values()))
+
+    def _add(self, name: str, model: VisionTransformer, classes: list[str], source: str, own: int) -> None:
+        preprocessing = preprocessing_of(model)
+        self.tasks[name] = Task(
+            name=name,
+            forward=self._forward(name, model.eval()),
+            classes=classes,
+            transform=eval_transform(model),
+            source=source,
+            img_size=tuple(model.config.img_size),
+            num_params=own,
+            preprocessing=preprocessing.describe(),
+            model=model,
+        )
+
+    def _forward(self, name: str, model: VisionTransformer) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.backend == "torch":
+            return torch.no_grad()(model)
+        import onnxruntime
+
+        from ..export import export_onnx
+
+        path = Path(self._onnx_folder.name) / f"{name}.onnx"
+        export_onnx(model, path)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            (logits,) = session.run(["logits"], {"images": images.numpy()})
+            return torch.from_numpy(logits)
+
+        return forward
+
+    @property
+    def default_task(self) -> str | None:
+        """The task of a request that names none: the base, or the only task."""
+        if BASE_TASK in self.tasks:
+            return BASE_TASK
+        return next(iter(self.tasks)) if len(self.tasks) == 1 else None
+
+    def task(self, name: str | None) -> Task:
+        if name is None:
+            name = self.default_task
+            if name is None:
+                raise UnknownTaskError(
+                    f"this server holds several tasks: name one with task= ({', '.join(self.tasks)})"
+                )
+        if name not in self.tasks:
+            raise UnknownTaskError(f"unknown task {name!r}; served: {', '.join(self.tasks)}")
+        return self.tasks[name]
+
+    def prepare(self, task: Task, data: bytes, name: str = "<upload>") -> torch.Tensor:
+        """Upload bytes -> the task's model input (3, *img_size); BadImageError / ImageTooLargeError."""
+        return task.transform(decode_image_bytes(data, name, self.max_pixels), None)
+
+    def run(self, task: Task, images: torch.Tensor) -> torch.Tensor:
+        """A batch (B, 3, H, W) of one task -> class probabilities (B, classes), float32."""
+        return task.forward(images).float().softmax(dim=-1)
+
+    def describe(self) -> dict[str, Any]:
+        """What /health shows: the checkpoint, backend and every task's model."""
+        return {
+            "checkpoint": self.checkpoint,
+            "backend": self.backend,
+            "default_task": self.default_task,
+            "trunk_params": sum(p.numel() for p in self.trunk.trunk.parameters()),
+            "tasks": {
+                task.name: {
+                    "model": task.source,
+                    "num_classes": len(task.classes),
+                    "img_size": list(task.img_size),
+                    "own_params": task.num_params,
+                    "preprocessing": task.preprocessing,
+                }
+                for task in self.tasks.values()
+            },
+        }
+
+
+def top_k(task: Task, probabilities: torch.Tensor, k: int) -> list[dict[str, Any]]:
+    """One image's probabilities -> its k most likely classes, most likely first."""
+    values, indices = probabilities.topk(k)
+    return [
+        {"label": task.classes[index], "probability": value}
+        for value, index in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
