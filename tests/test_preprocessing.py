@@ -303,3 +303,27 @@ def test_a_folder_weights_file_is_read_with_its_folder(hf_vit: Path, tmp_path: P
     by_folder = vitkit_cli("predict", str(hf_vit), image)
     assert by_file.returncode == 0, by_file.stderr[-2000:]
     assert by_file.stdout.split(":", 1)[1] == by_folder.stdout.split(":", 1)[1]
+
+
+def test_a_task_delta_carries_its_preprocessing_and_classes(tmp_path: Path) -> None:
+    from vitkit.delta import MultiTaskModel, read_delta, save_delta
+    from vitkit.eval.classification import CLASSES_KEY
+
+    base = vitkit.models.VisionTransformer(tiny_config())
+    base.preprocessing = Preprocessing((32, 32), "crop", 0.9, "bicubic", tuple(MEAN), tuple(STD))
+    vitkit.save(base, tmp_path / "base.safetensors")
+    task = vitkit.models.VisionTransformer(tiny_config(num_classes=3))
+    task.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("head.")}, strict=False)
+    # A delta that records nothing takes the base's preprocessing.
+    save_delta(task, tmp_path / "base.safetensors", tmp_path / "plain.safetensors")
+    assert vitkit.load(tmp_path / "base.safetensors", delta=tmp_path / "plain.safetensors").preprocessing == (
+        base.preprocessing
+    )
+    # One that records its own (a fine-tuning run's) keeps it, in load and in MultiTaskModel.
+    task.preprocessing = Preprocessing((32, 32), "squash", 0.875, "bilinear", (0.5,) * 3, (0.25,) * 3)
+    save_delta(task, base, tmp_path / "own.safetensors", {CLASSES_KEY: json.dumps(["a", "b", "c"])})
+    assert vitkit.load(tmp_path / "base.safetensors", delta=tmp_path / "own.safetensors").preprocessing == (
+        task.preprocessing
+    )
+    multi = MultiTaskModel(tmp_path / "base.safetensors")
+    assert multi.add_task("t", read_delta(tmp_path / "own.safetensors")).preprocessing == task.preprocessing

@@ -34,9 +34,11 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .convert.native import CONFIG_KEY, config_from_metadata, expected_shapes, load_state
+from .convert.preprocess import preprocessing_metadata, recorded_preprocessing
 from .files import CheckpointError, atomic_write, parse_metadata, read_weights
 from .loading import load
 from .models.config import ViTConfig
+from .models.preprocessing import preprocessing_of
 from .models.vit import VisionTransformer
 
 DELTA_KEY = "vitkit.delta"
@@ -112,10 +114,14 @@ def fingerprint(state: dict[str, torch.Tensor], keys: Iterable[str]) -> str:
 
 
 def save_delta(
-    task: VisionTransformer, base: VisionTransformer | str | os.PathLike, path: str | os.PathLike
+    task: VisionTransformer,
+    base: VisionTransformer | str | os.PathLike,
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write the tensors of `task` that differ from `base` (a model or any checkpoint `vitkit.load`
-    reads) to `path` (.safetensors), with the task's config and the base's fingerprint."""
+    reads) to `path` (.safetensors), with the task's config, its preprocessing, the base's
+    fingerprint and any `metadata` (e.g. the task's class names and data config)."""
     base_model = base if isinstance(base, VisionTransformer) else load(base)
     task_state, base_state = _state(task), _state(base_model)
     delta = changed_tensors(task_state, base_state)
@@ -130,6 +136,8 @@ def save_delta(
         "format": "pt",
         CONFIG_KEY: json.dumps(task.config.to_dict(), sort_keys=True),
         DELTA_KEY: json.dumps(info, sort_keys=True),
+        **preprocessing_metadata(task),
+        **(metadata or {}),
     }
     tensors = {key: value.cpu().contiguous() for key, value in delta.items()}
     path = Path(path)
@@ -200,6 +208,21 @@ def load_delta(
     shared = _shared_keys(delta, base_state)
     model = VisionTransformer(delta.config)
     model.load_state_dict({**{key: base_state[key] for key in shared}, **delta.tensors}, strict=True)
+    return attach_task_preprocessing(model, delta, base_model)
+
+
+def attach_task_preprocessing(
+    model: VisionTransformer, delta: Delta, base: VisionTransformer
+) -> VisionTransformer:
+    """The task's preprocessing: what its delta records (the fine-tuning run's data config), else
+    the base checkpoint's at the task's resolution; logged."""
+    preprocessing = recorded_preprocessing(delta.path) if Path(delta.path).is_file() else None
+    if preprocessing is None:
+        preprocessing = preprocessing_of(base)
+        log.info("%s: records no preprocessing; taking the base's (%s)", delta.path, preprocessing.source)
+    if preprocessing.img_size != tuple(model.config.img_size):
+        preprocessing = preprocessing.replace(img_size=tuple(model.config.img_size))
+    model.preprocessing = preprocessing
     return model
 
 
@@ -243,6 +266,7 @@ class MultiTaskModel(nn.Module):
         device = next(self.trunk.parameters()).device
         for key, tensor in delta.tensors.items():
             _set_tensor(model, key, tensor.to(device))
+        attach_task_preprocessing(model, delta, self.trunk)
         self.tasks[name] = model.eval()
         return model
 

@@ -205,7 +205,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     summary = train(experiment)
     if "last" in summary and freeze != "none":
-        delta = save_delta(load(summary["last"]), checkpoint, out_dir / "delta.safetensors")
+        from ..eval.classification import CLASSES_KEY, DATA_KEY
+        from ..files import read_header
+
+        # The task's class names and data config travel with its delta, as with its checkpoint.
+        _, metadata = read_header(summary["last"])
+        task = {key: metadata[key] for key in (CLASSES_KEY, DATA_KEY) if key in metadata}
+        delta = save_delta(load(summary["last"]), checkpoint, out_dir / "delta.safetensors", task)
         summary["delta"] = str(delta)
         summary["delta_note"] = f"vitkit.load({checkpoint!r}, delta={str(delta)!r}) rebuilds the task model"
     if "last" in summary:

@@ -13,18 +13,9 @@ from typing import Any
 from torch import nn
 
 from vitkit.data.transforms import Compose, Normalize, ResizeCenterCrop, SquashResize
-from vitkit.models.preprocessing import Preprocessing
+from vitkit.models.preprocessing import Preprocessing, preprocessing_of
 
 log = logging.getLogger(__name__)
-
-
-def preprocessing_of(model: nn.Module) -> Preprocessing:
-    """What the model's checkpoint says about its input; vitkit's default (squash to the model's
-    size, mean = std = 0.5) for a model built in code."""
-    preprocessing = getattr(model, "preprocessing", None)
-    if isinstance(preprocessing, Preprocessing):
-        return preprocessing
-    return Preprocessing(tuple(model.config.img_size))
 
 
 def resolve_preprocessing(model: nn.Module | Preprocessing, **overrides: Any) -> Preprocessing:

@@ -286,3 +286,12 @@ def layout_default(layout: str, img_size: tuple[int, int]) -> Preprocessing:
     if values is None:
         return Preprocessing(img_size, source="vitkit's default")
     return Preprocessing(img_size, **values, source=f"the {layout} layout's default")
+
+
+def preprocessing_of(model: Any) -> Preprocessing:
+    """What a loaded model's checkpoint says about its input (`model.preprocessing`); vitkit's
+    default (squash to the model's size, mean = std = 0.5) for a model built in code."""
+    preprocessing = getattr(model, "preprocessing", None)
+    if isinstance(preprocessing, Preprocessing):
+        return preprocessing
+    return Preprocessing(tuple(model.config.img_size))
