@@ -95,6 +95,9 @@ class EvalConfig:
     top_k: tuple[int, ...] = (1, 5)
     # With EMA on, evaluate (and keep as best) the EMA weights.
     use_ema: bool = True
+    # Test-time augmentation: average the class probabilities of each image and its mirror image
+    # (twice the evaluation's compute).
+    hflip_tta: bool = False
 
 
 @dataclass(frozen=True)

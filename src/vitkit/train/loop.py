@@ -34,6 +34,7 @@ from ..data.datasets import derive_seed
 from ..eval.classification import (
     ClassificationResult,
     evaluate_classification,
+    flip_averaged,
     plot_confusion_matrix,
     write_results,
 )
@@ -392,6 +393,8 @@ class Trainer:
         def predict(images: torch.Tensor) -> torch.Tensor:
             with autocast():
                 return model(images)
+
+        predict = flip_averaged(predict) if self.exp.eval.hflip_tta else predict
 
         batches = self.eval_loader
         if distributed.is_sharded(model):
