@@ -152,10 +152,8 @@ class Trainer:
         cfg = experiment.train
         self.out_dir = Path(cfg.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        self.arithmetic = setup_arithmetic(
-            cfg.precision, cfg.num_threads, env.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-            report=lambda line: env.main_process and print(line, file=sys.stderr),
-        )  # fmt: skip
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        self.arithmetic = setup_arithmetic(cfg.precision, cfg.num_threads, env.device, local_world_size)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         if cfg.strategy == "fsdp" and cfg.compile:
@@ -459,6 +457,7 @@ class Trainer:
             self.check_position()
         if main:
             self.record_start(resumed_step, changes, previous_run)
+            print("\n".join(self.arithmetic.notes), file=sys.stderr)
         metrics = MetricsLog(self.out_dir, main, resumed_step)
         wrapped = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         autocast = self.arithmetic.autocast

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import platform
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -118,6 +117,8 @@ class Arithmetic:
 
     precision: str
     device: torch.device
+    # One line per choice, what it chose and why; the loop prints them when training starts.
+    notes: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -135,24 +136,21 @@ class Arithmetic:
 
 
 def setup_arithmetic(
-    precision: str,
-    num_threads: int,
-    device: torch.device,
-    local_world_size: int = 1,
-    report: Callable[[str], None] | None = None,
+    precision: str, num_threads: int, device: torch.device, local_world_size: int = 1
 ) -> Arithmetic:
-    """Choose the precision and the CPU threads for a run on `device`, apply the threads, and report
-    each choice in one line (`report`, e.g. print on the main process; else the log)."""
-    report = report or log.info
+    """Choose the precision and the CPU threads for a run on `device` and apply the threads; the
+    result's `notes` say what was chosen and why."""
     chosen, reason = choose_precision(precision, device)
     if chosen == "fp16" and device.type != "cuda":
         raise ValueError("train.precision='fp16' needs a GPU (its grad scaler is CUDA's); use 'bf16' on CPU")
-    report(f"precision {precision} -> {chosen}: {reason}")
+    notes = [f"precision {precision} -> {chosen}: {reason}"]
     if device.type == "cpu" or num_threads > 0:
         threads, why = choose_threads(num_threads, local_world_size)
         torch.set_num_threads(threads)
-        report(f"cpu threads: {threads} ({why})")
-    return Arithmetic(chosen, device)
+        notes.append(f"cpu threads: {threads} ({why})")
+    for note in notes:
+        log.info(note)
+    return Arithmetic(chosen, device, tuple(notes))
 
 
 def machine_summary() -> str:
