@@ -35,6 +35,11 @@ The same model with and without the stem (patch 8, width 192): 45.0% at 477 step
 342 (43.6% after 390 steps with the stem). Training-step speed, interleaved in one process (1 thread,
 load average 3.7, batch 128): 71 images/s (patch 4, width 128, depth 6), 189 (this model), 233
 (the same without the conv stem), 114 (width 256).
+
+The two configs back to back (2026-12-01, the same EPYC, load average 0.8-2.2), `--budget-minutes 4`:
+`cifar10_vit` 522 steps, 278 images/s, test top-1 44.6% at 3.0 min and 46.9% at 4 (flip-averaged);
+`cifar10_vit_patch` 281 steps, 149 images/s, 37.6% at 4. The 30-minute run is the command above;
+`--config cifar10_vit_patch --out runs/bench_cifar10_patch` gives the pure ViT's row.
 """
 
 from vitkit.data import DataConfig, data_root

@@ -22,8 +22,9 @@ average 4.3 at the start, 1.0 at the end; 1 thread; then the default `cifar10_vi
     3,733 steps (477,824 images, 9.6 epochs) in 30.0 training minutes, 265 images/s
     test top-1: 36.2% at 3 min, 49.6% at 9.1, 55.4% at 15.6, 59.8% at 22, 62.3% at 28.2, 62.1% at 30
 
-On the 2-core AMD EPYC (no AMX, no avx512_bf16), 4-minute budgets (`--budget-minutes 4`), the
-machine shared with other jobs: see `cifar10_vit`'s docstring for the rows.
+On the 2-core AMD EPYC (no AMX, no avx512_bf16), 4-minute budgets (`--budget-minutes 4`), shared
+with other jobs: 198 steps, 105 images/s, 33.9% (load average 0.1 -> 2.8); 281 steps, 149 images/s,
+37.6% (load 2.2 -> 2.0). `cifar10_vit`'s docstring compares it with the other models measured.
 """
 
 from vitkit.data import DataConfig, data_root
