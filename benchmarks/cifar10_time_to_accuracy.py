@@ -29,6 +29,7 @@ from vitkit.data import DataConfig, build_loader
 from vitkit.io import atomic_write
 from vitkit.train import load_experiment, train
 from vitkit.train.metrics import read_metrics
+from vitkit.train.precision import machine_summary
 
 
 def main() -> None:
@@ -46,6 +47,7 @@ def main() -> None:
         "--loader-only", action="store_true", help="time the train loader against per-image JPEG decoding"
     )
     args = parser.parse_args()
+    print(f"# {machine_summary()}")
     if args.loader_only:
         compare_loaders(load_experiment(args.config, args.overrides).data)
         return

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vitkit.train.precision import machine_summary
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--from", dest="source", default=None, help="a results JSON written by the suite")
     args = parser.parse_args()
+    print(f"# {machine_summary()}\n")
     if args.source:
         results = json.loads(Path(args.source).read_text())
     else:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from vitkit import create_model
 from vitkit.train.optim import apply_freeze_rule
+from vitkit.train.precision import machine_summary
 
 CONFIGURATIONS = {
     "full": dict(freeze="none", checkpointing=False),
@@ -108,6 +109,7 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
 
+    print(f"# {machine_summary()}")
     forwarded = ["--model", args.model, "--img-size", str(args.img_size), "--batch", str(args.batch)]
     forwarded += ["--steps", str(args.steps), "--device", args.device] + (["--bf16"] if args.bf16 else [])
     results = {}

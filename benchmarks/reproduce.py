@@ -49,6 +49,7 @@ from vitkit.models.config import ViTConfig
 from vitkit.models.masked import MaskedConfig, MaskedPatchModel
 from vitkit.models.vit import VisionTransformer
 from vitkit.train.optim import OptimConfig, apply_freeze_rule, learning_rate, param_groups, set_lr
+from vitkit.train.precision import machine_summary
 
 # Ti-width, half depth: small enough for a CPU, big enough to show the methods apart.
 WIDTH, DEPTH, HEADS, MLP = 192, 6, 3, 576
@@ -279,6 +280,7 @@ def main() -> int:
         args.batch_size = min(args.batch_size, 32)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"# {machine_summary()}", file=sys.stderr)
     out = Path(args.out)
     torch.manual_seed(0)
     data = load_cifar(

@@ -62,6 +62,7 @@ from vitkit.analysis.flops import count
 from vitkit.models.config import ViTConfig
 from vitkit.models.vit import VisionTransformer
 from vitkit.runtime import keep_freed_memory
+from vitkit.train.precision import machine_summary
 
 INFERENCE_MODELS = {"Ti/16": 32, "S/16": 32, "B/16": 16}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -568,7 +569,7 @@ def main() -> None:
     print(
         f"# vitkit speed: torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, "
         f"{args.reps} interleaved repetitions (medians), compile={args.compile}, freezing={args.freezing}, "
-        f"malloc keeps freed memory={kept}\n"
+        f"malloc keeps freed memory={kept}\n# {machine_summary()}\n"
     )
     notes: list[str] = []
     tables = []

@@ -53,6 +53,7 @@ ODD_CONFIGS = {
     "parallel": dict(parallel=2, layer_scale_init=1e-5),
     "hmlp": dict(stem="hmlp", patch_size=16),
     "hybrid": dict(stem="hybrid", hybrid_layers=(1, 1), patch_size=1, img_size=64),
+    "conv": dict(stem="conv", patch_size=8, img_size=(32, 40)),
     "headless": dict(num_classes=0),
     "wide": dict(img_size=(32, 64)),
 }

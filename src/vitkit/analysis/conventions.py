@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..models.config import ViTConfig
+from ..models.stems import conv_stem_channels
 
 OpKind = Literal["matmul", "conv", "attention_product", "norm", "weight_standardisation"]
 Stage = Literal["features", "pre_logits", "classifier"]
@@ -111,6 +112,14 @@ def _stem_ops(config: ViTConfig) -> list[Op]:
             ops.append(_conv("stem", h * w, in_chans, out_chans, kernel, bias=True))
             ops.append(Op("stem", "norm", h * w * out_chans))
         return ops
+    if config.stem == "conv":  # stride-2 3x3 conv-BN-ReLU layers (no conv bias), then a 1x1 projection
+        ops, h, w, in_chans = [], height, width, config.in_chans
+        for out_chans in conv_stem_channels(patch, d):
+            h, w = (h + 1) // 2, (w + 1) // 2
+            ops.append(_conv("stem", h * w, in_chans, out_chans, 3, bias=False))
+            ops.append(Op("stem", "norm", h * w * out_chans))
+            in_chans = out_chans
+        return ops + [_conv("stem", grid_h * grid_w, in_chans, d, 1, bias=True)]
     ops, chans, h, w = _resnet_ops(config, height, width)
     return ops + [_conv("stem", grid_h * grid_w, chans, d, patch, bias=True)]
 
@@ -186,6 +195,12 @@ def num_params(config: ViTConfig) -> int:
     d, mlp = config.embed_dim, config.mlp_dim
     if config.stem == "patch":
         total = config.in_chans * config.patch_size**2 * d + d
+    elif config.stem == "conv":
+        total, in_chans = 0, config.in_chans
+        for out_chans in conv_stem_channels(config.patch_size, d):
+            total += in_chans * 9 * out_chans + 2 * out_chans  # conv, BatchNorm scale and shift
+            in_chans = out_chans
+        total += in_chans * d + d
     elif config.stem == "hmlp":
         hidden = d // 4
         total = (
@@ -373,8 +388,8 @@ def undefined_for(convention: str, config: ViTConfig) -> str | None:
     """Why `convention` has no figure for `config`, or None when it has one."""
     if convention != "mmcls-0.x":
         return None
-    if config.stem == "hybrid":
-        return "hybrid stems (MMClassification 0.x had no hybrid ViT to take the counted module types from)"
+    if config.stem in ("hybrid", "conv"):
+        return f"{config.stem} stems (MMClassification 0.x had no such ViT stem to take the counted module types from)"
     if config.pool == "map":
         return (
             "attention pooling (MMClassification 0.x had no MAP head to take the counted module types from)"

@@ -81,7 +81,7 @@ def count(
                     module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
                 )
                 macs[part] += output.numel() * per_output
-            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
                 norm_ops["norms" if part != "stem" else "stem"] += NORM_OPS_PER_ELEMENT * inputs[0].numel()
             elif isinstance(module, Attention):
                 batch, length, dim = inputs[0].shape

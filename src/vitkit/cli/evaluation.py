@@ -24,6 +24,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         parser, "override the data config stored with the checkpoint, e.g. root=/data/cifar10 batch_size=256"
     )
     parser.add_argument("--out", default=None, help="folder for results.json and the confusion matrix PNG")
+    parser.add_argument(
+        "--hflip-tta", action="store_true", help="average the predictions of each image and its mirror image"
+    )
     add_preprocessing_args(parser, img_size=False)
 
 
@@ -46,6 +49,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..data.preprocess import data_fields
     from ..eval.classification import (
         evaluate_classification,
+        flip_averaged,
         load_classifier,
         plot_confusion_matrix,
         resolve_checkpoint,
@@ -76,11 +80,14 @@ def run_eval(args: argparse.Namespace) -> int:
             f"{args.split!r} of {config.root or config.dataset} has {loader.classes[:10]}"
             f"{' ...' if len(loader.classes) > 10 else ''}"
         )
-    result = evaluate_classification(model, loader, classes, progress=True)
+    predict = flip_averaged(model) if args.hflip_tta else model
+    result = evaluate_classification(predict, loader, classes, progress=True)
     if result.num_samples == 0:
         raise ValueError(f"split {args.split!r} of {config.root or config.dataset} has no images")
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / f"eval_{args.split}"
-    results = write_results(result, out / "results.json", checkpoint=str(path), split=args.split)
+    results = write_results(
+        result, out / "results.json", checkpoint=str(path), split=args.split, hflip_tta=args.hflip_tta
+    )
     figure = plot_confusion_matrix(result, out / "confusion_matrix.png")
     print(
         f"{path} on {args.split} ({result.num_samples} images): top-1 {result.top_k(1):.2%}, "

@@ -188,7 +188,7 @@ UNSTACK_SCAN = Fix(
 def vit_jax_limits(config: ViTConfig) -> list[str]:
     """What the official vit_jax VisionTransformer cannot express."""
     checks = {
-        f"stem {config.stem!r} (vit_jax has patch and R50 hybrid stems)": config.stem != "hmlp",
+        f"stem {config.stem!r} (vit_jax has patch and R50 hybrid stems)": config.stem in ("patch", "hybrid"),
         "parallel blocks": config.parallel == 1,
         "LayerScale": config.layer_scale_init is None,
         "register tokens": config.num_reg_tokens == 0,

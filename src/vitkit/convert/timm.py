@@ -90,7 +90,8 @@ TIMM_TABLE = KeyTable(
 
 def timm_limits(config: ViTConfig) -> list[str]:
     checks = {
-        "the hMLP stem (timm's VisionTransformer has none)": config.stem != "hmlp",
+        f"the {config.stem} stem (timm's VisionTransformer has patch and hybrid stems)": config.stem
+        in ("patch", "hybrid"),
         "sin-cos position embeddings (timm stores none for them)": config.pos_embed != "sincos2d",
         "rotary position embeddings (timm's VisionTransformer has none)": config.pos_embed != "rope",
     }

@@ -8,6 +8,7 @@ a `reduce` that sums counts over processes, so each rank evaluates its own share
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -72,6 +73,18 @@ class ClassificationResult:
 
 
 @torch.no_grad()
+def flip_averaged(predict: Predict) -> Predict:
+    """Test-time augmentation: the mean of the class probabilities of each image and of its left-right
+    mirror image, as log-probabilities (logits whose softmax is that mean). One call on both halves."""
+
+    def averaged(images: torch.Tensor) -> torch.Tensor:
+        logits = predict(torch.cat([images, images.flip(-1)]))  # (2B, classes)
+        log_probs = logits.float().log_softmax(-1).unflatten(0, (2, len(images)))
+        return torch.logsumexp(log_probs, dim=0) - math.log(2)
+
+    return averaged
+
+
 def evaluate_classification(
     predict: Predict,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

@@ -29,7 +29,7 @@ SIZE_NAMES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"
 PoolType = Literal["token", "gap", "gap_fc_norm", "map"]
 PosEmbedType = Literal["learn", "sincos2d", "rope", "none"]
 GeluType = Literal["exact", "tanh"]
-StemType = Literal["patch", "hmlp", "hybrid"]
+StemType = Literal["patch", "hmlp", "hybrid", "conv"]
 ResampleMethod = Literal[
     "bicubic", "bicubic_antialias", "bilinear", "bilinear_antialias", "bilinear_align_corners"
 ]
@@ -172,6 +172,8 @@ class ViTConfig:
             "hybrid_layers are only used by stem 'hybrid'": self.stem == "hybrid" or not self.hybrid_layers,
             f"stem 'hmlp' needs patch_size 16, not {self.patch_size}": self.stem != "hmlp"
             or self.patch_size == 16,
+            f"stem 'conv' needs a power-of-two patch_size >= 2, not {self.patch_size}": self.stem != "conv"
+            or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
             "pool 'token' needs class_token=True": self.pool != "token" or self.class_token,
             f"img_size {size[0]}x{size[1]} must be divisible by the stem's stride {stride}": all(
                 s % stride == 0 for s in size

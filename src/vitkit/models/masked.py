@@ -331,10 +331,10 @@ class MaskedPatchModel(nn.Module):
 
     def __init__(self, encoder: VisionTransformer, config: MaskedConfig, tokenizer: nn.Module | None = None):
         super().__init__()
-        if encoder.config.stem == "hybrid":
+        if encoder.config.stem in ("hybrid", "conv"):
             raise ValueError(
                 "masked-patch pre-training needs a stem without mixing between patches ('patch' or 'hmlp'): "
-                "the hybrid's ResNet lets a masked patch's neighbours see its pixels"
+                f"the {encoder.config.stem} stem's convolutions let a masked patch's neighbours see its pixels"
             )
         if (config.target == "tokens") != (tokenizer is not None):
             raise ValueError(

@@ -3,6 +3,8 @@
 - PatchEmbed: the ViT paper's linear projection of flattened patches (a conv with stride = kernel).
 - HMLPStem: "Three things everyone should know about ViTs", #3, the hierarchical MLP stem.
 - HybridStem: the ViT paper's hybrid, a BiT ResNet trunk whose feature map is cut into 1x1 patches.
+- ConvStem: "Early Convolutions Help Transformers See Better" (Xiao et al., 2021), stacked stride-2
+  3x3 conv-BN-ReLU layers and a 1x1 projection to the width: a small hybrid for small data.
 """
 
 from __future__ import annotations
@@ -77,9 +79,48 @@ class HybridStem(nn.Module):
         return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)
 
 
+class ConvBnRelu(nn.Module):
+    """3x3 convolution (no bias: the BatchNorm's shift replaces it), BatchNorm, ReLU."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int):
+        super().__init__()
+        self.conv = Conv2d(in_chans, out_chans, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+def conv_stem_channels(patch_size: int, embed_dim: int) -> list[int]:
+    """Output channels of the log2(patch_size) stride-2 layers: doubling up to the width, as in Xiao et
+    al.'s ViT_C stems (e.g. width 384, patch 16: 48, 96, 192, 384)."""
+    num_layers = patch_size.bit_length() - 1
+    return [max(embed_dim >> (num_layers - 1 - i), 1) for i in range(num_layers)]
+
+
+class ConvStem(nn.Module):
+    """log2(P) stride-2 3x3 conv-BN-ReLU layers take (B, C, H, W) to (B, c, H/P, W/P); a 1x1 conv projects
+    to the width. Each token sees a (2P - 1)-pixel window overlapping its neighbours' (patches mix)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        channels = conv_stem_channels(patch_size, embed_dim)
+        inputs = [in_chans, *channels[:-1]]
+        self.backbone = nn.Sequential(
+            *(ConvBnRelu(c_in, c_out, stride=2) for c_in, c_out in zip(inputs, channels, strict=True))
+        )
+        self.proj = Conv2d(channels[-1], embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+
+
 def build_stem(config: ViTConfig) -> nn.Module:
     if config.stem == "patch":
         return PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
     if config.stem == "hmlp":
         return HMLPStem(config.in_chans, config.embed_dim, eps=config.norm_eps)
+    if config.stem == "conv":
+        return ConvStem(config.patch_size, config.in_chans, config.embed_dim)
     return HybridStem(config.hybrid_layers, config.patch_size, config.in_chans, config.embed_dim)

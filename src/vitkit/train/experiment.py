@@ -25,10 +25,10 @@ from ..models.config import ViTConfig, check_fields
 from ..registry import get_config
 from . import distributed
 from .optim import FreezeRule, OptimConfig
+from .precision import Precision
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
 Resume = Literal["auto", "never"]
 
 
@@ -62,7 +62,9 @@ class TrainConfig:
     objective: str = "supervised"
     device: distributed.DeviceName = "auto"
     strategy: distributed.Strategy = "ddp"
-    precision: Precision = "fp32"
+    # "auto": bf16 autocast where bf16 products run fast (CUDA with bf16, a CPU with AMX), else fp32;
+    # the run logs what it chose and why (see precision.py).
+    precision: Precision = "auto"
     # Micro-batches per optimiser step: the effective batch is accumulation x data.batch_size x ranks.
     accumulation: int = 1
     # EMA of the weights (Polyak averaging); 0 turns it off.
@@ -70,7 +72,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     deterministic: bool = False
-    # CPU threads of this process (0: torch's default). Small models run faster on one thread: the
+    # CPU threads of this process (0: the cores free to it, os.sched_getaffinity, shared among the
+    # node's processes). Small models run faster on one thread: the
     # per-op overhead of splitting work across cores outweighs the arithmetic they share.
     num_threads: int = 0
     log_every: int = 10
@@ -92,6 +95,9 @@ class EvalConfig:
     top_k: tuple[int, ...] = (1, 5)
     # With EMA on, evaluate (and keep as best) the EMA weights.
     use_ema: bool = True
+    # Test-time augmentation: average the class probabilities of each image and its mirror image
+    # (twice the evaluation's compute).
+    hflip_tta: bool = False
 
 
 @dataclass(frozen=True)

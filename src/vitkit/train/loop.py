@@ -8,7 +8,7 @@ context, a grad scaler enabled only for fp16, and `main_process` guarding every 
         unscale, clip, step, EMA update;  log;  checkpoint every N steps
     each epoch: evaluate, keep the best weights, checkpoint (the whole state, resumable bitwise)
 
-Only this file and `distributed.py` know about devices and ranks.
+Only this file, `precision.py` and `distributed.py` know about devices and ranks.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -33,6 +34,7 @@ from ..data.datasets import derive_seed
 from ..eval.classification import (
     ClassificationResult,
     evaluate_classification,
+    flip_averaged,
     plot_confusion_matrix,
     write_results,
 )
@@ -46,6 +48,7 @@ from .experiment import Experiment, ModelConfig, check_model_config, check_top_k
 from .metrics import MetricsLog, plot_curves
 from .objectives import get_objective
 from .optim import apply_freeze_rule, build_optimizer, learning_rate, set_lr
+from .precision import setup_arithmetic
 from .state import (
     Checkpoint,
     Progress,
@@ -62,7 +65,6 @@ from .state import (
 )
 
 log = logging.getLogger(__name__)
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # The model ------------------------------------------------------------------------------------------
@@ -150,14 +152,10 @@ class Trainer:
         cfg = experiment.train
         self.out_dir = Path(cfg.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        if cfg.precision == "fp16" and env.device.type != "cuda":
-            raise ValueError(
-                "train.precision='fp16' needs a GPU (its grad scaler is CUDA's); use 'bf16' on CPU"
-            )
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        self.arithmetic = setup_arithmetic(cfg.precision, cfg.num_threads, env.device, local_world_size)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
-        if cfg.num_threads > 0:
-            torch.set_num_threads(cfg.num_threads)
         if cfg.strategy == "fsdp" and cfg.compile:
             raise ValueError("train.strategy='fsdp' does not support train.compile; use 'ddp' to compile")
         self._objective = get_objective(cfg.objective)
@@ -180,7 +178,7 @@ class Trainer:
             # Sharded like the weights it follows: each rank averages its own shards.
             distributed.shard(self.ema.model)
         self.optimizer = self.build_optimizer()
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+        self.scaler = self.arithmetic.grad_scaler()
         self.steps_per_epoch = len(self.train_loader) // cfg.accumulation
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -394,6 +392,8 @@ class Trainer:
             with autocast():
                 return model(images)
 
+        predict = flip_averaged(predict) if self.exp.eval.hflip_tta else predict
+
         batches = self.eval_loader
         if distributed.is_sharded(model):
             config = distributed.unwrap(model).config
@@ -457,13 +457,10 @@ class Trainer:
             self.check_position()
         if main:
             self.record_start(resumed_step, changes, previous_run)
+            print("\n".join(self.arithmetic.notes), file=sys.stderr)
         metrics = MetricsLog(self.out_dir, main, resumed_step)
         wrapped = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        dtype = _DTYPES.get(cfg.precision, torch.float32)
-
-        def autocast():
-            return torch.autocast(env.device.type, dtype=dtype, enabled=cfg.precision != "fp32")
-
+        autocast = self.arithmetic.autocast
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         batch_size = exp.data.batch_size
         result = None

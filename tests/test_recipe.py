@@ -1,0 +1,80 @@
+"""Pieces of the small-data recipe: test-time flip averaging (in training and `vitkit eval`) and the
+CIFAR-10 configs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from test_train_loop import tiny_experiment
+from vitkit.cli import main
+from vitkit.eval.classification import evaluate_classification, flip_averaged
+from vitkit.io import read_weights
+from vitkit.train import load_experiment, train
+
+
+def test_flip_averaging_is_the_mean_of_the_two_probabilities():
+    torch.manual_seed(0)
+    weight = torch.randn(5, 3 * 4 * 6)
+    calls = []
+
+    def predict(images):
+        calls.append(len(images))
+        return images.flatten(1) @ weight.T
+
+    images = torch.randn(3, 3, 4, 6)
+    averaged = flip_averaged(predict)(images)
+    mean = (predict(images).softmax(-1) + predict(images.flip(-1)).softmax(-1)) / 2
+    torch.testing.assert_close(averaged.exp(), mean)
+    torch.testing.assert_close(averaged.softmax(-1), mean)  # log-probabilities are logits of the mean
+    assert calls[0] == 6  # one call on the images and their mirrors together
+    symmetric = torch.cat([images[..., :3], images[..., :3].flip(-1)], dim=-1)
+    torch.testing.assert_close(
+        flip_averaged(predict)(symmetric), predict(symmetric).log_softmax(-1)
+    )  # a mirror-symmetric image is its own mirror
+
+
+def test_flip_averaging_changes_the_accuracy_of_a_mirror_blind_predictor():
+    # A "model" that sees only the left half of the image, on images whose right half is the left's
+    # negative: it is right on the images and as sure of the other class on their mirrors, so the
+    # average gives each class half the probability.
+    def predict(images):
+        left = images[..., : images.shape[-1] // 2].mean((1, 2, 3))
+        return torch.stack([left, -left], dim=-1)
+
+    images = torch.zeros(4, 1, 2, 4)
+    images[..., :2] = torch.tensor([1.0, 1.0, -1.0, -1.0])[:, None, None, None]
+    images[..., 2:] = -images[..., :2]
+    labels = torch.tensor([0, 0, 1, 1])
+    plain = evaluate_classification(predict, [(images, labels)], ["a", "b"], top_k=(1,))
+    assert plain.top_k(1) == 1.0
+    averaged = flip_averaged(predict)(images)
+    torch.testing.assert_close(averaged.exp(), torch.full((4, 2), 0.5))
+
+
+def test_training_evaluates_with_flip_averaging(tmp_path):
+    base = tiny_experiment(tmp_path / "plain", epochs=1, data={"eval_resize": "squash"})
+    plain = train(base)
+    tta = train(load_experiment(base, [f"train.out_dir={tmp_path / 'tta'}", "eval.hflip_tta=true"]))
+    assert plain["num_samples"] == tta["num_samples"] == 16
+    assert json.loads((tmp_path / "tta" / "config.json").read_text())["eval"]["hflip_tta"] is True
+    weights = [read_weights(tmp_path / run / "last.safetensors")[0] for run in ("plain", "tta")]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])  # same training
+    # `vitkit eval` of the same weights gives each run's number, with the flag and without.
+    for flag, expected in (([], plain), (["--hflip-tta"], tta)):
+        out = tmp_path / f"eval{len(flag)}"
+        assert main(["eval", str(tmp_path / "plain" / "last.safetensors"), "--out", str(out), *flag]) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["hflip_tta"] is bool(flag)
+        assert math.isclose(results["top1"], expected["top1"])
+
+
+@pytest.mark.parametrize("name", ["cifar10_vit", "cifar10_vit_patch"])
+def test_the_cifar10_configs_load(name):
+    experiment = load_experiment(name)
+    assert experiment.data.img_size == 32 and experiment.train.time_budget_minutes == 30
+    stem = experiment.model.overrides.get("stem", "patch")
+    assert stem == ("patch" if name.endswith("_patch") else "conv")
