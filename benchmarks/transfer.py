@@ -95,9 +95,9 @@ def probe_by_lbfgs(train_x, train_y, test_x, test_y, c: float) -> float:
 
 
 def finetune(checkpoint: str, args, freeze: str, out: Path) -> dict:
-    data_sets = (
-        ["--set", "data.dataset=digits"] if args.dataset == "digits" else ["--set", f"data.root={args.root}"]
-    )
+    # Digits are not mirror-symmetric and are 8 px: no flip, mild crops.
+    digits = ["--set", "data.dataset=digits", "--set", "data.hflip=0.0", "--set", "data.scale=[0.8,1.0]"]
+    data_sets = digits if args.dataset == "digits" else ["--set", f"data.root={args.root}"]
     command = [
         sys.executable, "-m", "vitkit", "finetune", checkpoint, "--config", "finetune_cifar10",
         "--freeze", freeze, *data_sets,
