@@ -38,8 +38,13 @@ load average 3.7, batch 128): 71 images/s (patch 4, width 128, depth 6), 189 (th
 
 The two configs back to back (2026-12-01, the same EPYC, load average 0.8-2.2), `--budget-minutes 4`:
 `cifar10_vit` 522 steps, 278 images/s, test top-1 44.6% at 3.0 min and 46.9% at 4 (flip-averaged);
-`cifar10_vit_patch` 281 steps, 149 images/s, 37.6% at 4. The 30-minute run is the command above;
-`--config cifar10_vit_patch --out runs/bench_cifar10_patch` gives the pure ViT's row.
+`cifar10_vit_patch` 281 steps, 149 images/s, 37.6% at 4.
+
+The 30-minute run (the command above; 2026-12-01, the same EPYC, fp32, 1 thread, beside the pure
+ViT's run on the other core, load average 1.1-2.0): 3,981 steps (509,568 images, 10.2 epochs),
+283 images/s, test top-1 38.0% at 3.0 min, 50.7% at 8.7, 58.0% at 17.4, 62.2% at 23.3, 64.0% at 30
+(best 64.03%). The pure ViT beside it (`--config cifar10_vit_patch --out runs/bench_cifar10_patch`):
+2,205 steps, 157 images/s, 57.5% at 30 min.
 """
 
 from vitkit.data import DataConfig, data_root
