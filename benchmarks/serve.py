@@ -35,7 +35,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,20 +50,10 @@ from PIL import Image
 import vitkit
 from vitkit.delta import finetune_model, save_delta
 from vitkit.runtime import keep_freed_memory
+from vitkit.train.precision import machine_summary
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_TASKS = 5
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_checkpoints(folder: Path, model_name: str) -> tuple[Path, list[Path], list[Path]]:
@@ -249,7 +238,7 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     keep_freed_memory()  # as `vitkit serve` does
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"# {machine_summary()}; load average {os.getloadavg()[0]:.1f}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}, random weights")
     with tempfile.TemporaryDirectory(prefix="vitkit-bench-serve-") as tmp:
         trunk, deltas, fulls = make_checkpoints(Path(tmp), args.model)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,16 +42,7 @@ from vitkit.eval.fewshot import (
     linear_probe,
     sample_shots,
 )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from vitkit.train.precision import machine_summary
 
 
 def ridge_by_sklearn(train_x, train_y, test_x, test_y, num_classes: int, l2_reg: float) -> float:
@@ -132,11 +122,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch")
     parser.add_argument("--img-size", type=int, default=32, help="fine-tuning resolution")
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop fine-tuning after N steps (0: the epochs)")
+    parser.add_argument(
+        "--max-steps", type=int, default=0, help="stop fine-tuning after N steps (0: the epochs)"
+    )
     parser.add_argument("--no-finetune", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    print(f"# {machine_summary()}")
     checkpoint = str(resolve_checkpoint(args.checkpoint))
     model = vitkit.load(checkpoint).eval()
     preprocessing = resolve_preprocessing(model)
