@@ -37,6 +37,7 @@ from vitkit.eval.fewshot import (
     BIAS_CONSTANT,
     FewShotConfig,
     Transformed,
+    evenly_spaced,
     extract_features,
     fewshot_accuracies,
     linear_probe,
@@ -138,9 +139,7 @@ def main() -> None:
     transform = transform_of(preprocessing)
     train_set = Transformed(open_dataset(data, "train"), transform)
     test_set = Transformed(open_dataset(data, "test"), transform)
-    if args.max_test:
-        stride = max(len(test_set) // args.max_test, 1)
-        test_set = torch.utils.data.Subset(test_set, list(range(0, len(test_set), stride))[: args.max_test])
+    test_set = evenly_spaced(test_set, args.max_test)
 
     @torch.no_grad()
     def predict(images: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .convert.native import CONFIG_KEY, config_from_metadata, expected_shapes, load_state
-from .convert.preprocess import preprocessing_metadata, recorded_preprocessing
+from .convert.preprocess import attach_preprocessing, preprocessing_metadata
 from .files import CheckpointError, atomic_write, parse_metadata, read_weights
 from .loading import load
 from .models.config import ViTConfig
@@ -208,22 +208,7 @@ def load_delta(
     shared = _shared_keys(delta, base_state)
     model = VisionTransformer(delta.config)
     model.load_state_dict({**{key: base_state[key] for key in shared}, **delta.tensors}, strict=True)
-    return attach_task_preprocessing(model, delta, base_model)
-
-
-def attach_task_preprocessing(
-    model: VisionTransformer, delta: Delta, base: VisionTransformer
-) -> VisionTransformer:
-    """The task's preprocessing: what its delta records (the fine-tuning run's data config), else
-    the base checkpoint's at the task's resolution; logged."""
-    preprocessing = recorded_preprocessing(delta.path) if Path(delta.path).is_file() else None
-    if preprocessing is None:
-        preprocessing = preprocessing_of(base)
-        log.info("%s: records no preprocessing; taking the base's (%s)", delta.path, preprocessing.source)
-    if preprocessing.img_size != tuple(model.config.img_size):
-        preprocessing = preprocessing.replace(img_size=tuple(model.config.img_size))
-    model.preprocessing = preprocessing
-    return model
+    return attach_preprocessing(model, delta.path, "vitkit", fallback=preprocessing_of(base_model))
 
 
 # Serving ---------------------------------------------------------------------------------------------------
@@ -266,7 +251,7 @@ class MultiTaskModel(nn.Module):
         device = next(self.trunk.parameters()).device
         for key, tensor in delta.tensors.items():
             _set_tensor(model, key, tensor.to(device))
-        attach_task_preprocessing(model, delta, self.trunk)
+        attach_preprocessing(model, delta.path, "vitkit", fallback=preprocessing_of(self.trunk))
         self.tasks[name] = model.eval()
         return model
 

@@ -164,13 +164,12 @@ def run_fewshot(args: argparse.Namespace) -> int:
     import json
 
     import torch
-    from torch.utils.data import Subset
 
     from ..data import DataConfig, data_root, resolve_preprocessing
     from ..data.loader import open_dataset
     from ..data.preprocess import transform_of
     from ..eval.classification import resolve_checkpoint
-    from ..eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, format_table
+    from ..eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, evenly_spaced, format_table
     from ..io import atomic_write, load
 
     model = load(resolve_checkpoint(args.checkpoint)).eval()
@@ -184,10 +183,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
     transform = transform_of(preprocessing)
     train_set = Transformed(open_dataset(data, "train"), transform)
     test_set = Transformed(open_dataset(data, "test"), transform)
-    if args.max_test:
-        # A class-balanced cut: every k-th image, since ImageFolder lists the test set class by class.
-        stride = max(len(test_set) // args.max_test, 1)
-        test_set = Subset(test_set, list(range(0, len(test_set), stride))[: args.max_test])
+    test_set = evenly_spaced(test_set, args.max_test)
     config = FewShotConfig(
         shots=tuple(args.shots), num_seeds=args.seeds, l2_reg=args.l2_reg,
         linear_probe=not args.no_probe, probe_samples_per_class=args.probe_per_class,

@@ -18,7 +18,19 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
         "--from",
         dest="layout",
         default=None,
-        choices=["vitkit", "vit_jax", "big_vision", "timm", "hf", "dinov2", "dinov2_reg", "dinov3_vit", "siglip", "mmpretrain", "deit"],
+        choices=[
+            "vitkit",
+            "vit_jax",
+            "big_vision",
+            "timm",
+            "hf",
+            "dinov2",
+            "dinov2_reg",
+            "dinov3_vit",
+            "siglip",
+            "mmpretrain",
+            "deit",
+        ],
         help="force the source layout instead of detecting it",
     )
     parser.add_argument("--num-heads", type=int, default=None, help="heads, for widths not in the size table")

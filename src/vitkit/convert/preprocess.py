@@ -19,6 +19,7 @@ from ..models.preprocessing import (
     from_hf_processor,
     from_record,
     layout_default,
+    preprocessing_of,
     to_hf_processor,
 )
 from ..models.vit import VisionTransformer
@@ -62,12 +63,15 @@ def recorded_preprocessing(path: str | Path) -> Preprocessing | None:
     return None
 
 
-def attach_preprocessing(model: VisionTransformer, path: str | Path, layout: str) -> VisionTransformer:
-    """Set `model.preprocessing`: the checkpoint's record, else its layout's default, at the size
-    the model runs at (a model loaded with img_size=384 evaluates at 384); logged."""
+def attach_preprocessing(
+    model: VisionTransformer, path: str | Path, layout: str, fallback: Preprocessing | None = None
+) -> VisionTransformer:
+    """Set `model.preprocessing`: the checkpoint's record, else `fallback` (a task delta takes its
+    base's), else the layout's default, at the size the model runs at (a model loaded with
+    img_size=384 evaluates at 384); logged."""
     preprocessing = recorded_preprocessing(path)
     if preprocessing is None:
-        preprocessing = layout_default(layout, tuple(model.config.img_size))
+        preprocessing = fallback or layout_default(layout, tuple(model.config.img_size))
         log.info("%s: no preprocessing recorded; taking %s", path, preprocessing.source)
     if preprocessing.img_size != tuple(model.config.img_size):
         preprocessing = preprocessing.replace(img_size=tuple(model.config.img_size))
@@ -88,10 +92,7 @@ def preprocessing_metadata(model: VisionTransformer) -> dict[str, str]:
 def write_processor_config(model: VisionTransformer, folder: Path) -> Path | None:
     """An HF folder's `preprocessor_config.json` for the model's preprocessing (or vitkit's default
     at its size), written atomically."""
-    preprocessing = getattr(model, "preprocessing", None)
-    if not isinstance(preprocessing, Preprocessing):
-        preprocessing = Preprocessing(tuple(model.config.img_size))
-    text = json.dumps(to_hf_processor(preprocessing), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(to_hf_processor(preprocessing_of(model)), indent=2, sort_keys=True) + "\n"
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; cannot write {PROCESSOR_NAME}")
     atomic_write(folder / PROCESSOR_NAME, lambda tmp: Path(tmp).write_text(text))

@@ -14,14 +14,11 @@ from typing import Any, Literal, get_args
 
 from vitkit.data.datasets import OnBad, Verify
 from vitkit.models.config import MAX_IMG_SIZE, check_fields
-from vitkit.models.preprocessing import VIT_MEAN, VIT_STD
+from vitkit.models.preprocessing import VIT_MEAN, VIT_STD, EvalResize, Interpolation
 
-Interpolation = Literal["bicubic", "bilinear"]
 DatasetName = Literal["digits", "imagefolder", "shards", "synthetic"]
 AutoAugment = Literal["none", "randaugment", "3aug"]
-EvalResize = Literal["crop", "squash"]
 TrainCrop = Literal["inception", "pad"]
-
 
 
 # Bounds on the integer fields, so that a data config read from a checkpoint's metadata cannot make

@@ -25,7 +25,6 @@ from vitkit.data.config import VIT_MEAN, VIT_STD, DataConfig, Interpolation
 Generator = torch.Generator | None
 
 
-
 def _uniform(low: float, high: float, generator: Generator) -> float:
     return low + (high - low) * torch.rand((), generator=generator).item()
 

@@ -230,6 +230,15 @@ class Transformed(Dataset):
         return self.transform(image, None), label
 
 
+def evenly_spaced(dataset: Dataset, limit: int) -> Dataset:
+    """At most `limit` items, every k-th: a class-balanced cut of a data set listed class by class
+    (ImageFolder); all of it when limit is 0."""
+    if not limit:
+        return dataset
+    stride = max(len(dataset) // limit, 1)
+    return Subset(dataset, list(range(0, len(dataset), stride))[:limit])
+
+
 def _targets(dataset: Dataset) -> torch.Tensor:
     """Labels without decoding images: from `targets`, through Subsets, or by reading every item."""
     if isinstance(dataset, Subset):
