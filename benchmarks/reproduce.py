@@ -1,28 +1,29 @@
-"""The reproduction table: the papers' methods on CIFAR-10, within a stated CPU budget.
+"""The reproduction table: each claim of the two papers on CIFAR-10, from several seeds, with its spread.
 
-    python benchmarks/reproduce.py --quick                      # a few minutes: shows that it works
-    python benchmarks/reproduce.py --budget-minutes 75 --threads 1   # the README's table (~80 min)
+    python benchmarks/reproduce.py --quick             # about a minute: shows that it all works
+    python benchmarks/reproduce.py --jobs 2            # the README's table (2 runs at a time, 1 thread each)
 
-Rows, all on the same images with the same small ViT (width 192, 6 blocks, 3 heads, 64 tokens):
-1. From scratch vs masked-patch pre-trained (ViT paper 4.6: 50% corrupted, 3-bit mean colour), for
-   the linear stem (4 px patches of 32 px images) and the hMLP stem (16 px patches of the images
-   upsampled to 128 px: the same 64 tokens). Pre-trained models then get the same supervised
-   training as the scratch ones; few-shot (10-shot ridge) accuracy of each frozen encoder is shown too.
-2. Full vs attention-only fine-tuning at a higher resolution (32 -> 48 px, 64 -> 144 tokens) from the
-   scratch linear model, with the ViT paper's recipe (SGD 0.9, no decay, clip 1, warmup + cosine):
-   accuracy, trainable parameters, training memory and step time.
-3. Sequential (6x1) vs parallel (3x2) blocks at equal parameters, from scratch: accuracy and
-   inference latency at batch 1 and 64.
-4. Fine-tuning at 48 px with the position embeddings interpolated in 2D vs re-initialised.
+Every model is the same small ViT (width 128, 6 blocks, 4 heads, MLP 384, 64 tokens) on the first
+`--train-per-class` training images of each class, trained for `--epochs` epochs (AdamW, warmup +
+cosine, CIFAR's pad-crop-flip), and scored on the first `--test-per-class` test images of each class.
+The runs, each once per seed:
 
-The budget is split by measuring one training step first; each training run gets the same number
-of steps (pre-training as many, high-resolution fine-tuning half as many). Timings are of this
-process on a shared machine: compare rows of one run, not runs. Everything is printed as measured.
+- scratch, linear stem (4 px patches) / hMLP stem (16 px patches of the image upsampled to 128 px: the
+  same 64 tokens) / convolutional stem (the hybrid: stride-2 3x3 conv-BN-ReLU layers, 32 -> 8 px) /
+  parallel blocks (3 layers of 2 parallel blocks: the parameters of the 6 sequential ones);
+- masked-patch pre-trained (ViT paper 4.6: 50% of patches corrupted, 3-bit mean colour predicted),
+  linear and hMLP stems: as many epochs of pre-training, then the same supervised training as scratch;
+  the 10-shot ridge accuracy of the frozen pre-trained encoder is shown too;
+- fine-tuning the scratch linear-stem model at 48 px (64 -> 144 tokens) with the ViT paper's recipe
+  (SGD 0.9, no decay, clip 1): full, attention-only, and full with the position embeddings
+  re-initialised instead of interpolated in 2D.
 
-Seen with --budget-minutes 75 --threads 1 (710 steps of 64 images per run, 0.9 epochs): scratch 38.5%,
-masked-patch pre-trained 46.2% (patch stem); hMLP 35.6% / 42.5%; fine-tuning at 48 px full 40.9%,
-attention-only 40.4% (0.71x the memory, 0.81x the step time), positions re-initialised 40.0%;
-parallel 3x2 41.2% at the latency of 6x1 (3.8 vs 3.9 ms at batch 1).
+Each claim is a difference between two rows paired by seed (one seed: the same
+initialisation seed and the same batches). It holds when the mean paired difference is more than twice its standard
+error (std of the differences / sqrt(seeds)) in the claimed direction; for a claim of "no loss" (the
+cheaper method matches), it holds unless the difference is more than twice its standard error below
+zero. Memory, step time and latency are measured after the training runs, with nothing else running
+in this process; on a shared machine compare rows of one run, never runs.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +53,27 @@ from vitkit.models.vit import VisionTransformer
 from vitkit.train.optim import OptimConfig, apply_freeze_rule, learning_rate, param_groups, set_lr
 from vitkit.train.precision import machine_summary
 
-# Ti-width, half depth: small enough for a CPU, big enough to show the methods apart.
-WIDTH, DEPTH, HEADS, MLP = 192, 6, 3, 576
+WIDTH, DEPTH, HEADS, MLP = 128, 6, 4, 384
+FINETUNE_SIZE = 48
+FULL = dict(
+    train_per_class=200, test_per_class=500, epochs=10.0, finetune_epochs=10.0, seeds=3, batch_size=64
+)
+QUICK = dict(train_per_class=20, test_per_class=10, epochs=1.0, finetune_epochs=1.0, seeds=2, batch_size=32)
+
+SCRATCH = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=0, min_lr=1e-5, clip_grad=1.0)
+# The ViT paper's fine-tuning recipe.
+FINETUNE = OptimConfig(
+    name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, warmup_epochs=0, min_lr=0.0, clip_grad=1.0
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache: str
+    epochs: float
+    finetune_epochs: float
+    batch_size: int
+    threads: int
 
 
 @dataclass
@@ -62,21 +83,25 @@ class Data:
     test_images: torch.Tensor
     test_labels: torch.Tensor
 
+    def steps(self, epochs: float, batch_size: int) -> int:
+        return max(1, round(epochs * len(self.train_labels) / batch_size))
+
 
 def load_cifar(root: Path, per_class_train: int, per_class_test: int, cache: Path) -> Data:
     """The first `per_class_*` images of each class, decoded once and cached as uint8 arrays."""
     if cache.exists():
-        with np.load(cache, allow_pickle=False) as arrays:
-            data = Data(*(torch.from_numpy(arrays[k]) for k in ("xtr", "ytr", "xte", "yte")))
+        data = read_cache(cache)
         if len(data.train_labels) == 10 * per_class_train and len(data.test_labels) == 10 * per_class_test:
             return data
 
     def read(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
         folder = ImageFolder(root / split, on_bad="error")
         targets = torch.as_tensor(folder.targets)
-        chosen = torch.cat([torch.nonzero(targets == c).flatten()[:per_class] for c in range(10)])
+        chosen = [torch.nonzero(targets == c).flatten()[:per_class] for c in range(10)]
+        if any(len(c) < per_class for c in chosen):
+            raise SystemExit(f"{root / split}: fewer than {per_class} images in a class")
         images, labels = [], []
-        loader = DataLoader(Subset(folder, chosen.tolist()), batch_size=500, num_workers=2)
+        loader = DataLoader(Subset(folder, torch.cat(chosen).tolist()), batch_size=500, num_workers=2)
         for batch_images, batch_labels in tqdm(loader, desc=f"decoding {split}", leave=False):
             images.append(batch_images)
             labels.append(batch_labels)
@@ -86,16 +111,19 @@ def load_cifar(root: Path, per_class_train: int, per_class_test: int, cache: Pat
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:
+            arrays = (data.train_images, data.train_labels, data.test_images, data.test_labels)
             np.savez(
-                handle,
-                xtr=data.train_images.numpy(),
-                ytr=data.train_labels.numpy(),
-                xte=data.test_images.numpy(),
-                yte=data.test_labels.numpy(),
+                handle, **{k: a.numpy() for k, a in zip(("xtr", "ytr", "xte", "yte"), arrays, strict=True)}
             )
 
+    cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, write)
     return data
+
+
+def read_cache(cache: Path) -> Data:
+    with np.load(cache, allow_pickle=False) as arrays:
+        return Data(*(torch.from_numpy(arrays[k]) for k in ("xtr", "ytr", "xte", "yte")))
 
 
 def to_model_input(images: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -117,6 +145,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def batches(data: Data, batch_size: int, num_steps: int, seed: int):
+    """The same batches for every run of one seed."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     for _ in range(num_steps):
@@ -126,11 +155,11 @@ def batches(data: Data, batch_size: int, num_steps: int, seed: int):
         yield augment(data.train_images[index], generator), data.train_labels[index]
 
 
-def config(stem: str = "patch", depth: int = DEPTH, parallel: int = 1, img_size: int = 32, **kw) -> ViTConfig:
+def config(stem: str = "patch", parallel: int = 1, img_size: int = 32) -> ViTConfig:
     patch, size = (16, img_size * 4) if stem == "hmlp" else (4, img_size)
     return ViTConfig(
-        img_size=size, patch_size=patch, stem=stem, embed_dim=WIDTH, depth=depth, num_heads=HEADS,
-        mlp_dim=MLP, parallel=parallel, num_classes=10, **kw,
+        img_size=size, patch_size=patch, stem=stem, embed_dim=WIDTH, depth=DEPTH // parallel, num_heads=HEADS,
+        mlp_dim=MLP, parallel=parallel, num_classes=10,
     )  # fmt: skip
 
 
@@ -141,37 +170,14 @@ def optimizer_for(params_source, cfg: OptimConfig, extra: list | None = None) ->
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-SCRATCH = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=0, min_lr=1e-5, clip_grad=1.0)
-# The ViT paper's fine-tuning recipe.
-FINETUNE = OptimConfig(
-    name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, warmup_epochs=0, min_lr=0.0, clip_grad=1.0
-)
-
-
-def train_steps(
-    model: torch.nn.Module,
-    step_loss,
-    optimizer: torch.optim.Optimizer,
-    cfg: OptimConfig,
-    data: Data,
-    num_steps: int,
-    batch_size: int,
-    desc: str,
-) -> float:
-    """`num_steps` steps of warmup (10%) + cosine; returns the seconds spent."""
+def train_steps(model, step_loss, optimizer, cfg: OptimConfig, data: Data, steps: int, batch: int, seed: int):
+    """`steps` steps of warmup (10%) + cosine on the seed's batches; returns the seconds spent."""
     model.train()
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    warmup = max(1, num_steps // 10)
+    warmup = max(1, steps // 10)
     started = time.perf_counter()
-    for step, (images, labels) in enumerate(
-        tqdm(
-            batches(data, batch_size, num_steps, seed=step_seed(desc)),
-            total=num_steps,
-            desc=desc,
-            leave=False,
-        )
-    ):
-        set_lr(optimizer, learning_rate(cfg, step, num_steps, warmup))
+    for step, (images, labels) in enumerate(batches(data, batch, steps, seed)):
+        set_lr(optimizer, learning_rate(cfg, step, steps, warmup))
         loss = step_loss(images, labels, step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
@@ -180,23 +186,19 @@ def train_steps(
     return time.perf_counter() - started
 
 
-def step_seed(desc: str) -> int:
-    return sum(ord(c) for c in desc)
-
-
 def supervised(
-    model: VisionTransformer, data: Data, num_steps: int, batch_size: int, cfg: OptimConfig, desc: str
-):
+    model: VisionTransformer, data: Data, steps: int, batch: int, cfg: OptimConfig, seed: int
+) -> float:
     size = model.config.img_size[0]
     optimizer = optimizer_for(model, cfg)
 
     def loss(images, labels, step):
         return F.cross_entropy(model(to_model_input(images, size)), labels)
 
-    return train_steps(model, loss, optimizer, cfg, data, num_steps, batch_size, desc)
+    return train_steps(model, loss, optimizer, cfg, data, steps, batch, seed)
 
 
-def masked_pretrain(encoder: VisionTransformer, data: Data, num_steps: int, batch_size: int) -> float:
+def masked_pretrain(encoder: VisionTransformer, data: Data, steps: int, batch: int, seed: int) -> float:
     model = MaskedPatchModel(encoder, MaskedConfig())
     extra = [
         {"params": [model.mask_token], "weight_decay": 0.0},
@@ -206,18 +208,15 @@ def masked_pretrain(encoder: VisionTransformer, data: Data, num_steps: int, batc
     size = encoder.config.img_size[0]
 
     def loss(images, labels, step):
-        return model(to_model_input(images, size), torch.Generator().manual_seed(step))[0]
+        return model(to_model_input(images, size), torch.Generator().manual_seed(seed * 100_003 + step))[0]
 
-    return train_steps(
-        model, loss, optimizer, SCRATCH, data, num_steps, batch_size, f"pretrain {encoder.config.stem}"
-    )
+    return train_steps(model, loss, optimizer, SCRATCH, data, steps, batch, seed + 7919)
 
 
 @torch.no_grad()
-def accuracy(model: VisionTransformer, data: Data, img_size: int | None = None) -> float:
+def accuracy(model: VisionTransformer, data: Data) -> float:
     model.eval()
-    size = img_size or model.config.img_size[0]
-    correct = 0
+    size, correct = model.config.img_size[0], 0
     for start in range(0, len(data.test_labels), 250):
         images = to_model_input(data.test_images[start : start + 250], size)
         correct += (model(images).argmax(-1) == data.test_labels[start : start + 250]).sum().item()
@@ -226,7 +225,7 @@ def accuracy(model: VisionTransformer, data: Data, img_size: int | None = None) 
 
 @torch.no_grad()
 def fewshot10(model: VisionTransformer, data: Data) -> float:
-    """10-shot ridge accuracy of the frozen pre-logits features (3 seeds)."""
+    """10-shot ridge accuracy of the frozen pre-logits features (3 draws)."""
     model.eval()
     size = model.config.img_size[0]
 
@@ -239,16 +238,90 @@ def fewshot10(model: VisionTransformer, data: Data) -> float:
             ]
         )
 
-    # Draws of 10 shots x 3 seeds come from the first 100 images of each class.
     pool = torch.cat([torch.nonzero(data.train_labels == c).flatten()[:100] for c in range(10)])
     metrics = fewshot_accuracies(
-        features(data.train_images[pool]),
-        data.train_labels[pool],
-        features(data.test_images),
-        data.test_labels,
-        FewShotConfig(shots=(10,), num_seeds=3),
-    )
+        features(data.train_images[pool]), data.train_labels[pool], features(data.test_images),
+        data.test_labels, FewShotConfig(shots=(10,), num_seeds=3),
+    )  # fmt: skip
     return metrics["10shot"]
+
+
+# The runs. Each is a function of (run, seed) in a worker; phase 2 starts from phase 1's models.
+BASE_RUNS = {
+    "scratch, linear stem": dict(stem="patch"),
+    "scratch, hMLP stem": dict(stem="hmlp"),
+    "scratch, conv stem (hybrid)": dict(stem="conv"),
+    "scratch, parallel 3x2 blocks": dict(stem="patch", parallel=2),
+    "masked-patch pre-trained, linear stem": dict(stem="patch", pretrain=True),
+    "masked-patch pre-trained, hMLP stem": dict(stem="hmlp", pretrain=True),
+}
+FINETUNE_RUNS = {
+    "fine-tune 48 px, full": dict(rule="none", interpolate=True),
+    "fine-tune 48 px, attention-only": dict(rule="attention-only", interpolate=True),
+    "fine-tune 48 px, full, positions re-initialised": dict(rule="none", interpolate=False),
+}
+FINETUNE_FROM = "scratch, linear stem"
+
+_DATA: Data | None = None
+
+
+def init_worker(settings: Settings) -> None:
+    global _DATA
+    torch.set_num_threads(settings.threads)
+    _DATA = read_cache(Path(settings.cache))
+
+
+def run_base(task: tuple[str, int, Settings]) -> tuple[str, int, dict, dict | None]:
+    name, seed, settings = task
+    spec, data = BASE_RUNS[name], _DATA
+    steps = data.steps(settings.epochs, settings.batch_size)
+    torch.manual_seed(seed)
+    model = VisionTransformer(config(spec["stem"], spec.get("parallel", 1)))
+    row: dict = {"params": model.num_params(), "steps": steps}
+    seconds = 0.0
+    if spec.get("pretrain"):
+        seconds += masked_pretrain(model, data, steps, settings.batch_size, seed)
+        row["fewshot10_encoder"] = fewshot10(model, data)
+    seconds += supervised(model, data, steps, settings.batch_size, SCRATCH, seed)
+    row.update(top1=accuracy(model, data), time_s=seconds)
+    state = model.state_dict() if name == FINETUNE_FROM else None
+    return name, seed, row, state
+
+
+def run_finetune(task: tuple[str, int, Settings, dict]) -> tuple[str, int, dict, None]:
+    name, seed, settings, state = task
+    spec, data = FINETUNE_RUNS[name], _DATA
+    base = VisionTransformer(config())
+    base.load_state_dict(state)
+    torch.manual_seed(seed)
+    model = finetune_model(base, num_classes=10, img_size=FINETUNE_SIZE)
+    if not spec["interpolate"]:
+        with torch.no_grad():
+            model.pos_embed.normal_(std=0.02)
+    trainable = apply_freeze_rule(model, spec["rule"])
+    steps = data.steps(settings.finetune_epochs, settings.batch_size)
+    seconds = supervised(model, data, steps, settings.batch_size, FINETUNE, seed)
+    row = {
+        "top1": accuracy(model, data),
+        "time_s": seconds,
+        "trainable": trainable,
+        "params": model.num_params(),
+    }
+    return name, seed, {**row, "steps": steps}, None
+
+
+def run_all(function, tasks: list, settings: Settings, jobs: int, bar: tqdm):
+    """Run tasks in `jobs` worker processes (in this one when jobs is 1), longest first."""
+    if jobs == 1:
+        init_worker(settings)
+        for task in tasks:
+            yield function(task)
+            bar.update()
+        return
+    with multiprocessing.get_context("spawn").Pool(jobs, init_worker, (settings,)) as pool:
+        for result in pool.imap_unordered(function, tasks):
+            yield result
+            bar.update()
 
 
 @torch.no_grad()
@@ -264,139 +337,192 @@ def latency_ms(model: VisionTransformer, batch_size: int, repeats: int) -> float
     return 1000 * sorted(timings)[len(timings) // 2]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10"))
-    parser.add_argument("--budget-minutes", type=float, default=120.0, help="training time to spend in total")
-    parser.add_argument("--quick", action="store_true", help="1,000 train / 500 test images, 3-minute budget")
-    parser.add_argument("--train-per-class", type=int, default=5000)
-    parser.add_argument("--test-per-class", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--out", default="runs/reproduce")
-    args = parser.parse_args()
-    if args.quick:
-        args.train_per_class, args.test_per_class, args.budget_minutes = 100, 50, 3.0
-        args.batch_size = min(args.batch_size, 32)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"# {machine_summary()}", file=sys.stderr)
-    out = Path(args.out)
-    torch.manual_seed(0)
-    data = load_cifar(
-        Path(args.data), args.train_per_class, args.test_per_class,
-        out / f"cifar10_{args.train_per_class}_{args.test_per_class}.npz",
-    )  # fmt: skip
-    print(
-        f"CIFAR-10: {len(data.train_labels)} train, {len(data.test_labels)} test images; "
-        f"budget {args.budget_minutes:g} min; {torch.get_num_threads()} threads",
-        file=sys.stderr,
-    )
+# Claims: (claim, baseline row, compared row, "better" or "no loss").
+CLAIMS = [
+    ("masked-patch pre-training beats scratch, linear stem (ViT 4.6)",
+     "scratch, linear stem", "masked-patch pre-trained, linear stem", "better"),
+    ("masked-patch pre-training beats scratch, hMLP stem",
+     "scratch, hMLP stem", "masked-patch pre-trained, hMLP stem", "better"),
+    ("after masked-patch pre-training the hMLP stem beats the linear stem (Three things #3)",
+     "masked-patch pre-trained, linear stem", "masked-patch pre-trained, hMLP stem", "better"),
+    ("attention-only fine-tuning at a higher resolution matches full fine-tuning (Three things #2)",
+     "fine-tune 48 px, full", "fine-tune 48 px, attention-only", "no loss"),
+    ("parallel blocks match sequential ones at equal parameters (Three things #1)",
+     "scratch, linear stem", "scratch, parallel 3x2 blocks", "no loss"),
+    ("2D-interpolated position embeddings beat re-initialised ones (ViT 3.2)",
+     "fine-tune 48 px, full, positions re-initialised", "fine-tune 48 px, full", "better"),
+    ("a hybrid (conv stem) beats the pure ViT on small data (ViT 4.2)",
+     "scratch, linear stem", "scratch, conv stem (hybrid)", "better"),
+]  # fmt: skip
 
-    # Split the budget: time a few steps of the base model; 4 scratch/supervised runs + 1 parallel,
-    # 2 pre-training runs (x1), 3 fine-tuning runs at 48 px (x2.5 cost per step, half the steps).
-    probe = VisionTransformer(config())
-    probe_seconds = supervised(probe, data, 3, args.batch_size, SCRATCH, "timing") / 3
-    units = 5 + 2 + 3 * 2.5 * 0.5
-    steps = max(5, int(args.budget_minutes * 60 / (units * probe_seconds)))
-    finetune_steps = max(3, steps // 2)
-    epochs = steps * args.batch_size / len(data.train_labels)
-    print(
-        f"{probe_seconds * 1000:.0f} ms/step -> {steps} steps per run ({epochs:.1f} epochs)", file=sys.stderr
-    )
 
-    rows: dict[str, dict] = {}
-    # 1. Scratch vs masked-patch pre-trained, linear and hMLP stems.
-    models: dict[str, VisionTransformer] = {}
-    for stem in ("patch", "hmlp"):
-        torch.manual_seed(0)
-        scratch = VisionTransformer(config(stem))
-        seconds = supervised(scratch, data, steps, args.batch_size, SCRATCH, f"scratch {stem}")
-        rows[f"scratch, {stem} stem"] = {"top1": accuracy(scratch, data), "time_s": seconds}
-        models[f"scratch {stem}"] = scratch
-        torch.manual_seed(0)
-        encoder = VisionTransformer(config(stem))
-        pretrain_seconds = masked_pretrain(encoder, data, steps, args.batch_size)
-        fewshot = fewshot10(encoder, data)
-        seconds = supervised(encoder, data, steps, args.batch_size, SCRATCH, f"after pretrain {stem}")
-        rows[f"masked-patch pre-trained, {stem} stem"] = {
-            "top1": accuracy(encoder, data), "time_s": pretrain_seconds + seconds, "fewshot10_encoder": fewshot,
-        }  # fmt: skip
+def paired_difference(baseline: dict[int, float], compared: dict[int, float]) -> tuple[float, float, int]:
+    """Mean and standard error of compared - baseline over the seeds both have (se is nan for one)."""
+    seeds = sorted(set(baseline) & set(compared))
+    diffs = np.array([compared[s] - baseline[s] for s in seeds])
+    se = diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return float(diffs.mean()), float(se), len(diffs)
 
-    # 2 and 4. Fine-tuning at 48 px from the scratch linear model.
-    base = models["scratch patch"]
-    rows["scratch, patch stem"]["top1_at_48_no_finetune"] = accuracy(base, data, img_size=48)
-    for name, rule, interpolate in (
-        ("fine-tune 48 px, full", "none", True),
-        ("fine-tune 48 px, attention-only", "attention-only", True),
-        ("fine-tune 48 px, full, pos-embed re-initialised", "none", False),
-    ):
-        torch.manual_seed(0)
-        model = finetune_model(base, num_classes=10, img_size=48)
-        if not interpolate:
-            with torch.no_grad():
-                model.pos_embed.normal_(std=0.02)
-        num_trainable = apply_freeze_rule(model, rule)
-        seconds = supervised(model, data, finetune_steps, args.batch_size, FINETUNE, name)
-        cost = measure_freezing(
-            model.config, rule, batch_size=8 if args.quick else args.batch_size, num_steps=3
+
+def verdict(mean: float, se: float, kind: str) -> str:
+    """Whether a claim holds: its paired difference against twice the difference's standard error."""
+    if math.isnan(se):
+        return "one seed: no spread"
+    if kind == "better":
+        if mean > 2 * se:
+            return "holds"
+        return (
+            "does not hold: the opposite, beyond noise" if mean < -2 * se else "does not hold: within noise"
         )
-        rows[name] = {
-            "top1": accuracy(model, data), "time_s": seconds, "trainable": num_trainable,
-            "params": model.num_params(), "memory_mib": cost.memory_bytes / 2**20,
-            "step_ms": 1000 * cost.step_seconds,
-        }  # fmt: skip
-
-    # 3. Sequential 6x1 vs parallel 3x2 at equal parameters.
-    torch.manual_seed(0)
-    parallel = VisionTransformer(config(depth=DEPTH // 2, parallel=2))
-    assert parallel.num_params() == base.num_params()
-    seconds = supervised(parallel, data, steps, args.batch_size, SCRATCH, "scratch parallel 3x2")
-    rows["parallel 3x2, patch stem"] = {"top1": accuracy(parallel, data), "time_s": seconds}
-    repeats = 5 if args.quick else 20
-    for name, model in (("scratch, patch stem", base), ("parallel 3x2, patch stem", parallel)):
-        rows[name]["latency_b1_ms"] = latency_ms(model, 1, repeats * 4)
-        rows[name]["latency_b64_ms"] = latency_ms(model, 64, repeats)
-        rows[name]["params"] = model.num_params()
-
-    table = format_table(rows, steps, finetune_steps, epochs)
-    print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table + "\n"))
-    atomic_write(out / "rows.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1) + "\n"))
-    return 0
+    if kind == "no loss":
+        return "does not hold: a loss beyond noise" if mean < -2 * se else "holds"
+    raise ValueError(f"unknown claim kind {kind!r}")
 
 
-def format_table(rows: dict[str, dict], steps: int, finetune_steps: int, epochs: float) -> str:
-    def cell(row: dict, key: str, fmt: str) -> str:
-        value = row.get(key)
-        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
 
+
+def format_tables(rows: dict[str, dict], seeds: list[int], header: str) -> str:
     lines = [
-        f"Runs of {steps} steps ({epochs:.1f} epochs; fine-tuning {finetune_steps} steps). Top-1 on the test images.",
+        header,
         "",
         "| run | top-1 (%) | 10-shot of encoder (%) | trainable / params | memory (MiB) | step (ms) "
-        "| latency b1 / b64 (ms) | train time (s) |",
+        "| latency b1 / b64 (ms) | train s per run |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
-        params = f"{row['trainable']:,} / {row['params']:,}" if "trainable" in row else (
-            f"{row['params']:,}" if "params" in row else ""
-        )  # fmt: skip
+        per_seed = row["per_seed"]
+        fewshot = [r["fewshot10_encoder"] for r in per_seed.values() if "fewshot10_encoder" in r]
+        first = next(iter(per_seed.values()))
+        params = (
+            f"{first['trainable']:,} / {first['params']:,}"
+            if "trainable" in first
+            else f"{first['params']:,}"
+        )
         latency = (
             f"{row['latency_b1_ms']:.1f} / {row['latency_b64_ms']:.0f}" if "latency_b1_ms" in row else ""
         )
-        fewshot = row.get("fewshot10_encoder")
+        memory = f"{row['memory_mib']:.0f}" if "memory_mib" in row else ""
+        step = f"{row['step_ms']:.0f}" if "step_ms" in row else ""
+        seconds = np.mean([r["time_s"] for r in per_seed.values()])
         lines.append(
-            f"| {name} | {100 * row['top1']:.1f} | {'' if fewshot is None else f'{100 * fewshot:.1f}'} | {params} "
-            f"| {cell(row, 'memory_mib', '.0f')} | {cell(row, 'step_ms', '.0f')} | {latency} | {row['time_s']:.0f} |"
+            f"| {name} | {mean_std([r['top1'] for r in per_seed.values()])} "
+            f"| {mean_std(fewshot) if fewshot else ''} | {params} | {memory} | {step} | {latency} | {seconds:.0f} |"
         )
-    if "top1_at_48_no_finetune" in rows.get("scratch, patch stem", {}):
+    lines += [
+        "",
+        f"Each claim: the paired difference over {len(seeds)} seeds (compared - baseline, top-1 points, "
+        "mean ± standard error) against twice its standard error.",
+        "",
+        "| claim | baseline -> compared | difference | verdict |",
+        "|---|---|---:|---|",
+    ]
+    for claim, baseline, compared, kind in CLAIMS:
+        if baseline not in rows or compared not in rows:
+            continue
+        top1 = {
+            name: {s: r["top1"] for s, r in rows[name]["per_seed"].items()} for name in (baseline, compared)
+        }
+        mean, se, _ = paired_difference(top1[baseline], top1[compared])
+        spread = "" if math.isnan(se) else f" ± {100 * se:.1f}"
         lines.append(
-            f"\nThe scratch model evaluated at 48 px with 2D-interpolated positions and no fine-tuning: "
-            f"{100 * rows['scratch, patch stem']['top1_at_48_no_finetune']:.1f}%."
+            f"| {claim} | {baseline} -> {compared} | {100 * mean:+.1f}{spread} | {verdict(mean, se, kind)} |"
         )
     return "\n".join(lines)
+
+
+def measure_costs(rows: dict[str, dict], quick: bool, batch_size: int) -> None:
+    """Memory and step time of the fine-tuning rules; latency of the sequential and parallel models."""
+    repeats = 3 if quick else 20
+    for name, spec in FINETUNE_RUNS.items():
+        if name in rows and spec["interpolate"]:
+            cost = measure_freezing(
+                config(img_size=FINETUNE_SIZE), spec["rule"], batch_size=batch_size, num_steps=3
+            )
+            rows[name].update(memory_mib=cost.memory_bytes / 2**20, step_ms=1000 * cost.step_seconds)
+    for name in ("scratch, linear stem", "scratch, parallel 3x2 blocks"):
+        model = VisionTransformer(config(parallel=BASE_RUNS[name].get("parallel", 1)))
+        rows[name].update(
+            latency_b1_ms=latency_ms(model, 1, repeats * 4), latency_b64_ms=latency_ms(model, 64, repeats)
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10"))
+    parser.add_argument("--train-per-class", type=int, help="default 200 (--quick: 20)")
+    parser.add_argument("--test-per-class", type=int, help="default 500 (--quick: 10)")
+    parser.add_argument(
+        "--epochs", type=float, help="of each training and pre-training run: default 10 (--quick: 1)"
+    )
+    parser.add_argument(
+        "--finetune-epochs", type=float, help="of each 48 px fine-tuning run: default 10 (--quick: 1)"
+    )
+    parser.add_argument("--seeds", type=int, help="default 3 (--quick: 2)")
+    parser.add_argument("--batch-size", type=int, help="default 64 (--quick: 32)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    parser.add_argument("--quick", action="store_true", help="a small check that it all works")
+    parser.add_argument("--out", default="runs/reproduce")
+    args = parser.parse_args()
+    defaults = QUICK if args.quick else FULL
+    for flag, value in defaults.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    for flag in ("train_per_class", "test_per_class", "seeds", "batch_size", "jobs", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.epochs <= 0 or args.finetune_epochs <= 0:
+        parser.error("--epochs and --finetune-epochs must be positive")
+    if args.train_per_class < 10:
+        parser.error(f"--train-per-class must be at least 10 (the 10-shot draws), got {args.train_per_class}")
+    for split in ("train", "test"):
+        if not (Path(args.data) / split).is_dir():
+            parser.error(
+                f"{Path(args.data) / split}: no such folder (--data is CIFAR-10 in ImageFolder layout)"
+            )
+    torch.set_num_threads(args.threads)
+    print(f"# {machine_summary()}", file=sys.stderr)
+    out = Path(args.out)
+    cache = out / f"cifar10_{args.train_per_class}_{args.test_per_class}.npz"
+    data = load_cifar(Path(args.data), args.train_per_class, args.test_per_class, cache)
+    settings = Settings(str(cache), args.epochs, args.finetune_epochs, args.batch_size, args.threads)
+    seeds = list(range(args.seeds))
+    steps = data.steps(args.epochs, args.batch_size)
+    header = (
+        f"CIFAR-10, {len(data.train_labels):,} training and {len(data.test_labels):,} test images; "
+        f"{args.epochs:g} epochs ({steps} steps of {args.batch_size}) per training or pre-training run, "
+        f"{args.finetune_epochs:g} per fine-tuning run; {len(seeds)} seeds; {args.jobs} runs at a time, "
+        f"{args.threads} thread(s) each."
+    )
+    print(header, file=sys.stderr)
+
+    rows: dict[str, dict] = {name: {"per_seed": {}} for name in [*BASE_RUNS, *FINETUNE_RUNS]}
+    started = time.perf_counter()
+    with tqdm(total=len(seeds) * (len(BASE_RUNS) + len(FINETUNE_RUNS)), desc="runs", unit="run") as bar:
+        # Pre-trained runs cost twice as much: first, so that the workers finish together.
+        tasks = [(name, seed, settings) for name in reversed(BASE_RUNS) for seed in seeds]
+        bases = {}
+        for name, seed, row, state in run_all(run_base, tasks, settings, args.jobs, bar):
+            rows[name]["per_seed"][seed] = row
+            if state is not None:
+                bases[seed] = state
+        tasks = [(name, seed, settings, bases[seed]) for name in FINETUNE_RUNS for seed in seeds]
+        for name, seed, row, _ in run_all(run_finetune, tasks, settings, args.jobs, bar):
+            rows[name]["per_seed"][seed] = row
+    wall = time.perf_counter() - started
+    measure_costs(rows, args.quick, 8 if args.quick else args.batch_size)
+
+    table = format_tables(rows, seeds, header + f" {wall / 60:.0f} minutes in all.")
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    record = {"settings": asdict(settings), "seeds": seeds, "wall_s": wall, "rows": rows}
+    atomic_write(out / "rows.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Tiny configs shared by the tests: width 32, depth 2, 32 px images run in milliseconds."""
+"""Shared by the tests: tiny configs (width 32, depth 2, 32 px images run in milliseconds) and a
+CIFAR-10-shaped image folder."""
 
 import textwrap
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from vitkit.models.config import ViTConfig
 
@@ -42,3 +46,17 @@ def write_finetune_config(path: Path, out_dir: Path, max_steps: int) -> Path:
         )
     )
     return path
+
+
+def make_image_folder(root: Path, train_per_class: int = 30, test_per_class: int = 10) -> None:
+    """A CIFAR-10-shaped ImageFolder: 10 classes of 32 px JPEGs, each class its own mean colour."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for label in range(10):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            colour = np.array([label * 25, 255 - label * 25, (label * 70) % 256])
+            for index in range(count):
+                noise = rng.integers(-40, 40, size=(32, 32, 3))
+                pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:03d}.jpg", quality=90)

@@ -17,11 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import vitkit
+from helpers import make_image_folder
 from vitkit.convert import write_layout
 from vitkit.data import Digits
 
@@ -32,7 +31,7 @@ BIN = Path(sys.executable).parent
 SKIPPED = {
     "make test": "the test suite itself",
     "source .venv/bin/activate": "the venv's bin folder is put on the PATH instead",
-    "python benchmarks/reproduce.py": "an 80-minute benchmark",
+    "python benchmarks/reproduce.py": "a benchmark of about an hour (its --quick run is tests/test_reproduce.py)",
 }
 # README lines run as another command: `make demo` sets up .venv (this test runs in it), then runs this.
 REPLACED = {"make demo": "python -m vitkit demo"}
@@ -51,20 +50,6 @@ def readme_commands() -> list[str]:
             if shlex.split(line, comments=True):
                 commands.append(re.sub(r"\s+#\s.*$", "", line).strip())
     return commands
-
-
-def make_image_folder(root: Path, train_per_class: int = 30, test_per_class: int = 10) -> None:
-    """A CIFAR-10-shaped ImageFolder: 10 classes of 32 px JPEGs, each class its own mean colour."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for label in range(10):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True)
-            colour = np.array([label * 25, 255 - label * 25, (label * 70) % 256])
-            for index in range(count):
-                noise = rng.integers(-40, 40, size=(32, 32, 3))
-                pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index:03d}.jpg", quality=90)
 
 
 def write_stand_ins(folder: Path) -> None:

@@ -14,6 +14,7 @@ from vitkit.cli import main
 from vitkit.eval.classification import evaluate_classification, flip_averaged
 from vitkit.io import read_weights
 from vitkit.train import load_experiment, train
+from vitkit.train.ema import ModelEma
 
 
 def test_flip_averaging_is_the_mean_of_the_two_probabilities():
@@ -78,3 +79,32 @@ def test_the_cifar10_configs_load(name):
     assert experiment.data.img_size == 32 and experiment.train.time_budget_minutes == 30
     stem = experiment.model.overrides.get("stem", "patch")
     assert stem == ("patch" if name.endswith("_patch") else "conv")
+
+
+def test_ema_warmup_follows_the_tensorflow_schedule_and_weights_by_hand():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    plain, warm = ModelEma(model, 0.999), ModelEma(model, 0.999, warmup=True)
+    assert [warm.decay_at(n) for n in (1, 2, 100, 10_000)] == [2 / 11, 3 / 12, 101 / 110, 0.999]
+    assert plain.decay_at(1) == 0.999
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    for ema in (plain, warm):
+        ema.update(model, num_updates=1)
+    # ema = d * 1 + (1 - d) * 3
+    assert plain.model.weight.item() == pytest.approx(0.999 + 0.001 * 3)
+    assert warm.model.weight.item() == pytest.approx(2 / 11 + 9 / 11 * 3)
+
+
+def test_the_loop_counts_ema_updates_from_one(tmp_path, monkeypatch):
+    seen = []
+    original = ModelEma.update
+
+    def update(self, model, num_updates=1):
+        seen.append((self.warmup, num_updates))
+        original(self, model, num_updates)
+
+    monkeypatch.setattr(ModelEma, "update", update)
+    train(tiny_experiment(tmp_path, epochs=2, ema_decay=0.99, ema_warmup=True))  # 2 steps per epoch
+    assert seen == [(True, 1), (True, 2), (True, 3), (True, 4)]

@@ -67,12 +67,14 @@ def test_overfits_16_images(tmp_path):
 
 
 def test_resume_continues_bitwise_as_if_never_stopped(tmp_path):
-    # EMA, accumulation, mixup, stochastic depth and dropout: every piece of state and randomness.
+    # EMA (with its warmup, which counts the steps), accumulation, mixup, stochastic depth and dropout:
+    # every piece of state and randomness.
     options = dict(
         data={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "scale": (0.5, 1.0), "synthetic_size": 32},
         model={"drop_path": 0.2, "dropout": 0.1},
         optim={"clip_grad": 1.0},
         ema_decay=0.9,
+        ema_warmup=True,
         accumulation=2,
         epochs=3,
         checkpoint_every=1,

@@ -69,6 +69,8 @@ class TrainConfig:
     accumulation: int = 1
     # EMA of the weights (Polyak averaging); 0 turns it off.
     ema_decay: float = 0.0
+    # The decay grows as min(ema_decay, (1 + n) / (10 + n)) over the first updates (see ModelEma).
+    ema_warmup: bool = False
     grad_checkpointing: bool = False
     compile: bool = False
     deterministic: bool = False

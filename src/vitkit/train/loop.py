@@ -171,7 +171,7 @@ class Trainer:
             if isinstance(module, VisionTransformer):
                 module.set_grad_checkpointing(cfg.grad_checkpointing)
         self.model = model.to(env.device)
-        self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = ModelEma(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
         # FSDP replaces the parameters by their shards: wrap before the optimiser takes them.
         self.wrapped = distributed.wrap(self.model, env, cfg.strategy)
         if self.ema is not None and distributed.is_sharded(self.wrapped):
@@ -512,7 +512,7 @@ class Trainer:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
-                    self.ema.update(distributed.unwrap(wrapped))
+                    self.ema.update(distributed.unwrap(wrapped), self.progress.step + 1)
                 self.progress.step += 1
                 step_in_epoch += 1
                 self.progress.position += batch_size * cfg.accumulation
