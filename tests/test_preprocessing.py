@@ -313,7 +313,9 @@ def test_a_task_delta_carries_its_preprocessing_and_classes(tmp_path: Path) -> N
     base.preprocessing = Preprocessing((32, 32), "crop", 0.9, "bicubic", tuple(MEAN), tuple(STD))
     vitkit.save(base, tmp_path / "base.safetensors")
     task = vitkit.models.VisionTransformer(tiny_config(num_classes=3))
-    task.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("head.")}, strict=False)
+    task.load_state_dict(
+        {k: v for k, v in base.state_dict().items() if not k.startswith("head.")}, strict=False
+    )
     # A delta that records nothing takes the base's preprocessing.
     save_delta(task, tmp_path / "base.safetensors", tmp_path / "plain.safetensors")
     assert vitkit.load(tmp_path / "base.safetensors", delta=tmp_path / "plain.safetensors").preprocessing == (
