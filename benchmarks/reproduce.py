@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -56,7 +57,7 @@ from vitkit.train.precision import machine_summary
 WIDTH, DEPTH, HEADS, MLP = 128, 6, 4, 384
 FINETUNE_SIZE = 48
 FULL = dict(
-    train_per_class=200, test_per_class=500, epochs=10.0, finetune_epochs=10.0, seeds=3, batch_size=64
+    train_per_class=150, test_per_class=500, epochs=10.0, finetune_epochs=10.0, seeds=3, batch_size=64
 )
 QUICK = dict(train_per_class=20, test_per_class=10, epochs=1.0, finetune_epochs=1.0, seeds=2, batch_size=32)
 
@@ -453,7 +454,7 @@ def measure_costs(rows: dict[str, dict], quick: bool, batch_size: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10"))
-    parser.add_argument("--train-per-class", type=int, help="default 200 (--quick: 20)")
+    parser.add_argument("--train-per-class", type=int, help="default 150 (--quick: 20)")
     parser.add_argument("--test-per-class", type=int, help="default 500 (--quick: 10)")
     parser.add_argument(
         "--epochs", type=float, help="of each training and pre-training run: default 10 (--quick: 1)"
@@ -485,6 +486,8 @@ def main() -> int:
                 f"{Path(args.data) / split}: no such folder (--data is CIFAR-10 in ImageFolder layout)"
             )
     torch.set_num_threads(args.threads)
+    # A terminated run unwinds, so that its worker processes end with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"# {machine_summary()}", file=sys.stderr)
     out = Path(args.out)
     cache = out / f"cifar10_{args.train_per_class}_{args.test_per_class}.npz"
