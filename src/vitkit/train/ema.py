@@ -15,7 +15,8 @@ class ModelEma:
 
     d is `decay`; with `warmup`, it is min(decay, (1 + n) / (10 + n)) at the n-th update (n from 1,
     TensorFlow's ExponentialMovingAverage with num_updates), so that a short run's average is not
-    dominated by the initial weights: 0.999 would keep 37% of them after 1,000 steps, the warmup 1%."""
+    dominated by the initial weights: after 1,000 updates a fixed 0.999 keeps 37% of them, the
+    warmup under 1e-20. The warmup reaches a decay of 0.999 at the 8,990th update."""
 
     def __init__(self, model: VisionTransformer, decay: float, warmup: bool = False):
         self.decay = decay
