@@ -312,14 +312,14 @@ def run_finetune(task: tuple[str, int, Settings, dict]) -> tuple[str, int, dict,
         "time_s": seconds,
         "trainable": trainable,
         "params": model.num_params(),
+        "steps": steps,
     }
-    return name, seed, {**row, "steps": steps}, None
+    return name, seed, row, None
 
 
 def run_all(function, tasks: list, settings: Settings, jobs: int, bar: tqdm):
-    """Run tasks in `jobs` worker processes (in this one when jobs is 1), longest first."""
+    """Run tasks in `jobs` worker processes (in this one, on the data main loaded, when jobs is 1)."""
     if jobs == 1:
-        init_worker(settings)
         for task in tasks:
             yield function(task)
             bar.update()
@@ -496,7 +496,8 @@ def main() -> int:
     print(f"# {machine_summary()}", file=sys.stderr)
     out = Path(args.out)
     cache = out / f"cifar10_{args.train_per_class}_{args.test_per_class}.npz"
-    data = load_cifar(Path(args.data), args.train_per_class, args.test_per_class, cache)
+    global _DATA
+    data = _DATA = load_cifar(Path(args.data), args.train_per_class, args.test_per_class, cache)
     settings = Settings(str(cache), args.epochs, args.finetune_epochs, args.batch_size, args.threads)
     seeds = list(range(args.seeds))
     steps = data.steps(args.epochs, args.batch_size)
