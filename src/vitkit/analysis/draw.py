@@ -46,118 +46,113 @@ def _num_params(*modules: torch.nn.Module | torch.nn.Parameter | None) -> int:
     return total
 
 
+_POSITIONS = {
+    "learn": "learned positions",
+    "sincos2d": "fixed sin-cos positions",
+    "rope": "rotary positions (in attention)",
+    "none": "",
+}
+_POOLS = {
+    "token": "class token",
+    "gap": "mean of patches",
+    "gap_fc_norm": "mean of patches, then LayerNorm",
+    "map": "attention pooling (MAP)",
+}
+
+
 def stages(config: ViTConfig) -> list[Stage]:
     """The stages of Figure 1 for this config, in order; their parameters sum to the model's."""
     with torch.device("meta"):
         model = VisionTransformer(config)
-    rows, cols = config.grid_size
-    num_patches, dim, prefix = config.num_patches, config.embed_dim, config.num_prefix_tokens
-    patch = config.patch_size
-    out = [
-        Stage(
-            "image", (config.in_chans, *config.img_size), 0, f"{config.img_size[0]}x{config.img_size[1]} RGB"
-        )
+    height, width = config.img_size
+    image = Stage("image", (config.in_chans, height, width), 0, f"{height}x{width} RGB")
+    return [
+        image,
+        *_stem_stages(config, model),
+        *_encoder_stages(config, model),
+        *_head_stages(config, model),
     ]
+
+
+def _stem_stages(config: ViTConfig, model: VisionTransformer) -> list[Stage]:
+    """Image -> patch tokens: the hybrid's ResNet trunk and projection, or patches and their embedding."""
+    rows, cols = config.grid_size
+    patch, dim, num_patches = config.patch_size, config.embed_dim, config.num_patches
     if config.stem == "hybrid":
         backbone = model.patch_embed.backbone
-        out.append(
+        layers = "-".join(map(str, config.hybrid_layers))
+        return [
             Stage(
                 "ResNet trunk",
                 (backbone.num_features, rows * patch, cols * patch),
                 _num_params(backbone),
-                f"BiT ResNetV2 {'-'.join(map(str, config.hybrid_layers))}, stride {config.stride // patch}",
-            )
-        )
-        out.append(
+                f"BiT ResNetV2 {layers}, stride {config.stride // patch}",
+            ),
             Stage(
                 "patch embedding",
                 (num_patches, dim),
                 _num_params(model.patch_embed.proj),
                 f"{patch}x{patch} cells -> {dim}",
-            )
+            ),
+        ]
+    patch_dim = config.in_chans * patch * patch
+    if config.stem == "hmlp":
+        embedding = Stage(
+            "hMLP stem",
+            (num_patches, dim),
+            _num_params(model.patch_embed),
+            "4x4, 2x2, 2x2 linear + LN + GELU",
         )
     else:
-        out.append(
-            Stage(
-                "patches",
-                (num_patches, config.in_chans * patch * patch),
-                0,
-                f"{rows}x{cols} patches of {patch}x{patch}",
-            )
+        embedding = Stage(
+            "patch embedding",
+            (num_patches, dim),
+            _num_params(model.patch_embed),
+            f"linear {patch_dim} -> {dim}",
         )
-        hmlp = config.stem == "hmlp"
-        out.append(
-            Stage(
-                "hMLP stem" if hmlp else "patch embedding",
-                (num_patches, dim),
-                _num_params(model.patch_embed),
-                "4x4, 2x2, 2x2 linear + LN + GELU"
-                if hmlp
-                else f"linear {config.in_chans * patch * patch} -> {dim}",
-            )
-        )
-    positions = {
-        "learn": "learned positions",
-        "sincos2d": "fixed sin-cos positions",
-        "rope": "rotary positions (in attention)",
-        "none": "",
-    }
+    patches = Stage("patches", (num_patches, patch_dim), 0, f"{rows}x{cols} patches of {patch}x{patch}")
+    return [patches, embedding]
+
+
+def _encoder_stages(config: ViTConfig, model: VisionTransformer) -> list[Stage]:
+    """Tokens with their prefix and positions, the encoder blocks, the final norm."""
+    sequence = (config.num_patches + config.num_prefix_tokens, config.embed_dim)
     registers = f"{config.num_reg_tokens} registers" if config.num_reg_tokens else ""
-    tokens = [
-        text
-        for text in ("class token" if config.class_token else "", registers, positions[config.pos_embed])
-        if text
-    ]
-    out.append(
-        Stage(
-            "tokens",
-            (num_patches + prefix, dim),
-            _num_params(model.cls_token, model.reg_token, model.pos_embed),
-            " + ".join(tokens) or "patches only",
-        )
-    )
-    block = model.blocks[0]
+    class_token = "class token" if config.class_token else ""
+    tokens = [text for text in (class_token, registers, _POSITIONS[config.pos_embed]) if text]
     if config.parallel == 1:
         detail = f"{config.depth} x [LN, MSA {config.num_heads} heads, LN, MLP {config.mlp_dim}]"
     else:
         detail = f"{config.depth} x [{config.parallel} x (LN, MSA), {config.parallel} x (LN, MLP)]"
-    out.append(
+    norm = "LayerNorm" if config.pool != "gap_fc_norm" else "none (norm after pooling)"
+    return [
+        Stage(
+            "tokens",
+            sequence,
+            _num_params(model.cls_token, model.reg_token, model.pos_embed),
+            " + ".join(tokens) or "patches only",
+        ),
         Stage(
             "encoder blocks",
-            (num_patches + prefix, dim),
+            sequence,
             _num_params(model.blocks),
-            detail + f", {human(_num_params(block))} each",
-        )
-    )
-    out.append(
-        Stage(
-            "norm",
-            (num_patches + prefix, dim),
-            _num_params(model.norm),
-            "LayerNorm" if config.pool != "gap_fc_norm" else "none (norm after pooling)",
-        )
-    )
-    pool_detail = {
-        "token": "class token",
-        "gap": "mean of patches",
-        "gap_fc_norm": "mean of patches, then LayerNorm",
-        "map": "attention pooling (MAP)",
-    }
-    out.append(Stage("pool", (dim,), _num_params(model.attn_pool, model.fc_norm), pool_detail[config.pool]))
+            detail + f", {human(_num_params(model.blocks[0]))} each",
+        ),
+        Stage("norm", sequence, _num_params(model.norm), norm),
+    ]
+
+
+def _head_stages(config: ViTConfig, model: VisionTransformer) -> list[Stage]:
+    """Pooling, the optional tanh pre-logits layer, the classifier head."""
+    dim = config.embed_dim
+    out = [Stage("pool", (dim,), _num_params(model.attn_pool, model.fc_norm), _POOLS[config.pool])]
     if config.representation_size:
+        size = config.representation_size
         out.append(
-            Stage(
-                "pre-logits",
-                (config.representation_size,),
-                _num_params(model.pre_logits),
-                f"linear {dim} -> {config.representation_size} + tanh",
-            )
+            Stage("pre-logits", (size,), _num_params(model.pre_logits), f"linear {dim} -> {size} + tanh")
         )
-    out.append(
-        Stage(
-            "head", (config.num_classes,), _num_params(model.head), f"linear -> {config.num_classes} classes"
-        )
-    )
+    classes = config.num_classes
+    out.append(Stage("head", (classes,), _num_params(model.head), f"linear -> {classes} classes"))
     return out
 
 

@@ -137,70 +137,16 @@ def from_hf_processor(processor: Any, source: str = "preprocessor_config.json") 
     refused, naming the key."""
     if not isinstance(processor, dict):
         raise ValueError(f"{source}: expected a JSON object, found {type(processor).__name__}")
-    kind = processor.get("image_processor_type", "an image processor")
-
-    def number(value: Any, key: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{source}: {key}={value!r}: expected a number")
-        return float(value)
-
-    def size_of(value: Any, key: str) -> dict[str, int]:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return {"height": value, "width": value}
-        if (
-            not isinstance(value, dict)
-            or not value
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
-        ):
-            raise ValueError(
-                f"{source}: {key}={value!r}: expected a size such as {{'height': 224, 'width': 224}}"
-            )
-        return value
-
-    rescale = processor.get("rescale_factor", 1 / 255)
-    if processor.get("do_rescale", True) and not math.isclose(
-        number(rescale, "rescale_factor"), 1 / 255, rel_tol=1e-6
-    ):
-        raise ValueError(f"{source}: rescale_factor={rescale}: vitkit rescales pixels by 1/255 only")
-    if processor.get("do_normalize", True):
-        mean = processor.get("image_mean", list(VIT_MEAN))
-        std = processor.get("image_std", list(VIT_STD))
-        for key, values in (("image_mean", mean), ("image_std", std)):
-            if isinstance(values, (int, float)) and not isinstance(values, bool):
-                values = [values] * 3
-            if not isinstance(values, (list, tuple)) or len(values) != 3:
-                raise ValueError(f"{source}: {key}={values!r}: expected three numbers")
-            if key == "image_mean":
-                mean = [number(v, key) for v in values]
-            else:
-                std = [number(v, key) for v in values]
-    else:
-        mean, std = [0.0] * 3, [1.0] * 3
-    if not processor.get("do_rescale", True):
-        # Pixels stay in 0..255: the same as rescaling and dividing the std by 255.
-        mean, std = [m * 255 for m in mean], [s * 255 for s in std]
+    mean, std = _hf_normalization(processor, source)
     code = processor.get("resample", 2)
     interpolation = HF_RESAMPLE.get(code) if isinstance(code, int) and not isinstance(code, bool) else None
     if interpolation is None:
         raise ValueError(f"{source}: resample={code!r}: vitkit resizes bilinear (2) or bicubic (3) only")
-    size = size_of(processor.get("size", {"height": 224, "width": 224}), "size")
+    size = _hf_size(processor.get("size", {"height": 224, "width": 224}), "size", source)
     if processor.get("do_center_crop", False):
-        crop = size_of(processor.get("crop_size", {"height": 224, "width": 224}), "crop_size")
-        if set(crop) != {"height", "width"} or crop["height"] != crop["width"]:
-            raise ValueError(f"{source}: crop_size={crop}: vitkit crops square windows only")
-        side = crop["height"]
-        if "shortest_edge" in size and processor.get("do_resize", True):
-            shortest = size["shortest_edge"]
-            crop_pct = side / shortest
-        elif "crop_pct" in processor and processor.get("crop_pct") is not None:
-            crop_pct = number(processor["crop_pct"], "crop_pct")
-        else:
-            raise ValueError(
-                f"{source}: {kind} resizes to {size} before its centre crop; vitkit resizes the "
-                "shorter side (size={'shortest_edge': N}) only"
-            )
+        side, crop_pct = _hf_center_crop(processor, size, source)
         preprocessing = Preprocessing(
-            (side, side), "crop", min(crop_pct, 1.0), interpolation, tuple(mean), tuple(std), source=source
+            (side, side), "crop", min(crop_pct, 1.0), interpolation, mean, std, source=source
         )
         if "shortest_edge" in size and preprocessing.resize_to != size["shortest_edge"]:
             raise ValueError(
@@ -210,17 +156,73 @@ def from_hf_processor(processor: Any, source: str = "preprocessor_config.json") 
         return preprocessing
     if "shortest_edge" in size:
         side = size["shortest_edge"]
-        return Preprocessing((side, side), "crop", 1.0, interpolation, tuple(mean), tuple(std), source=source)
+        return Preprocessing((side, side), "crop", 1.0, interpolation, mean, std, source=source)
     if set(size) != {"height", "width"}:
         raise ValueError(f"{source}: size={size}: expected height and width, or shortest_edge")
-    return Preprocessing(
-        (size["height"], size["width"]),
-        "squash",
-        0.875,
-        interpolation,
-        tuple(mean),
-        tuple(std),
-        source=source,
+    img_size = (size["height"], size["width"])
+    return Preprocessing(img_size, "squash", 0.875, interpolation, mean, std, source=source)
+
+
+def _hf_number(value: Any, key: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{source}: {key}={value!r}: expected a number")
+    return float(value)
+
+
+def _hf_size(value: Any, key: str, source: str) -> dict[str, int]:
+    """An HF size: an int, or a dict such as {'height': 224, 'width': 224} or {'shortest_edge': 256}."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"height": value, "width": value}
+    integers = isinstance(value, dict) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value.values()
+    )
+    if not value or not integers:
+        raise ValueError(
+            f"{source}: {key}={value!r}: expected a size such as {{'height': 224, 'width': 224}}"
+        )
+    return value
+
+
+def _hf_triple(values: Any, key: str, source: str) -> tuple[float, float, float]:
+    """`image_mean` / `image_std`: one number for all channels, or three."""
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values] * 3
+    if not isinstance(values, (list, tuple)) or len(values) != 3:
+        raise ValueError(f"{source}: {key}={values!r}: expected three numbers")
+    return tuple(_hf_number(v, key, source) for v in values)
+
+
+def _hf_normalization(processor: dict, source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) on pixels scaled to 0..1, from the rescale and normalize keys."""
+    rescale = processor.get("rescale_factor", 1 / 255)
+    do_rescale = processor.get("do_rescale", True)
+    if do_rescale and not math.isclose(_hf_number(rescale, "rescale_factor", source), 1 / 255, rel_tol=1e-6):
+        raise ValueError(f"{source}: rescale_factor={rescale}: vitkit rescales pixels by 1/255 only")
+    if processor.get("do_normalize", True):
+        mean = _hf_triple(processor.get("image_mean", list(VIT_MEAN)), "image_mean", source)
+        std = _hf_triple(processor.get("image_std", list(VIT_STD)), "image_std", source)
+    else:
+        mean, std = (0.0,) * 3, (1.0,) * 3
+    if not do_rescale:
+        # Pixels stay in 0..255: the same as rescaling and dividing the std by 255.
+        mean, std = tuple(m * 255 for m in mean), tuple(s * 255 for s in std)
+    return mean, std
+
+
+def _hf_center_crop(processor: dict, size: dict[str, int], source: str) -> tuple[int, float]:
+    """(crop side, crop_pct) of a processor that resizes the shorter side and then crops the centre."""
+    crop = _hf_size(processor.get("crop_size", {"height": 224, "width": 224}), "crop_size", source)
+    if set(crop) != {"height", "width"} or crop["height"] != crop["width"]:
+        raise ValueError(f"{source}: crop_size={crop}: vitkit crops square windows only")
+    side = crop["height"]
+    if "shortest_edge" in size and processor.get("do_resize", True):
+        return side, side / size["shortest_edge"]
+    if processor.get("crop_pct") is not None:
+        return side, _hf_number(processor["crop_pct"], "crop_pct", source)
+    kind = processor.get("image_processor_type", "an image processor")
+    raise ValueError(
+        f"{source}: {kind} resizes to {size} before its centre crop; vitkit resizes the "
+        "shorter side (size={'shortest_edge': N}) only"
     )
 
 
