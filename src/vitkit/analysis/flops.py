@@ -54,6 +54,28 @@ def component_of(name: str) -> str:
     return "head"
 
 
+def _recorder(part: str, macs: dict[str, int], norm_ops: dict[str, int]):
+    """A forward hook adding one module's multiply-accumulates (or norm operations) to `part`."""
+
+    def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            rows = output.numel() // module.out_features
+            macs[part] += rows * module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            kernel_height, kernel_width = module.kernel_size
+            macs[part] += output.numel() * module.in_channels // module.groups * kernel_height * kernel_width
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
+            norm_ops["norms" if part != "stem" else "stem"] += NORM_OPS_PER_ELEMENT * inputs[0].numel()
+        elif isinstance(module, Attention):
+            batch, length, dim = inputs[0].shape
+            macs[part] += 2 * batch * length * length * dim  # q k^T and attention x v, all heads
+        elif isinstance(module, AttentionPool):
+            batch, length, dim = inputs[0].shape
+            macs[part] += 2 * batch * length * dim  # one query against every token
+
+    return record
+
+
 def count(
     model_or_config: VisionTransformer | ViTConfig, img_size: int | tuple[int, int] | None = None
 ) -> Counts:
@@ -70,29 +92,10 @@ def count(
     macs: dict[str, int] = defaultdict(int)
     norm_ops: dict[str, int] = defaultdict(int)
 
-    def hook(name: str):
-        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            part = component_of(name)
-            if isinstance(module, nn.Linear):
-                rows = output.numel() // module.out_features
-                macs[part] += rows * module.in_features * module.out_features
-            elif isinstance(module, nn.Conv2d):
-                per_output = (
-                    module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-                )
-                macs[part] += output.numel() * per_output
-            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
-                norm_ops["norms" if part != "stem" else "stem"] += NORM_OPS_PER_ELEMENT * inputs[0].numel()
-            elif isinstance(module, Attention):
-                batch, length, dim = inputs[0].shape
-                macs[part] += 2 * batch * length * length * dim  # q k^T and attention x v, all heads
-            elif isinstance(module, AttentionPool):
-                batch, length, dim = inputs[0].shape
-                macs[part] += 2 * batch * length * dim  # one query against every token
-
-        return record
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules()]
+    handles = [
+        module.register_forward_hook(_recorder(component_of(name), macs, norm_ops))
+        for name, module in model.named_modules()
+    ]
     # Parallel blocks run fused kernels; count their branches module by module, as the model's function.
     parallel_blocks = [module for module in model.modules() if isinstance(module, ParallelBlock)]
     for block in parallel_blocks:
