@@ -1,6 +1,6 @@
 """The house rules of docs/ARCHITECTURE.md, checked on the source tree: the map names every source
-file, no file is over 600 lines, and imports run one way (no circle, lazy imports inside functions
-included)."""
+file, no file is over 600 lines, imports follow the layer table (lazy imports inside functions
+included) and run one way (no circle)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,81 @@ def test_no_import_circle() -> None:
 def test_no_source_file_over_the_limit(path: Path) -> None:
     num_lines = len(path.read_text().splitlines())
     assert num_lines <= MAX_LINES, f"{path.relative_to(ROOT)}: {num_lines} lines (at most {MAX_LINES})"
+
+
+# The layer table of docs/ARCHITECTURE.md: rows `| layer | modules | may import |` between the
+# markers below; a module belongs to the row naming the longest path that contains it.
+LAYERS_BEGIN, LAYERS_END = "<!-- layers -->", "<!-- /layers -->"
+
+
+def layer_table(text: str) -> dict[str, tuple[list[str], set[str]]]:
+    """layer -> (its module paths as dotted prefixes, the layers it may import)."""
+    body = text.split(LAYERS_BEGIN, 1)[1].split(LAYERS_END, 1)[0]
+    table = {}
+    for line in body.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0] or set(cells[0]) <= {"-"} or cells[0] == "layer":
+            continue
+        paths = [module_path(path) for path in re.findall(r"`([\w/.]+)`", cells[1])]
+        allowed = {name.strip() for name in cells[2].split(",") if name.strip() not in ("", "-")}
+        table[cells[0]] = (paths, allowed)
+    return table
+
+
+def module_path(path: str) -> str:
+    """`models/` -> vitkit.models, `train/optim.py` -> vitkit.train.optim, `__init__.py` -> vitkit."""
+    parts = [part for part in path.removesuffix(".py").split("/") if part and part != "__init__"]
+    return ".".join(["vitkit", *parts])
+
+
+def layer_of(module: str, table: dict[str, tuple[list[str], set[str]]]) -> str | None:
+    best, best_length = None, -1
+    for layer, (paths, _) in table.items():
+        for path in paths:
+            # The package itself (`__init__.py`) holds only itself, not every module below it.
+            inside = module == path or (path != "vitkit" and module.startswith(path + "."))
+            if inside and len(path) > best_length:
+                best, best_length = layer, len(path)
+    return best
+
+
+def layer_violations(graph: dict[str, set[str]], table: dict[str, tuple[list[str], set[str]]]) -> list[str]:
+    """Each import of a module into a layer the table does not allow, and each module in no row."""
+    problems = []
+    for module, targets in sorted(graph.items()):
+        layer = layer_of(module, table)
+        if layer is None:
+            problems.append(f"{module} is in no row of the layer table")
+            continue
+        for target in sorted(targets):
+            target_layer = layer_of(target, table)
+            if target_layer is not None and target_layer != layer and target_layer not in table[layer][1]:
+                problems.append(f"{module} ({layer}) imports {target} ({target_layer})")
+    return problems
+
+
+def test_the_layer_checker_finds_a_wrong_import() -> None:
+    text = f"""{LAYERS_BEGIN}
+| layer | modules | may import |
+|---|---|---|
+| base | `models/` | - |
+| top | `io.py`, `models/fast.py` | base |
+{LAYERS_END}"""
+    table = layer_table(text)
+    assert layer_of("vitkit.models.fast", table) == "top"
+    assert layer_of("vitkit.models.vit", table) == "base"
+    ok = {"vitkit.io": {"vitkit.models.vit"}, "vitkit.models.vit": set()}
+    assert layer_violations(ok, table) == []
+    wrong = {"vitkit.models.vit": {"vitkit.io"}, "vitkit.io": set(), "vitkit.cli": set()}
+    assert layer_violations(wrong, table) == [
+        "vitkit.cli is in no row of the layer table",
+        "vitkit.models.vit (base) imports vitkit.io (top)",
+    ]
+
+
+def test_imports_follow_the_layer_table() -> None:
+    problems = layer_violations(import_graph(), layer_table(MAP.read_text()))
+    assert not problems, "docs/ARCHITECTURE.md's layer table is broken:\n" + "\n".join(problems)
 
 
 def test_the_map_names_every_source_file() -> None:

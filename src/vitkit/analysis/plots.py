@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ..io import atomic_write
+from ..files import atomic_write
 from ..models.vit import VisionTransformer
 from .attention import attention_rollout, attention_weights, model_attention_distance, pooled_patch_map
 from .embeddings import (

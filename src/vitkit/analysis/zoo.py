@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..io import atomic_write
+from ..files import atomic_write
 from ..registry import get_config, list_models
 from .conventions import CONVENTIONS, count_in, get_convention, num_params, undefined_for
 from .flops import count

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from vitkit.data.datasets import ImageFolder
-from vitkit.io import atomic_write
+from ..files import atomic_write
+from .datasets import ImageFolder
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..io import read_json
+from ..files import read_json
 
 logger = logging.getLogger(__name__)
 

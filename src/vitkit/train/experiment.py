@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args
 
 from ..data import DataConfig
 from ..data.loader import resolve_root
-from ..io import read_json
+from ..files import read_json
 from ..models.config import ViTConfig, check_fields
 from ..registry import get_config
 from . import distributed

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write
+from ..files import atomic_write
 from . import run_folder
 
 CSV_COLUMNS = [
