@@ -10,10 +10,9 @@ from typing import Any
 from ..files import atomic_write
 from . import run_folder
 
-CSV_COLUMNS = [
-    "step", "epoch", "kind", "split", "loss", "accuracy", "lr", "grad_norm", "samples_per_s", "train_time_s",
-    "top1", "top5", "mean_class_accuracy",
-]  # fmt: skip
+CSV_COLUMNS = (
+    "step epoch kind split loss accuracy lr grad_norm samples_per_s train_time_s top1 top5 mean_class_accuracy"
+).split()
 
 
 class MetricsLog:
