@@ -10,9 +10,21 @@ from typing import Any
 from ..files import atomic_write
 from . import run_folder
 
-CSV_COLUMNS = (
-    "step epoch kind split loss accuracy lr grad_norm samples_per_s train_time_s top1 top5 mean_class_accuracy"
-).split()
+CSV_COLUMNS = [
+    "step",
+    "epoch",
+    "kind",
+    "split",
+    "loss",
+    "accuracy",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "train_time_s",
+    "top1",
+    "top5",
+    "mean_class_accuracy",
+]
 
 
 class MetricsLog:
