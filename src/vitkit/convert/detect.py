@@ -74,46 +74,60 @@ def _square_side(rows: int) -> int | None:
 def infer_config(state: Mapping[str, torch.Tensor], origin: str = "checkpoint", **known: Any) -> ViTConfig:
     """The ViTConfig of a native-layout state dict. Fields in `known` are taken as given."""
     check_fields(ViTConfig, known, what="ViTConfig")
-    fields: dict[str, Any] = {}
     notes: list[str] = []
+    fields = _stem_fields(state, origin)
+    fields.update(_encoder_fields(state, fields["embed_dim"], known, origin, notes))
+    fields.update(_head_fields(state, known, notes))
+    fields.update(_position_fields(state, fields, known, origin, notes))
+    fields.update(known)
+    try:
+        config = ViTConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{origin}: the tensors describe no valid ViTConfig: {error}") from error
+    log.info("%s: inferred config (%s): %s", origin, "; ".join(notes) or "all from tensors", config)
+    return config
 
-    def shape(key: str) -> torch.Size:
-        return state[key].shape
 
-    # Stem: the patch size and width come from the patch projection.
+def _stem_fields(state: Mapping[str, torch.Tensor], origin: str) -> dict[str, Any]:
+    """The stem, input channels, patch size and width, from the patch projection."""
     if "patch_embed.backbone.stem.conv.weight" in state:
         stages = _indices(state, r"^patch_embed\.backbone\.stages\.(\d+)\.")
         units = [
             len(_indices(state, rf"^patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\.")) for s in stages
         ]
-        fields.update(stem="hybrid", hybrid_layers=tuple(units))
-        fields["in_chans"] = shape("patch_embed.backbone.stem.conv.weight")[1]
-        projection = "patch_embed.proj.weight"
+        in_chans = state["patch_embed.backbone.stem.conv.weight"].shape[1]
+        fields = dict(stem="hybrid", hybrid_layers=tuple(units), in_chans=in_chans)
+        projection = state["patch_embed.proj.weight"]
     elif "patch_embed.proj.0.weight" in state:
-        fields.update(stem="hmlp", patch_size=16, in_chans=shape("patch_embed.proj.0.weight")[1])
-        projection = "patch_embed.proj.6.weight"
+        fields = dict(stem="hmlp", in_chans=state["patch_embed.proj.0.weight"].shape[1])
+        projection = state["patch_embed.proj.6.weight"]
     elif "patch_embed.proj.weight" in state:
-        fields.update(stem="patch", in_chans=shape("patch_embed.proj.weight")[1])
-        projection = "patch_embed.proj.weight"
+        projection = state["patch_embed.proj.weight"]
+        fields = dict(stem="patch", in_chans=projection.shape[1])
     else:
         raise CheckpointError(
             f"{origin}: no patch embedding found (patch_embed.proj.weight or a hybrid trunk)"
         )
-    if fields["stem"] != "hmlp":
-        fields["patch_size"] = shape(projection)[-1]
-    width = fields["embed_dim"] = shape(projection)[0]
+    # The hMLP stem's last projection sees 2x2 cells of a 16-px patch.
+    fields["patch_size"] = 16 if fields["stem"] == "hmlp" else projection.shape[-1]
+    fields["embed_dim"] = projection.shape[0]
+    return fields
 
-    # Encoder.
+
+def _encoder_fields(
+    state: Mapping[str, torch.Tensor], width: int, known: dict, origin: str, notes: list[str]
+) -> dict[str, Any]:
+    """Depth, parallel branches, MLP width, qkv bias, LayerScale and the number of heads."""
     depth = _indices(state, r"^blocks\.(\d+)\.")
     if not depth:
         raise CheckpointError(f"{origin}: no encoder blocks found")
-    fields["depth"] = len(depth)
     branches = _indices(state, r"^blocks\.0\.attns\.(\d+)\.")
-    fields["parallel"] = len(branches) or 1
     attn, mlp = ("blocks.0.attns.0.", "blocks.0.ffns.0.") if branches else ("blocks.0.", "blocks.0.")
+    fields: dict[str, Any] = dict(
+        depth=len(depth), parallel=len(branches) or 1, qkv_bias=f"{attn}attn.qkv.bias" in state
+    )
     if f"{mlp}mlp.fc1.weight" in state:
-        fields["mlp_dim"] = shape(f"{mlp}mlp.fc1.weight")[0]
-    fields["qkv_bias"] = f"{attn}attn.qkv.bias" in state
+        fields["mlp_dim"] = state[f"{mlp}mlp.fc1.weight"].shape[0]
     if any(f"{attn}{name}.gamma" in state for name in ("ls1", "ls")):
         fields["layer_scale_init"] = LAYER_SCALE_INIT
     if "num_heads" not in known:
@@ -125,11 +139,14 @@ def infer_config(state: Mapping[str, torch.Tensor], origin: str = "checkpoint", 
             )
         fields["num_heads"] = size["num_heads"]
         notes.append(f"{size['num_heads']} heads from the size table for width {width}")
+    return fields
 
-    # Tokens, head.
-    fields["class_token"] = "cls_token" in state
+
+def _head_fields(state: Mapping[str, torch.Tensor], known: dict, notes: list[str]) -> dict[str, Any]:
+    """Class and register tokens, the pooling, the pre-logits layer and the number of classes."""
+    fields: dict[str, Any] = {"class_token": "cls_token" in state}
     if "reg_token" in state:
-        fields["num_reg_tokens"] = shape("reg_token")[1]
+        fields["num_reg_tokens"] = state["reg_token"].shape[1]
     if "attn_pool.latent" in state:
         fields["pool"] = "map"
     elif "fc_norm.weight" in state:
@@ -143,17 +160,23 @@ def infer_config(state: Mapping[str, torch.Tensor], origin: str = "checkpoint", 
     else:
         fields["pool"] = "gap"
     if "pre_logits.fc.weight" in state:
-        fields["representation_size"] = shape("pre_logits.fc.weight")[0]
-    fields["num_classes"] = shape("head.weight")[0] if "head.weight" in state else 0
+        fields["representation_size"] = state["pre_logits.fc.weight"].shape[0]
+    fields["num_classes"] = state["head.weight"].shape[0] if "head.weight" in state else 0
+    return fields
 
-    # Positions: the grid (and whether the class token has a slot) from the embedding's length.
+
+def _position_fields(
+    state: Mapping[str, torch.Tensor], fields: dict, known: dict, origin: str, notes: list[str]
+) -> dict[str, Any]:
+    """The grid (and whether the prefix tokens have slots) from the position embedding's length."""
     stride = fields["patch_size"] * (
         hybrid_stride(fields["hybrid_layers"]) if fields["stem"] == "hybrid" else 1
     )
     prefix = int(fields["class_token"]) + fields.get("num_reg_tokens", 0)
+    out: dict[str, Any] = {}
     if "pos_embed" in state:
-        fields["pos_embed"] = "learn"
-        rows = shape("pos_embed")[1]
+        out["pos_embed"] = "learn"
+        rows = state["pos_embed"].shape[1]
         if "img_size" in known:
             size = known["img_size"]
             size = (size, size) if isinstance(size, int) else tuple(size)
@@ -162,7 +185,7 @@ def infer_config(state: Mapping[str, torch.Tensor], origin: str = "checkpoint", 
                 raise CheckpointError(
                     f"{origin}: pos_embed has {rows} rows, but img_size {size} gives {patches} patches"
                 )
-            fields["pos_embed_class_slot"] = rows == patches + prefix and prefix > 0
+            out["pos_embed_class_slot"] = rows == patches + prefix and prefix > 0
         else:
             with_slot = _square_side(rows - prefix) if prefix else None
             side = with_slot or _square_side(rows)
@@ -170,9 +193,9 @@ def infer_config(state: Mapping[str, torch.Tensor], origin: str = "checkpoint", 
                 raise CheckpointError(
                     f"{origin}: pos_embed has {rows} rows, not a square grid (+ class slot); pass img_size="
                 )
-            fields["pos_embed_class_slot"] = with_slot is not None or not prefix
-            fields["img_size"] = side * stride
-            notes.append(f"grid {side}x{side} from pos_embed {tuple(shape('pos_embed'))}")
+            out["pos_embed_class_slot"] = with_slot is not None or not prefix
+            out["img_size"] = side * stride
+            notes.append(f"grid {side}x{side} from pos_embed {tuple(state['pos_embed'].shape)}")
     elif "pos_embed" not in known:
         raise CheckpointError(
             f"{origin}: no position embedding in the checkpoint; pass pos_embed='sincos2d', 'rope' or 'none'"
@@ -182,11 +205,5 @@ def infer_config(state: Mapping[str, torch.Tensor], origin: str = "checkpoint", 
             f"{origin}: no learned position embedding to read the grid from; pass img_size="
         )
     if not prefix:
-        fields["pos_embed_class_slot"] = True  # nothing to give a slot to: keep the default
-    fields.update(known)
-    try:
-        config = ViTConfig(**fields)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{origin}: the tensors describe no valid ViTConfig: {error}") from error
-    log.info("%s: inferred config (%s): %s", origin, "; ".join(notes) or "all from tensors", config)
-    return config
+        out["pos_embed_class_slot"] = True  # nothing to give a slot to: keep the default
+    return out
