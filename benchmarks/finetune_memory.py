@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vitkit import create_model
+from vitkit.fast import apply_fast_paths
 from vitkit.train.optim import apply_freeze_rule
 from vitkit.train.precision import machine_summary
 
@@ -56,6 +57,7 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = create_model(args.model, img_size=args.img_size, num_classes=100).to(device).train()
+    apply_fast_paths(model, device, "bf16" if args.bf16 else "fp32")
     trainable = apply_freeze_rule(model, setting["freeze"])
     model.set_grad_checkpointing(setting["checkpointing"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from vitkit.data import ImageFolder
 from vitkit.delta import finetune_model, measure_freezing
 from vitkit.eval.fewshot import FewShotConfig, fewshot_accuracies
+from vitkit.fast import apply_fast_paths
 from vitkit.io import atomic_write
 from vitkit.models.config import ViTConfig
 from vitkit.models.masked import MaskedConfig, MaskedPatchModel
@@ -282,7 +283,7 @@ def run_base(task: tuple[str, int, Settings]) -> tuple[str, int, dict, dict | No
     spec, data = BASE_RUNS[name], _DATA
     steps = data.steps(settings.epochs, settings.batch_size)
     torch.manual_seed(seed)
-    model = VisionTransformer(config(spec["stem"], spec.get("parallel", 1)))
+    model = apply_fast_paths(VisionTransformer(config(spec["stem"], spec.get("parallel", 1))), "cpu")
     row: dict = {"params": model.num_params(), "steps": steps}
     seconds = 0.0
     if spec.get("pretrain"):
@@ -300,7 +301,7 @@ def run_finetune(task: tuple[str, int, Settings, dict]) -> tuple[str, int, dict,
     base = VisionTransformer(config())
     base.load_state_dict(state)
     torch.manual_seed(seed)
-    model = finetune_model(base, num_classes=10, img_size=FINETUNE_SIZE)
+    model = apply_fast_paths(finetune_model(base, num_classes=10, img_size=FINETUNE_SIZE), "cpu")
     if not spec["interpolate"]:
         with torch.no_grad():
             model.pos_embed.normal_(std=0.02)
@@ -450,7 +451,9 @@ def measure_costs(rows: dict[str, dict], quick: bool, batch_size: int) -> None:
             )
             rows[name].update(memory_mib=cost.memory_bytes / 2**20, step_ms=1000 * cost.step_seconds)
     for name in ("scratch, linear stem", "scratch, parallel 3x2 blocks"):
-        model = VisionTransformer(config(parallel=BASE_RUNS[name].get("parallel", 1)))
+        model = apply_fast_paths(
+            VisionTransformer(config(parallel=BASE_RUNS[name].get("parallel", 1))), "cpu"
+        )
         rows[name].update(
             latency_b1_ms=latency_ms(model, 1, repeats * 4), latency_b64_ms=latency_ms(model, 64, repeats)
         )

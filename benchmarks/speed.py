@@ -31,7 +31,7 @@ Seen on the 2-core AVX-512 development CPU (avx512_bf16, no AMX), `make bench` (
 compiled), with vitkit's share of the ceiling:
 - inference, eager (compiled): Ti/16 fp32 1.03x (75%), bf16 1.26x (1.35x; 67%, 72%); S/16 fp32
   1.09x (90%), bf16 1.54x (1.46x; 80%, 76%); B/16 fp32 0.99x (95%), bf16 1.58x (1.72x; 85%, 93%).
-  bf16 runs as fp32 GEMMs of the bf16 operands (vitkit.models.kernels); against the bf16 GEMM
+  bf16 runs as fp32 GEMMs of the bf16 operands (vitkit.fast.kernels); against the bf16 GEMM
   ceiling alone that is 104-160%.
 - training steps: Ti/16 @224 b32 fp32 1.00x, bf16 autocast 1.47x; Ti/4 @32 b128 fp32 0.98x, bf16
   autocast 1.64x (fp32-units dense layers, explicit short-sequence attention in bf16).
@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from vitkit import create_model
 from vitkit.analysis.flops import count
+from vitkit.fast import apply_fast_paths
 from vitkit.models.config import ViTConfig
 from vitkit.models.vit import VisionTransformer
 from vitkit.runtime import keep_freed_memory
@@ -66,6 +67,7 @@ from vitkit.train.precision import machine_summary
 
 INFERENCE_MODELS = {"Ti/16": 32, "S/16": 32, "B/16": 16}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
 
 
 # Peers, built offline with vitkit's weights ---------------------------------------------------------
@@ -255,7 +257,8 @@ def peak_child(kind: str, key: str, dtype_name: str, candidate: str) -> None:
         return
     config, batch = train_configs()[key]
     model = VisionTransformer(config.replace(zero_head=False))
-    module = {"vitkit": model, **peers(model, [])}[candidate].train()
+    vitkit = apply_fast_paths(copy.deepcopy(model), device, dtype_name)
+    module = {"vitkit": vitkit, **peers(model, [])}[candidate].train()
     images = torch.randn(batch, 3, *config.img_size)
     labels = torch.randint(0, config.num_classes, (batch,))
     print(measure_peak(training_step(module, images, labels, dtype), device))
@@ -323,7 +326,7 @@ def ceilings(
 ) -> tuple[dict[str, Callable[[], None]], float]:
     """The matmul ceilings of a row group, named, and their FLOPs; the fastest one is the ceiling. For
     bf16 on a CPU, fp32 GEMMs of the bf16 values are a second way to compute the same products (how
-    vitkit multiplies bf16 on CPUs without AMX; vitkit.models.kernels)."""
+    vitkit multiplies bf16 on CPUs without AMX; vitkit.fast.kernels)."""
     run, flops = matmul_ceiling(config, batch, dtype, device)
     runs = {"ceiling (matmuls)": run}
     if dtype == torch.bfloat16 and device.type == "cpu":
@@ -335,7 +338,8 @@ def ceilings(
 def candidates_for(
     model: VisionTransformer, dtype: torch.dtype, device: torch.device, compile_: bool, notes: list[str]
 ) -> dict[str, nn.Module]:
-    modules = {"vitkit": copy.deepcopy(model), **peers(model, notes)}
+    vitkit = apply_fast_paths(copy.deepcopy(model), device, PRECISIONS[dtype])
+    modules = {"vitkit": vitkit, **peers(model, notes)}
     modules = {name: m.to(device=device, dtype=dtype).eval() for name, m in modules.items()}
     if compile_:
         modules.update(
@@ -450,7 +454,8 @@ def bench_training(args: argparse.Namespace, device: torch.device, notes: list[s
         labels = torch.randint(0, config.num_classes, (batch,), device=device)
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
-            modules = {"vitkit": model, **peers(model, notes)}
+            vitkit = apply_fast_paths(copy.deepcopy(model), device, dtype_name)
+            modules = {"vitkit": vitkit, **peers(model, notes)}
             modules = {name: m.to(device).train() for name, m in modules.items()}
             if args.compile:
                 modules.update(
@@ -486,6 +491,19 @@ def fresh_compiler() -> None:
     torch._dynamo.reset()
 
 
+def parallel_candidates(
+    parallel: VisionTransformer, sequential: VisionTransformer, device: torch.device, precision: str
+) -> dict[str, nn.Module]:
+    """The 18x2 model fused and branch by branch (the same kernels, `forward_branches`), the 36x1 one,
+    each with the fast paths of `device` and `precision`."""
+    fused = apply_fast_paths(copy.deepcopy(parallel), device, precision)
+    branches = copy.deepcopy(fused)
+    for block in branches.blocks:
+        block.forward = block.forward_branches  # the reference path, for comparison only
+    sequential = apply_fast_paths(copy.deepcopy(sequential), device, precision)
+    return {"18x2 fused": fused, "18x2 branch by branch": branches, "36x1 sequential": sequential}
+
+
 def bench_parallel(args: argparse.Namespace, device: torch.device) -> list[str]:
     """ "Three things" #1: ViT-S 18x2 computed fused, branch by branch, and as the sequential 36x1."""
     rows = [
@@ -497,13 +515,10 @@ def bench_parallel(args: argparse.Namespace, device: torch.device) -> list[str]:
     parallel = create_model("vit_small_patch16_18x2_224", zero_head=False)
     sequential = create_model("vit_small_patch16_36x1_224", zero_head=False)
     assert parallel.num_params() == sequential.num_params()
-    branches = copy.deepcopy(parallel)
-    for block in branches.blocks:
-        block.forward = block.forward_branches  # the reference path, for comparison only
-    models = {"18x2 fused": parallel, "18x2 branch by branch": branches, "36x1 sequential": sequential}
     labels = torch.randint(0, 1000, (batch,), device=device)
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
+        models = parallel_candidates(parallel, sequential, device, dtype_name)
         images = torch.randn(batch, 3, 224, 224, device=device)
         for mode in ("inference", "training"):
             if mode == "inference":

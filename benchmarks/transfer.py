@@ -43,6 +43,7 @@ from vitkit.eval.fewshot import (
     linear_probe,
     sample_shots,
 )
+from vitkit.fast import apply_fast_paths
 from vitkit.train.precision import machine_summary
 
 
@@ -131,7 +132,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"# {machine_summary()}")
     checkpoint = str(resolve_checkpoint(args.checkpoint))
-    model = vitkit.load(checkpoint).eval()
+    model = apply_fast_paths(vitkit.load(checkpoint).eval(), "cpu", "fp32")
     preprocessing = resolve_preprocessing(model)
     print(f"checkpoint {checkpoint}: {model.config.embed_dim} wide, {model.config.depth} deep")
     print(f"preprocessing: {preprocessing.describe()}")

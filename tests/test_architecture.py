@@ -210,3 +210,99 @@ def test_the_map_names_every_source_file() -> None:
 
 def test_the_readme_points_to_the_map() -> None:
     assert "docs/ARCHITECTURE.md" in (ROOT / "README.md").read_text()
+
+
+# models/ computes what the papers draw: no device, autograd-mode, autocast or environment branches
+# (those belong to vitkit.fast and the code that runs a model). What a model module may not name:
+FORBIDDEN_MODULES = ("os", "torch.cuda", "torch.backends", "torch.cpu", "torch.distributed", "torch.amp")
+FORBIDDEN_ATTRIBUTES = (
+    "cuda",  # torch.cuda, tensor.cuda()
+    "is_cuda",
+    "environ",
+    "getenv",
+    "is_grad_enabled",
+    "is_inference_mode_enabled",
+    "is_autocast_enabled",
+    "is_autocast_available",
+    "get_autocast_dtype",
+    "is_compiling",
+    "data_ptr",
+    "autocast",  # a precision chosen inside the model
+)
+FORBIDDEN_STRINGS = ("cuda", "mps", "xpu")  # device names compared or built
+
+
+def _dotted(node: ast.AST) -> str:
+    """`a.b.c` for an attribute chain on a name; the chain's tail for anything else (`f().b.c`: `.b.c`)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    parts.append(node.id if isinstance(node, ast.Name) else "")
+    return ".".join(reversed(parts))
+
+
+def model_violations(source: str, filename: str = "<model>") -> list[str]:
+    """Each place in `source` that names a device, an autograd or autocast mode or the environment:
+    an import or attribute of FORBIDDEN_MODULES, an attribute or imported name in FORBIDDEN_ATTRIBUTES,
+    `device.type`, or a device-name string."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        where = f"{filename}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            )
+            names = [alias.name for alias in node.names] if isinstance(node, ast.ImportFrom) else []
+            for module in modules:
+                if any(module == bad or module.startswith(bad + ".") for bad in FORBIDDEN_MODULES):
+                    found.append(f"{where}: imports {module}")
+            found += [f"{where}: imports {name}" for name in names if name in FORBIDDEN_ATTRIBUTES]
+        elif isinstance(node, ast.Attribute):
+            dotted = _dotted(node)
+            in_module = any(dotted.startswith(module + ".") for module in FORBIDDEN_MODULES)
+            if node.attr in FORBIDDEN_ATTRIBUTES or dotted.endswith("device.type") or in_module:
+                found.append(f"{where}: {dotted}")
+        elif isinstance(node, ast.Constant) and str(node.value).partition(":")[0] in FORBIDDEN_STRINGS:
+            found.append(f"{where}: {node.value!r}")
+    return found
+
+
+def test_the_model_checker_catches_planted_violations() -> None:
+    planted = {
+        "import os": "imports os",
+        "from os import environ": "imports os",
+        "import torch.cuda": "imports torch.cuda",
+        "from torch.backends import cudnn": "imports torch.backends",
+        "from torch import is_grad_enabled": "imports is_grad_enabled",
+        "x = os.environ.get('A')": "os.environ",
+        "if torch.cuda.is_available(): pass": "torch.cuda",
+        "y = x.cuda()": "x.cuda",
+        "if x.device.type == 'cpu': pass": "x.device.type",
+        "if torch.is_grad_enabled(): pass": "torch.is_grad_enabled",
+        "if torch.is_autocast_enabled('cpu'): pass": "torch.is_autocast_enabled",
+        "d = torch.get_autocast_dtype('cpu')": "torch.get_autocast_dtype",
+        "if torch.compiler.is_compiling(): pass": "torch.compiler.is_compiling",
+        "key = p.data_ptr()": "p.data_ptr",
+        "with torch.autocast('cpu', enabled=False): pass": "torch.autocast",
+        "amx = torch.cpu._is_amx_tile_supported()": "torch.cpu._is_amx_tile_supported",
+        "torch.backends.cudnn.benchmark = True": "torch.backends.cudnn",
+        "z = torch.zeros(1, device='cuda:0')": "'cuda:0'",
+    }
+    for source, expected in planted.items():
+        found = model_violations(source)
+        assert any(expected in violation for violation in found), (source, found)
+    clean = (
+        "y = x.to(images.device)\nz = torch.zeros(1, device=x.device, dtype=x.dtype)\nif self.training: pass"
+    )
+    assert model_violations(clean) == []
+
+
+def test_models_know_no_device_autograd_mode_or_environment() -> None:
+    found = [
+        violation
+        for path in source_files()
+        if path.relative_to(PACKAGE).parts[0] == "models"
+        for violation in model_violations(path.read_text(), str(path.relative_to(ROOT)))
+    ]
+    assert not found, "models/ must not branch on devices, modes or the environment:\n" + "\n".join(found)

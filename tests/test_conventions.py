@@ -23,7 +23,7 @@ from vitkit.analysis.conventions import (
 from vitkit.analysis.flops import count
 from vitkit.analysis.zoo import KNOWN_CHECKPOINTS, MMCLS_0X_VIT_ROWS, markdown_table, page_accuracy
 from vitkit.cli import main
-from vitkit.models.vit import ParallelBlock, VisionTransformer
+from vitkit.models.vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "counts.json").read_text())
@@ -141,9 +141,6 @@ def torch_counter(config, device: str = "meta") -> dict[str, int]:
     with torch.device(device):
         model = VisionTransformer(config).eval()
         images = torch.zeros(1, config.in_chans, *config.img_size)
-    for block in model.modules():
-        if isinstance(block, ParallelBlock) and device == "meta":  # the fused path folds weights first
-            block.forward = block.forward_branches
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(images)
     return {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}

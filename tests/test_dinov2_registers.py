@@ -34,7 +34,7 @@ def test_registers_follow_the_class_token_without_position_embeddings():
     assert model.config.num_prefix_tokens == 4
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        patches, grid = model.patchify(images)
+        patches, grid = model.embed_patches(images)
         tokens = model.add_tokens(patches, grid)
         assert tokens.shape == (2, 1 + 3 + 16, 32)
         assert torch.equal(tokens[:, 0], model.cls_token[0].expand(2, -1))

@@ -139,8 +139,8 @@ def test_masking_before_or_after_the_stem_gives_the_same_result(stem, masking):
     torch.testing.assert_close(before, after, atol=1e-6, rtol=0)
     # A stem that mixes patches (a 3x3 convolution over the token grid) would not pass this test:
     # the same check on the raw stem outputs shows the unmasked tokens did change only at masked spots.
-    tokens, _ = model.encoder.patchify(images)
-    masked_tokens, _ = model.encoder.patchify(mask_pixels(images, corruption.masked, 16, fill=3.0))
+    tokens, _ = model.encoder.embed_patches(images)
+    masked_tokens, _ = model.encoder.embed_patches(mask_pixels(images, corruption.masked, 16, fill=3.0))
     changed = (tokens - masked_tokens).abs().sum(-1) > 0
     assert torch.equal(changed, corruption.masked)
 

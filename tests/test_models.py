@@ -118,7 +118,7 @@ def test_attention_matches_explicit_softmax_and_intermediates_match_forward():
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 17))
     # The SDPA path equals softmax(q k^T / sqrt(d)) v computed by hand.
     block = model.blocks[0]
-    x = model.add_tokens(*model.patchify(images))
+    x = model.add_tokens(*model.embed_patches(images))
     _, _, v = block.attn.split_heads(block.norm1(x))
     manual = block.attn.proj((weights @ v).transpose(1, 2).flatten(2))
     torch.testing.assert_close(block.attn(block.norm1(x)), manual, rtol=1e-5, atol=1e-6)

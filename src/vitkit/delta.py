@@ -328,10 +328,11 @@ def measure_freezing(
 ) -> FreezeCost:
     """One rule's trainable parameters, training memory and median step time, for the ViT paper's
     fine-tuning step (SGD with momentum, gradient clipping at 1) on random images."""
+    from .fast import apply_fast_paths
     from .train.optim import apply_freeze_rule
 
     torch.manual_seed(0)
-    model = VisionTransformer(config).to(device).train()
+    model = apply_fast_paths(VisionTransformer(config), device, "fp32").to(device).train()
     num_trainable = apply_freeze_rule(model, rule)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=1e-3, momentum=0.9)

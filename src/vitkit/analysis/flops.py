@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..models.config import ViTConfig
-from ..models.vit import Attention, AttentionPool, ParallelBlock, VisionTransformer
+from ..models.vit import Attention, AttentionPool, VisionTransformer
 
 NORM_OPS_PER_ELEMENT = 5  # mean, subtract, variance, divide, affine: fvcore's count for an affine norm
 
@@ -79,7 +79,8 @@ def _recorder(part: str, macs: dict[str, int], norm_ops: dict[str, int]):
 def count(
     model_or_config: VisionTransformer | ViTConfig, img_size: int | tuple[int, int] | None = None
 ) -> Counts:
-    """Count a model (or build one from a config on the meta device) for one image at `img_size`."""
+    """Count a model (or build one from a config on the meta device) for one image at `img_size`: the
+    plain model as built, each module called once (not one with `vitkit.fast` paths applied)."""
     if isinstance(model_or_config, ViTConfig):
         with torch.device("meta"):
             model = VisionTransformer(model_or_config)
@@ -96,10 +97,6 @@ def count(
         module.register_forward_hook(_recorder(component_of(name), macs, norm_ops))
         for name, module in model.named_modules()
     ]
-    # Parallel blocks run fused kernels; count their branches module by module, as the model's function.
-    parallel_blocks = [module for module in model.modules() if isinstance(module, ParallelBlock)]
-    for block in parallel_blocks:
-        block.forward = block.forward_branches
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -107,8 +104,6 @@ def count(
     finally:
         for handle in handles:
             handle.remove()
-        for block in parallel_blocks:
-            del block.forward
 
     params_by_component: dict[str, int] = defaultdict(int)
     for name, param in model.named_parameters():

@@ -55,9 +55,11 @@ def run_eval(args: argparse.Namespace) -> int:
         resolve_checkpoint,
         write_results,
     )
+    from ..fast import apply_fast_paths
 
     path = resolve_checkpoint(args.checkpoint)
     model, classes, data = load_classifier(path)
+    apply_fast_paths(model, "cpu", "fp32")
     overrides = parse_data_overrides(args.overrides)
     if args.root is not None:
         overrides.setdefault("root", args.root)
@@ -115,8 +117,10 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..data import decode_image, eval_transform
     from ..data.datasets import BadImageError
     from ..eval.classification import load_classifier, predict_images
+    from ..fast import apply_fast_paths
 
     model, classes, _ = load_classifier(args.checkpoint)
+    apply_fast_paths(model, "cpu", "fp32")
     if args.top_k is None:
         args.top_k = min(5, len(classes))
     if not 1 <= args.top_k <= len(classes):
@@ -170,9 +174,10 @@ def run_fewshot(args: argparse.Namespace) -> int:
     from ..data.preprocess import transform_of
     from ..eval.classification import resolve_checkpoint
     from ..eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, evenly_spaced, format_table
+    from ..fast import apply_fast_paths
     from ..io import atomic_write, load
 
-    model = load(resolve_checkpoint(args.checkpoint)).eval()
+    model = apply_fast_paths(load(resolve_checkpoint(args.checkpoint)).eval(), "cpu", "fp32")
     overrides = preprocessing_overrides(args)
     if args.img_size is not None:
         overrides["img_size"] = args.img_size

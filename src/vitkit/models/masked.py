@@ -395,7 +395,7 @@ class MaskedPatchModel(nn.Module):
     def forward_encoder(self, images: torch.Tensor, corruption: Corruption) -> torch.Tensor:
         """Images (B, C, H, W) -> output patch tokens (B, L, D), corrupted after the stem."""
         encoder = self.encoder
-        tokens, grid = encoder.patchify(images)  # (B, L, D)
+        tokens, grid = encoder.embed_patches(images)  # (B, L, D)
         tokens = apply_corruption(tokens, corruption.to(tokens.device), self.mask_token)
         x = encoder.forward_blocks(encoder.add_tokens(tokens, grid), grid)
         return encoder.norm(x)[:, encoder.config.num_prefix_tokens :]

@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ViTConfig
-from .kernels import Conv2d
 from .resnet import ResNetV2
 
 
@@ -24,7 +23,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
@@ -52,13 +51,13 @@ class HMLPStem(nn.Module):
         self.patch_size = 16
         hidden = embed_dim // 4
         self.proj = nn.Sequential(
-            Conv2d(in_chans, hidden, kernel_size=4, stride=4),
+            nn.Conv2d(in_chans, hidden, kernel_size=4, stride=4),
             LayerNorm2d(hidden, eps=eps),
             nn.GELU(),
-            Conv2d(hidden, hidden, kernel_size=2, stride=2),
+            nn.Conv2d(hidden, hidden, kernel_size=2, stride=2),
             LayerNorm2d(hidden, eps=eps),
             nn.GELU(),
-            Conv2d(hidden, embed_dim, kernel_size=2, stride=2),
+            nn.Conv2d(hidden, embed_dim, kernel_size=2, stride=2),
             LayerNorm2d(embed_dim, eps=eps),
         )
 
@@ -73,7 +72,9 @@ class HybridStem(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.backbone = ResNetV2(hybrid_layers, in_chans=in_chans)
-        self.proj = Conv2d(self.backbone.num_features, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(
+            self.backbone.num_features, embed_dim, kernel_size=patch_size, stride=patch_size
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)
@@ -84,7 +85,7 @@ class ConvBnRelu(nn.Module):
 
     def __init__(self, in_chans: int, out_chans: int, stride: int):
         super().__init__()
-        self.conv = Conv2d(in_chans, out_chans, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_chans, out_chans, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,7 @@ class ConvStem(nn.Module):
         self.backbone = nn.Sequential(
             *(ConvBnRelu(c_in, c_out, stride=2) for c_in, c_out in zip(inputs, channels, strict=True))
         )
-        self.proj = Conv2d(channels[-1], embed_dim, kernel_size=1)
+        self.proj = nn.Conv2d(channels[-1], embed_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)

@@ -6,6 +6,10 @@
 plus the parallel block of "Three things everyone should know about ViTs" (Touvron et al., 2022),
 register tokens (Darcet et al., 2024) and DINOv3's rotary position embeddings (`rope.py`).
 Module names match timm's VisionTransformer so that a timm state dict of a standard ViT loads as is.
+
+The model computes with nn.Linear, SDPA and GELU and knows no device, precision or autograd mode:
+faster implementations of the same function (fused parallel blocks, in-place inference, CPU bf16
+GEMMs) are in `vitkit.fast`, applied to a built model by the code that runs it (`apply_fast_paths`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ViTConfig
-from .kernels import Linear, attention, linear, linear_chunks
 from .pos_embed import resample_pos_embed, sincos_2d
 from .rope import apply_rope, rope_2d
 from .stems import build_stem
@@ -29,8 +32,7 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection, computed by `attention` (SDPA, or the
-    explicit product in short-sequence low-precision CPU training)."""
+    """Multi-head self-attention (MSA of equation 2) with one fused qkv projection, timm's layout."""
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0, dropout: float = 0.0
@@ -38,31 +40,28 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_dropout = attn_dropout
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, D) -> q, k, v, each (B, heads, L, head_dim)."""
         batch, length, _ = x.shape
-        if torch.is_grad_enabled() and self.qkv.weight.requires_grad:
-            # Training: q, k and v as three products with slices of the one qkv weight (linear_chunks).
-            parts = linear_chunks(x, self.qkv.weight, self.qkv.bias, 3)
-            return tuple(p.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for p in parts)
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, L, head_dim)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         q, k, v = self.split_heads(x)
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
         dropout = self.attn_dropout if self.training else 0.0
-        x = attention(q, k, v, dropout)  # (B, heads, L, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, heads, L, head_dim)
         x = x.transpose(1, 2).flatten(2)  # (B, L, D)
         return self.proj_drop(self.proj(x))
 
     def attention_weights(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d)) as (B, heads, L, L); recomputed on request, off the fast path."""
+        """softmax(q k^T / sqrt(d)) as (B, heads, L, L); recomputed on request, outside the forward pass."""
         q, k, _ = self.split_heads(x)
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
@@ -74,21 +73,15 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, gelu: str = "exact", dropout: float = 0.0):
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.drop1 = nn.Dropout(dropout)
-        self.fc2 = Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(_gelu(self.act, self.fc1(x)))))
-
-
-def _gelu(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
-    """GELU, in place on a fresh activation when no gradient needs the input: one buffer less."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return act(x)
-    return torch.ops.aten.gelu_(x, approximate=act.approximate)
+        hidden = self.drop1(self.act(self.fc1(x)))  # (B, L, mlp_dim)
+        return self.drop2(self.fc2(hidden))
 
 
 class LayerScale(nn.Module):
@@ -156,10 +149,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope)))
-        mlp = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        if torch.is_grad_enabled() and (x.requires_grad or mlp.requires_grad):
-            return x + mlp
-        return x.add_(mlp)  # x is this block's own tensor: summed in place in inference
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def attention_weights(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         return self.attn.attention_weights(self.norm1(x), rope)
@@ -169,14 +159,6 @@ class ParallelBlock(nn.Module):
     """ "Three things" #1: x + sum_i MSA_i(LN_i(x)), then x + sum_i MLP_i(LN_i(x)).
 
     Keys follow timm's ParallelThingsBlock: attns.{i}.norm|attn|ls, ffns.{i}.norm|mlp|ls.
-
-    The forward pass runs all branches as one wider layer, with the parameters and FLOPs of the
-    sequential sum but half the kernel calls of the sequential model: one LayerNorm statistics pass,
-    each branch's norm affine folded into its qkv (fc1) weights so that all branches' qkv (fc1) are one
-    matmul, all branches' heads in one attention call, and the output projections (fc2) one matmul over
-    the concatenated branch activations with LayerScale folded in. In inference the folded weights are
-    built once and kept (`fused_weights`). `forward_branches` is the reference;
-    it also runs in training when dropout or stochastic depth must draw noise per branch.
     """
 
     def __init__(self, config: ViTConfig, drop_path: float = 0.0):
@@ -187,106 +169,14 @@ class ParallelBlock(nn.Module):
         self.ffns = nn.ModuleList(
             [_branch(config, "mlp", _mlp(config), drop_path) for _ in range(config.parallel)]
         )
-        self.noise_per_branch = config.dropout > 0 or drop_path > 0
-        self.norm_eps = config.norm_eps
-        self._fused_cache: tuple[tuple, dict] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.noise_per_branch:
-            return self.forward_branches(x)
-        weights = self.fused_weights()
-        x = x + self.fused_attention(x, weights)
-        return x + self.fused_mlp(x, weights)
-
-    def forward_branches(self, x: torch.Tensor) -> torch.Tensor:
         x = x + sum(attn(x) for attn in self.attns)
         return x + sum(ffn(x) for ffn in self.ffns)
-
-    def fused_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """All branches' qkv, proj, fc1 and fc2 as one (weight, bias) each, norms and LayerScale folded in.
-
-        With gradients on they are rebuilt on every call (so gradients reach the branch parameters);
-        in inference they are kept until a parameter changes (its storage or in-place version counter),
-        the module moves (`to`, `half`, ...) or its mode is switched, so a served model does no weight
-        work per call. The cache costs one extra copy of the block's weights while it lives.
-        """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self._is_sharded():
-            return self._fuse()
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
-        if self._fused_cache is None or self._fused_cache[0] != key:
-            self._fused_cache = (key, self._fuse())
-        return self._fused_cache[1]
-
-    def _fuse(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        # Folded in the parameters' dtype whatever autocast says: `linear` casts at use.
-        with torch.autocast(self.attns[0].norm.weight.device.type, enabled=False):
-            qkv = [_fold_norm(branch.norm, branch.attn.qkv) for branch in self.attns]
-            fc1 = [_fold_norm(branch.norm, branch.mlp.fc1) for branch in self.ffns]
-        return {
-            # Rows ordered (q|k|v, branch, head, head_dim), so the branches' heads sit side by side.
-            "qkv": (
-                torch.stack([w.unflatten(0, (3, -1)) for w, _ in qkv], dim=1).flatten(0, 2),
-                torch.stack([b.unflatten(0, (3, -1)) for _, b in qkv], dim=1).flatten(),
-            ),
-            "proj": _fold_output([(b.attn.proj, b.ls) for b in self.attns]),
-            "fc1": (torch.cat([w for w, _ in fc1]), torch.cat([b for _, b in fc1])),
-            "fc2": _fold_output([(b.mlp.fc2, b.ls) for b in self.ffns]),
-        }
-
-    def _is_sharded(self) -> bool:
-        # FSDP gathers and frees parameters around each call: nothing may outlive it.
-        return type(self) is not ParallelBlock and type(self).__name__.startswith("FSDP")
-
-    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(), ...: the cache is of the old tensors
-        self._fused_cache = None
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True):
-        self._fused_cache = None
-        return super().train(mode)
-
-    def fused_attention(self, x: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
-        """sum_i ls_i(MSA_i(LN_i(x))) in one qkv matmul, one attention call and one projection."""
-        weights = weights or self.fused_weights()
-        batch, length, _ = x.shape
-        first, shape = self.attns[0].attn, self.attns[0].norm.normalized_shape
-        x = F.layer_norm(x, shape, eps=self.norm_eps)
-        qkv = linear(x, *weights["qkv"]).reshape(batch, length, 3, -1, first.head_dim)  # (B, L, 3, p*H, hd)
-        dropout = first.attn_dropout if self.training else 0.0
-        x = attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), dropout_p=dropout)
-        return linear(x.transpose(1, 2).flatten(2), *weights["proj"])
-
-    def fused_mlp(self, x: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
-        """sum_i ls_i(MLP_i(LN_i(x))) as one fc1 matmul and one fc2 matmul."""
-        weights = weights or self.fused_weights()
-        x = F.layer_norm(x, self.ffns[0].norm.normalized_shape, eps=self.norm_eps)
-        hidden = linear(x, *weights["fc1"])  # (B, L, parallel * mlp_dim)
-        hidden = _gelu(self.ffns[0].mlp.act, hidden)
-        return linear(hidden, *weights["fc2"])
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Each branch's heads, concatenated: (B, parallel * heads, L, L)."""
         return torch.cat([b.attn.attention_weights(b.norm(x)) for b in self.attns], dim=1)
-
-
-def _fold_norm(norm: nn.LayerNorm, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """linear(norm(x)) = x_hat W'^T + b' for x_hat normalised without affine: W' = W diag(g), b' = W beta + b."""
-    bias = linear.weight @ norm.bias
-    return linear.weight * norm.weight, bias if linear.bias is None else bias + linear.bias
-
-
-def _fold_output(layers: list[tuple[nn.Linear, nn.Module]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum_i ls_i(linear_i(x_i)) for x = [x_1 | ... | x_p] concatenated on features is one linear layer
-    with K = the sum of the branches' widths: LayerScale gamma folded into each weight's rows and bias."""
-    weights, bias = [], 0
-    for dense, scale in layers:
-        if isinstance(scale, LayerScale):
-            weights.append(dense.weight * scale.gamma[:, None])
-            bias = bias + dense.bias * scale.gamma
-        else:
-            weights.append(dense.weight)
-            bias = bias + dense.bias
-    return torch.cat(weights, dim=1), bias
 
 
 class AttentionPool(nn.Module):
@@ -389,8 +279,8 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = enable
 
     # The forward pass, step by step -------------------------------------------------------------------
-    def patchify(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, C, H, W) -> patch tokens (B, h*w, D) and the grid (h, w)."""
+    def embed_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The stem: (B, C, H, W) -> patch tokens (B, h*w, D) (x_p E of equation 1) and the grid (h, w)."""
         stride = self.config.stride
         if images.shape[-2] % stride or images.shape[-1] % stride:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the stride {stride}")
@@ -438,14 +328,14 @@ class VisionTransformer(nn.Module):
         """The L encoder blocks on tokens (B, prefix + h*w, D) of a patch grid."""
         rope = self.rotary_embeddings(grid, x.device)
         args = () if rope is None else (rope,)  # only `Block` takes RoPE (the config refuses parallel)
-        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        recompute = self.grad_checkpointing and self.training
         for block in self.blocks:
             x = checkpoint(block, x, *args, use_reentrant=False) if recompute else block(x, *args)
         return x
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalised tokens (B, prefix + h*w, D): class, registers, patches."""
-        x, grid = self.patchify(images)
+        x, grid = self.embed_patches(images)
         x = self.add_tokens(x, grid)
         return self.norm(self.forward_blocks(x, grid))
 
@@ -474,10 +364,10 @@ class VisionTransformer(nn.Module):
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Every block's output tokens and, on request, its attention weights (B, heads, L, L).
 
-        The weights are recomputed from each block's input by `attention_weights`, so the default
-        fused-attention forward pays nothing for this feature.
+        The weights are recomputed from each block's input by `attention_weights`, so the forward pass
+        itself stays SDPA's.
         """
-        x, grid = self.patchify(images)
+        x, grid = self.embed_patches(images)
         x = self.add_tokens(x, grid)
         rope = self.rotary_embeddings(grid, x.device)
         args = () if rope is None else (rope,)

@@ -31,6 +31,7 @@ from ..data.datasets import decode_image_bytes
 from ..data.preprocess import eval_transform, preprocessing_of
 from ..delta import MultiTaskModel, read_delta
 from ..eval.classification import CLASSES_KEY, check_finite, load_classifier, resolve_checkpoint
+from ..fast import apply_fast_paths
 from ..files import CheckpointError, parse_metadata, read_header
 from ..models.vit import VisionTransformer
 
@@ -125,6 +126,7 @@ class TaskSet:
         log.info("serving %s", ", ".join(f"{t.name} ({t.source})" for t in self.tasks.values()))
 
     def _add(self, name: str, model: VisionTransformer, classes: list[str], source: str, own: int) -> None:
+        apply_fast_paths(model, "cpu", "fp32")
         preprocessing = preprocessing_of(model)
         self.tasks[name] = Task(
             name=name,

@@ -38,6 +38,7 @@ from ..eval.classification import (
     plot_confusion_matrix,
     write_results,
 )
+from ..fast import apply_fast_paths
 from ..io import atomic_write
 from ..io import load as load_model
 from ..models.vit import VisionTransformer
@@ -171,6 +172,7 @@ class Trainer:
             if isinstance(module, VisionTransformer):
                 module.set_grad_checkpointing(cfg.grad_checkpointing)
         self.model = model.to(env.device)
+        apply_fast_paths(self.model, env.device, self.arithmetic.precision)
         self.ema = ModelEma(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
         # FSDP replaces the parameters by their shards: wrap before the optimiser takes them.
         self.wrapped = distributed.wrap(self.model, env, cfg.strategy)

@@ -3,7 +3,7 @@ context, the grad scaler and the CPU threads, chosen from the machine the run is
 
 "auto" picks bf16 autocast only where bf16 products run faster than fp32: a CUDA device that supports
 bf16, or a CPU with AMX (`amx_bf16`: its tiles multiply bf16 about 8x faster than the fp32 FMA units).
-On a CPU with only `avx512_bf16`, bf16 GEMMs run at about 0.6x fp32 (see `models/kernels.py`), and
+On a CPU with only `avx512_bf16`, bf16 GEMMs run at about 0.6x fp32 (docs/results.md, "Kernels"), and
 without either bf16 is emulated: both get fp32. The run logs one line saying what it chose and why.
 
 The CPU is read from /proc/cpuinfo by `cpu_info`; $VITKIT_CPU_FLAGS (space- or comma-separated flags)

@@ -1,42 +1,38 @@
-"""How the model's heavy operations (dense layers, patch-stem convolutions, attention) are computed on
-each device and precision. The model uses `Linear`, `Conv2d`, `linear_chunks` and `attention`; each
-computes the function of its torch counterpart (nn.Linear, nn.Conv2d, F.scaled_dot_product_attention;
-tests/test_fastpaths.py holds them equal) and differs only in speed and memory.
+"""Kernels for one device and precision: how dense layers, stem convolutions and attention are
+computed. Each function computes its torch counterpart's function (F.linear, nn.Conv2d,
+F.scaled_dot_product_attention; tests/test_fastpaths.py holds them equal) and differs only in speed
+and memory. `choose_kernels(device, precision)` makes the choice once; the modules of `blocks.py`
+and `FastLinear` / `FastConv2d` hold it. The measurements behind the choices are in docs/results.md
+("Kernels").
 
-bf16 on CPUs without AMX. Such a CPU (this project's development and CI machines: AVX-512 with
-avx512_bf16, no AMX) runs oneDNN's bf16 GEMM on its bf16 dot-product instruction, which does no more
-multiply-adds per cycle than the fp32 FMA units and then pays for conversions: ViT-sized bf16 GEMMs
-run at about 200 GFLOP/s there against 330-385 for fp32 (2 threads). So bf16 products are computed as
-fp32 GEMMs of the bf16 operands: the operands are rounded to bf16 and widened exactly, the products
-accumulate in fp32 (as oneDNN's bf16 GEMM accumulates), and each result is rounded to bf16. The
-tensors between operations are the native path's bf16 tensors, and dense layers save their bf16
+bf16 GEMMs on fp32 units (`Kernels.bf16_gemm_in_fp32`, CPUs without AMX): a bf16 product is computed
+as an fp32 GEMM of the bf16 operands: the operands are rounded to bf16 and widened exactly, the
+products accumulate in fp32 (as oneDNN's bf16 GEMM accumulates), and each result is rounded to bf16.
+The tensors between operations are the native path's bf16 tensors, and dense layers save their bf16
 inputs for the backward pass as the native path does. Attention in training stays in bf16 (see
-`attention`); in inference it runs SDPA on the widened q, k, v. Gradients reaching fp32 tensors
-(the LayerNorm outputs under autocast) are not rounded to bf16 on the way. Where AMX exists (its
-tiles multiply bf16 several times faster than fp32), on GPUs, and for fp16 (whose GEMMs already run
-at the fp32 rate here), the native kernels run. `VITKIT_BF16_GEMM=native|fp32|auto` overrides the
-choice.
+`attention`); in inference it runs SDPA on the widened q, k, v. Gradients reaching fp32 tensors (the
+LayerNorm outputs under autocast) are not rounded to bf16 on the way. `VITKIT_BF16_GEMM=native|fp32|auto`
+overrides the choice.
+
+Explicit training attention (`Kernels.explicit_training_attention`, CPU in bf16 or fp16): sequences up
+to `EXPLICIT_TRAINING_ATTENTION_MAX_LEN` tokens take softmax(q k^T) v with autograd in training
+rather than SDPA; it keeps the (B, heads, L, L) probabilities for the backward pass, hence the bound.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Sequence lengths up to which CPU training in bf16/fp16 computes attention as softmax(q k^T) v with
-# autograd rather than SDPA's flash kernel, whose CPU backward is slow in low precision. Forward +
-# backward, one thread, (batch, heads, length), bf16: (128, 3, 65) 95 -> 24 ms, (32, 3, 197) 76 -> 44 ms,
-# (16, 12, 197) 148 -> 86 ms, (4, 12, 577) 247 -> 174 ms. In fp32 the kernels tie at 197 tokens and,
-# inside a model (strided q, k, v), SDPA wins at 65 too, so fp32 stays on SDPA. The explicit path keeps
-# the (B, heads, L, L) probabilities for the backward pass, hence the bound. Inference always uses SDPA
-# (its flash forward is as fast as the explicit product or faster).
+# Sequence lengths up to which low-precision CPU training takes the explicit attention product.
 EXPLICIT_TRAINING_ATTENTION_MAX_LEN = {torch.bfloat16: 640, torch.float16: 640}
 
 BF16_GEMM_CHOICES = ("auto", "native", "fp32")
-
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 _AMX_PROBE = getattr(torch.cpu, "_is_amx_tile_supported", None)
 _CPU_HAS_AMX = bool(_AMX_PROBE()) if _AMX_PROBE is not None else False
@@ -44,6 +40,14 @@ _CPU_HAS_AMX = bool(_AMX_PROBE()) if _AMX_PROBE is not None else False
 
 def _cpu_has_amx() -> bool:
     return _CPU_HAS_AMX
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The kernel choices of one device and precision; all off is the plain model's arithmetic."""
+
+    bf16_gemm_in_fp32: bool = False  # bf16 products as fp32 GEMMs of the bf16 operands
+    explicit_training_attention: bool = False  # softmax(q k^T) v with autograd for short sequences
 
 
 def bf16_gemm_in_fp32(device: torch.device) -> bool:
@@ -54,6 +58,17 @@ def bf16_gemm_in_fp32(device: torch.device) -> bool:
     if choice not in BF16_GEMM_CHOICES:
         raise ValueError(f"VITKIT_BF16_GEMM={choice!r}: expected one of {', '.join(BF16_GEMM_CHOICES)}")
     return choice == "fp32" or (choice == "auto" and not _cpu_has_amx())
+
+
+def choose_kernels(device: torch.device | str, precision: str) -> Kernels:
+    """The kernels for a model run on `device` in `precision` ("fp32", "bf16" or "fp16")."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    return Kernels(
+        bf16_gemm_in_fp32=precision == "bf16" and bf16_gemm_in_fp32(device),
+        explicit_training_attention=device.type == "cpu" and precision != "fp32",
+    )
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -108,66 +123,78 @@ class _Bf16LinearInFp32(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _bf16_in_fp32(x: torch.Tensor) -> bool:
-    return compute_dtype(x) == torch.bfloat16 and bf16_gemm_in_fp32(x.device)
+def _bf16_in_fp32(x: torch.Tensor, kernels: Kernels) -> bool:
+    return kernels.bf16_gemm_in_fp32 and compute_dtype(x) == torch.bfloat16
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, by the fastest kernel for the device and precision."""
-    if _bf16_in_fp32(x):
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernels: Kernels = Kernels()
+) -> torch.Tensor:
+    """F.linear, by the kernel `kernels` chose."""
+    if _bf16_in_fp32(x, kernels):
         with torch.autocast(x.device.type, enabled=False):
             return _Bf16LinearInFp32.apply(x, weight, bias, 1)[0]
     return F.linear(x, weight, bias)
 
 
 def linear_chunks(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunks: int,
+    kernels: Kernels = Kernels(),
 ) -> tuple[torch.Tensor, ...]:
     """F.linear(x, weight, bias).chunk(chunks, -1) as `chunks` separate products, so that each output
     is its own tensor and the backward pass adds the input gradients rather than stacking the output
     gradients into one tensor and copying it back to the fused layout."""
-    if _bf16_in_fp32(x):
+    if _bf16_in_fp32(x, kernels):
         with torch.autocast(x.device.type, enabled=False):
             return _Bf16LinearInFp32.apply(x, weight, bias, chunks)
     biases = (None,) * chunks if bias is None else bias.chunk(chunks)
     return tuple(F.linear(x, w, b) for w, b in zip(weight.chunk(chunks), biases, strict=True))
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, names and hooks) computed by `linear`."""
+class FastLinear(nn.Linear):
+    """nn.Linear (same parameters, names and hooks) computed by `linear` with `kernels`."""
+
+    kernels: Kernels = Kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.kernels)
 
 
-class Conv2d(nn.Conv2d):
+class FastConv2d(nn.Conv2d):
     """nn.Conv2d with `linear`'s choice for bf16: a patchifying convolution is a dense layer on patches,
     as slow in bf16 on a CPU without AMX. Differentiable through the casts (its input is the image)."""
 
+    kernels: Kernels = Kernels()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _bf16_in_fp32(x):
+        if _bf16_in_fp32(x, self.kernels):
             bias = None if self.bias is None else _widen(self.bias)
             with torch.autocast(x.device.type, enabled=False):
                 return self._conv_forward(_widen(x), _widen(self.weight), bias).to(torch.bfloat16)
         return super().forward(x)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (B, heads, L, head_dim), by the fastest kernel for the case."""
-    if _explicit_in_training(q, k, v):
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, kernels: Kernels = Kernels()
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, L, head_dim), by the kernel `kernels` chose."""
+    if kernels.explicit_training_attention and _explicit_in_training(q, k, v):
         # In q's dtype even where bf16 GEMMs are slow: at these lengths the batched products run as
         # fast in bf16 as widened to fp32, and the saved probabilities keep their bf16 size.
         return _explicit_attention(q, k, v, dropout_p)
-    if _bf16_in_fp32(q):
+    if _bf16_in_fp32(q, kernels):
         with torch.autocast(q.device.type, enabled=False):  # autocast would cast SDPA back to bf16
             return _sdpa(q.float(), k.float(), v.float(), dropout_p).to(torch.bfloat16)
     return _sdpa(q, k, v, dropout_p)
 
 
 def _explicit_in_training(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """In training (gradients wanted) and short enough for this dtype; inference stays on SDPA."""
     return (
-        q.device.type == "cpu"
-        and torch.is_grad_enabled()
+        torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
         and q.shape[-2] <= EXPLICIT_TRAINING_ATTENTION_MAX_LEN.get(q.dtype, 0)
     )
