@@ -331,9 +331,18 @@ def test_bf16_model_on_fp32_units_matches_the_native_kernels(monkeypatch, parall
         _assert_within_bf16_scale(grad, runs["native"][1][name], 5e-2, name)
 
 
-def test_bf16_kernels_compile_to_what_eager_computes(monkeypatch):
-    """torch.compile traces the fp32-units linear (an autograd.Function) and attention: same values
-    and gradients as eager."""
+@pytest.mark.parametrize(
+    "backend",
+    [
+        # AOTAutograd traces forward and backward as inductor would, without generating C++ (seconds).
+        "aot_eager",
+        # Inductor's C++ code generation on top: about 40 s on two cores, hence `make test-slow`.
+        pytest.param("inductor", marks=pytest.mark.slow),
+    ],
+)
+def test_bf16_kernels_compile_to_what_eager_computes(monkeypatch, backend):
+    """torch.compile traces the fp32-units linear (an autograd.Function) and attention as one graph
+    (fullgraph: no break): same values and gradients as eager."""
     monkeypatch.setenv("VITKIT_BF16_GEMM", "fp32")
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -342,7 +351,7 @@ def test_bf16_kernels_compile_to_what_eager_computes(monkeypatch):
     compiled = copy.deepcopy(model)
     images = torch.randn(2, 3, 32, 32)
     outputs = []
-    for module in (model, torch.compile(compiled, fullgraph=True)):
+    for module in (model, torch.compile(compiled, fullgraph=True, backend=backend)):
         with torch.autocast("cpu", torch.bfloat16):
             out = module(images)
         out.float().sum().backward()
