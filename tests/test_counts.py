@@ -109,3 +109,31 @@ def test_zoo_lists_every_name(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in list_models("vit_base_*"))
     assert "| vit_base_patch16_384 | 384 | 86.86 | 55.54 |" in out
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vit_base_patch16_224",
+        "vit_small_patch16_18x2_224",
+        "vit_base_r50_s16_384",
+        "vit_small_patch14_reg4_dinov2",
+    ],
+)
+def test_counting_one_block_for_alike_blocks_equals_running_every_block(name):
+    config = get_config(name)
+    with torch.device("meta"):
+        model = VisionTransformer(config)
+    assert count(config) == count(model)  # a model passed in runs every block
+
+
+def test_blocks_of_different_shapes_are_each_run():
+    config = get_config("vit_tiny_patch16_224", depth=2)
+    with torch.device("meta"):
+        model = VisionTransformer(config)
+        model.blocks[1].mlp.fc1 = torch.nn.Linear(config.embed_dim, 8)
+        model.blocks[1].mlp.fc2 = torch.nn.Linear(8, config.embed_dim)
+    from vitkit.analysis.flops import _alike_blocks
+
+    assert _alike_blocks(model) == 1
+    assert _alike_blocks(VisionTransformer(config)) == 2
