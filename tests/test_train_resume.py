@@ -24,7 +24,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
         data={"synthetic_size": 64, "mixup": 0.8, "scale": (0.5, 1.0), "hflip": 0.5},
         model={"drop_path": 0.1},
         ema_decay=0.9,
-        epochs=30,
+        epochs=16,  # 128 steps: the kill lands after step 12, with most of the run still to come
         checkpoint_every=1,
         keep_last=2,
     )

@@ -130,10 +130,12 @@ def shard(model: nn.Module) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether FSDP sharded this model (its parameters are DTensor shards, its state dict too)."""
-    from torch.distributed.fsdp import FSDPModule
+    """Whether FSDP sharded this model (its parameters are DTensor shards, its state dict too).
 
-    return isinstance(unwrap(model), FSDPModule)
+    A process that never imported FSDP holds no sharded model: the check then costs nothing, where
+    importing FSDP would cost a second of start-up."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(unwrap(model), fsdp.FSDPModule)
 
 
 def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
