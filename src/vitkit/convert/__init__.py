@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from .detect import LAYOUTS, detect_layout, infer_config
 from .keymap import KeyTable, Layout, State
 from .names import CONFIG_KEY, MODEL_CONFIG_NAME
 from .native import check_header_shapes, compare_shapes, expected_shapes, load_state, save, shapes_of
-from .preprocessing_files import attach_preprocessing, write_processor_config
+from .preprocessing_files import attach_preprocessing
+from .records import fit_records, records_metadata, write_folder_records, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -214,15 +216,36 @@ class ConversionReport:
     path: Path
     config: ViTConfig
     num_tensors: int
+    not_held: tuple[str, ...] = ()  # what the source recorded that the target layout cannot hold
 
 
-def write_layout(model: VisionTransformer, path: str | os.PathLike, to: str, progress: bool = False) -> Path:
-    """Write a model in another layout. The converted tensors are mapped back and compared bitwise
-    with the model's before anything is written."""
+def write_layout(
+    model: VisionTransformer,
+    path: str | os.PathLike,
+    to: str,
+    progress: bool = False,
+    classes: Sequence[str] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a model in another layout, with its preprocessing, `classes` and `data` config where the
+    layout can hold them (`records.py`; a warning names what it cannot). The converted tensors are
+    mapped back and compared bitwise with the model's before anything is written."""
+    return _write_layout(model, Path(path), to, progress, classes, data)[0]
+
+
+def _write_layout(
+    model: VisionTransformer,
+    path: Path,
+    to: str,
+    progress: bool,
+    classes: Sequence[str] | None,
+    data: Mapping[str, Any] | None,
+) -> tuple[Path, list[str]]:
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
+    classes, data = fit_records(model, classes, data, str(path))
     if TARGETS[to] is None:
-        return save(model, path)
+        return save(model, path, metadata=records_metadata(model, classes, data)), []
     layout: Layout = LAYOUTS[TARGETS[to]]
     state, config = layout.prepare(model.state_dict(), model.config)
     foreign = layout.write(state, config, progress=progress)
@@ -230,12 +253,16 @@ def write_layout(model: VisionTransformer, path: str | os.PathLike, to: str, pro
     different = [key for key, value in state.items() if key not in back or not torch.equal(back[key], value)]
     if different:
         raise CheckpointError(f"{layout.name}: converting back does not give the same tensors: {different}")
-    written = layout.save(foreign, Path(path), config)
-    if written.is_dir():  # an HF-style folder (hf, siglip): its preprocessor_config.json beside
-        write_processor_config(model, written)
-    elif getattr(model, "preprocessing", None) is not None:
-        log.info("%s: the %s layout has no place for preprocessing; not recorded", written, layout.name)
-    return written
+    written = layout.save(foreign, path, config)
+    if not written.is_dir():
+        write_sidecar(model, written, classes, data)
+        return written, []
+    not_held = write_folder_records(model, written, classes, data)
+    if not_held:
+        log.warning(
+            "%s: the %s layout cannot hold %s; not recorded", written, layout.name, ", ".join(not_held)
+        )
+    return written, not_held
 
 
 def check_target_path(path: Path, to: str) -> None:
@@ -269,8 +296,10 @@ def convert(
     check_target_path(Path(dst), to)
     checkpoint = read_checkpoint(src, layout)
     model = build_model(checkpoint, strict, keep_source_numerics, pre_logits, progress, **overrides)
-    path = write_layout(model, dst, to, progress=progress)
-    return ConversionReport(checkpoint.layout, to, Path(path), model.config, len(model.state_dict()))
+    path, not_held = _write_layout(model, Path(dst), to, progress, checkpoint.classes, checkpoint.data)
+    return ConversionReport(
+        checkpoint.layout, to, path, model.config, len(model.state_dict()), tuple(not_held)
+    )
 
 
 __all__ = [

@@ -4,7 +4,8 @@ takes (building the model, converting, a classifier's class names, a task delta,
 `read_checkpoint` resolves the path (a weight file, a model folder with its config.json, sharded
 weights, a training run's folder), opens every file of it once, and parses what the files say:
 layout, tensor names and shapes, vitkit's metadata records (`names.METADATA_KEYS`), the folder's
-config.json and preprocessor_config.json. The tensors stay in the open files until
+config.json and preprocessor_config.json, the records beside another toolkit's single file
+(`records.py`). The tensors stay in the open files until
 `CheckpointFile.tensors()` reads each of them, once. Files other than safetensors (.pth, .bin, .npz)
 have no header to read apart from their tensors, so theirs are read at once.
 """
@@ -38,6 +39,7 @@ from .names import (
 )
 from .native import config_from_metadata
 from .preprocessing_files import recorded_preprocessing
+from .records import read_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ class CheckpointFile:
     layout: str
     weight_files: tuple[Path, ...]
     shapes: Mapping[str, tuple[int, ...]]
-    metadata: Mapping[str, str] = field(default_factory=dict)  # the first weight file's safetensors metadata
+    # The first weight file's safetensors metadata, with the entries of a records file beside it.
+    metadata: Mapping[str, str] = field(default_factory=dict)
     folder_config: Mapping[str, Any] | None = None  # a model folder's config.json
     config: ViTConfig | None = None  # vitkit's own record of the model
     processor_config: Mapping[str, Any] | None = None  # an HF folder's preprocessor_config.json
@@ -233,6 +236,8 @@ def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> Check
         log.info("%s: detected the %s layout", path, layout)
     else:
         log.info("%s: reading as the %s layout (forced)", path, layout)
+    if folder_config is None and CONFIG_KEY not in metadata:
+        metadata = {**metadata, **read_sidecar(path)}  # another toolkit's file: vitkit's records beside it
     records = _records(path, files, metadata, folder_config)
     return CheckpointFile(path, layout, files, shapes, metadata, folder_config, **records, source=tensors)
 
