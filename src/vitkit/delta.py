@@ -62,7 +62,8 @@ def finetune_model(
 ) -> VisionTransformer:
     """The ViT paper's fine-tuning start (section 3.2): a pre-trained model, its pre-logits layer and
     head dropped, a zero-initialised linear head for `num_classes`, and at a new `img_size` the
-    position embeddings interpolated in 2D. `checkpoint` is anything `vitkit.load` reads."""
+    position embeddings interpolated in 2D. `checkpoint` is anything `vitkit.load` reads; the model
+    keeps its preprocessing (at the new size)."""
     base = _model(checkpoint)
     config = base.config.replace(
         num_classes=num_classes,
@@ -78,7 +79,10 @@ def finetune_model(
         del state[key]
     # The new head is the fresh model's own zeros; everything else must come from the checkpoint.
     state.update({key: value for key, value in model.state_dict().items() if key.startswith("head.")})
-    load_state(model, state, source_config=base.config, strict=True, origin=str(checkpoint)[:200])
+    origin = str(checkpoint)[:200]
+    load_state(model, state, source_config=base.config, strict=True, origin=origin)
+    if isinstance(getattr(base, "preprocessing", None), Preprocessing):  # images prepared as the base's
+        attach_preprocessing(model, base.preprocessing, "vitkit", origin)
     log.info(
         "fine-tuning start: dropped %s; zero head for %d classes; grid %s -> %s",
         ", ".join(dropped) or "no head",
