@@ -22,7 +22,7 @@ import torch
 
 import vitkit
 from helpers import tiny_config
-from vitkit.convert import convert
+from vitkit.convert import convert, write_layout
 from vitkit.eval.classification import load_classifier
 from vitkit.train.state import model_metadata, write_weights
 
@@ -180,3 +180,14 @@ def test_a_native_folder_is_read_once(tmp_path, reads):
     reads.opens.clear()
     vitkit.load(folder)
     each_once(reads, [folder / "config.json", folder / "model.safetensors"], list(model.state_dict()))
+
+
+@pytest.mark.parametrize("target, name", [("timm", "t.pth"), ("npz", "v.npz"), ("mmpretrain", "m.pth")])
+def test_a_single_file_of_another_toolkit_is_opened_once(tmp_path, reads, target, name):
+    """Its zip directory is checked and its tensors read through one open file."""
+    model = tiny_model()
+    path = write_layout(model, tmp_path / name, to=target)
+    reads.opens.clear()
+    loaded = vitkit.load(path, num_heads=4)
+    each_once(reads, [path], [])  # read whole: no per-tensor reads to count
+    assert torch.equal(loaded.head.weight, model.head.weight)
