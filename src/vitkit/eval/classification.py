@@ -208,9 +208,10 @@ def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[st
     if classes is None:
         classes = [str(index) for index in range(num_classes)]
     elif len(classes) != num_classes or not all(isinstance(name, str) for name in classes):
+        where = f"metadata {CLASSES_KEY!r}" if CLASSES_KEY in checkpoint.metadata else "config.json id2label"
         raise CheckpointError(
-            f"{path}: metadata {CLASSES_KEY!r}: expected {num_classes} class names (the head's "
-            f"outputs), found {len(classes)} entries"
+            f"{path}: {where}: expected {num_classes} class names (the head's outputs), found "
+            f"{len(classes)} entries"
         )
     # Training stores the resolution it trained at; another one from a file (the model runs at any
     # multiple of its stride) could ask for an attention over millions of tokens.
