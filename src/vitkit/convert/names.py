@@ -10,12 +10,14 @@ PREPROCESSING_KEY = "vitkit.preprocessing"
 DATA_KEY = "vitkit.data"
 CLASSES_KEY = "vitkit.classes"
 DELTA_KEY = "vitkit.delta"
+MASKED_KEY = "vitkit.masked"
 METADATA_KEYS = {
     CONFIG_KEY: "the model's ViTConfig (every vitkit weight file)",
     PREPROCESSING_KEY: "how the model expects its images (`Preprocessing.as_dict`)",
     DATA_KEY: "a training run's whole data config (its preprocessing too)",
     CLASSES_KEY: "the class names, in the order of the head's outputs",
     DELTA_KEY: "a task delta's base fingerprint and tensor counts",
+    MASKED_KEY: "the MaskedConfig of a whole masked-patch pre-training model",
 }
 
 # Files of a model folder (vitkit's own or HuggingFace's).
