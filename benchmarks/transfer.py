@@ -31,7 +31,7 @@ import torch
 import vitkit
 from vitkit.data import DataConfig, data_root, resolve_preprocessing
 from vitkit.data.loader import open_dataset
-from vitkit.data.preprocess import transform_of
+from vitkit.data.model_transform import transform_of
 from vitkit.eval.classification import resolve_checkpoint
 from vitkit.eval.fewshot import (
     BIAS_CONSTANT,

@@ -11,7 +11,7 @@ import torch
 import vitkit
 from helpers import tiny_config
 from vitkit.cli import main
-from vitkit.convert import Checkpoint, read_checkpoint, to_native
+from vitkit.convert import CheckpointFile, read_checkpoint, to_native
 from vitkit.files import CheckpointError
 from vitkit.models.vit import VisionTransformer
 
@@ -237,7 +237,7 @@ def test_full_size_keys_and_shapes_on_meta(name):
     model_class = transformers.SiglipVisionModel if "naflex" not in name else transformers.Siglip2VisionModel
     with torch.device("meta"):
         state = model_class(hf_config).state_dict()
-    checkpoint = Checkpoint(Path(name), "siglip", state, hf_config.to_dict())
+    checkpoint = CheckpointFile.from_state(Path(name), "siglip", state, hf_config.to_dict())
     native, config = to_native(checkpoint, keep_source_numerics=True)
     assert (config.embed_dim, config.depth, config.num_heads, config.mlp_dim) == (1152, 27, 16, 4304)
     assert (config.patch_size, config.pool, config.class_token) == (grid["patch_size"], "map", False)

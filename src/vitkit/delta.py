@@ -33,29 +33,38 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .convert.native import CONFIG_KEY, config_from_metadata, expected_shapes, load_state
-from .convert.preprocess import attach_preprocessing, preprocessing_metadata
-from .files import CheckpointError, atomic_write, parse_metadata, read_weights
-from .loading import load
+from .convert import CheckpointFile, build_model, read_checkpoint
+from .convert.names import CONFIG_KEY, DELTA_KEY
+from .convert.native import compare_shapes, expected_shapes, load_state, shapes_of
+from .convert.preprocessing_files import attach_preprocessing, preprocessing_metadata
+from .files import CheckpointError, atomic_write
 from .models.config import ViTConfig
-from .models.preprocessing import preprocessing_of
+from .models.preprocessing import Preprocessing, preprocessing_of
 from .models.vit import VisionTransformer
 
-DELTA_KEY = "vitkit.delta"
 log = logging.getLogger(__name__)
+Source = VisionTransformer | CheckpointFile | str | os.PathLike
+
+
+def _model(source: Source) -> VisionTransformer:
+    """A model as it is, or built from a checkpoint (a path is read once)."""
+    if isinstance(source, VisionTransformer):
+        return source
+    return build_model(source if isinstance(source, CheckpointFile) else read_checkpoint(source))
 
 
 # Fine-tuning's starting point -------------------------------------------------------------------------------
 def finetune_model(
-    checkpoint: str | os.PathLike | VisionTransformer,
+    checkpoint: Source,
     num_classes: int,
     img_size: int | tuple[int, int] | None = None,
     **overrides,
 ) -> VisionTransformer:
     """The ViT paper's fine-tuning start (section 3.2): a pre-trained model, its pre-logits layer and
     head dropped, a zero-initialised linear head for `num_classes`, and at a new `img_size` the
-    position embeddings interpolated in 2D. `checkpoint` is anything `vitkit.load` reads."""
-    base = checkpoint if isinstance(checkpoint, VisionTransformer) else load(checkpoint)
+    position embeddings interpolated in 2D. `checkpoint` is anything `vitkit.load` reads; the model
+    keeps its preprocessing (at the new size)."""
+    base = _model(checkpoint)
     config = base.config.replace(
         num_classes=num_classes,
         representation_size=None,
@@ -70,7 +79,10 @@ def finetune_model(
         del state[key]
     # The new head is the fresh model's own zeros; everything else must come from the checkpoint.
     state.update({key: value for key, value in model.state_dict().items() if key.startswith("head.")})
-    load_state(model, state, source_config=base.config, strict=True, origin=str(checkpoint)[:200])
+    origin = str(checkpoint)[:200]
+    load_state(model, state, source_config=base.config, strict=True, origin=origin)
+    if isinstance(getattr(base, "preprocessing", None), Preprocessing):  # images prepared as the base's
+        attach_preprocessing(model, base.preprocessing, "vitkit", origin)
     log.info(
         "fine-tuning start: dropped %s; zero head for %d classes; grid %s -> %s",
         ", ".join(dropped) or "no head",
@@ -115,14 +127,14 @@ def fingerprint(state: dict[str, torch.Tensor], keys: Iterable[str]) -> str:
 
 def save_delta(
     task: VisionTransformer,
-    base: VisionTransformer | str | os.PathLike,
+    base: Source,
     path: str | os.PathLike,
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write the tensors of `task` that differ from `base` (a model or any checkpoint `vitkit.load`
     reads) to `path` (.safetensors), with the task's config, its preprocessing, the base's
     fingerprint and any `metadata` (e.g. the task's class names and data config)."""
-    base_model = base if isinstance(base, VisionTransformer) else load(base)
+    base_model = _model(base)
     task_state, base_state = _state(task), _state(base_model)
     delta = changed_tensors(task_state, base_state)
     shared = [key for key in task_state if key not in delta]
@@ -155,19 +167,28 @@ class Delta:
     config: ViTConfig
     base_fingerprint: str
     path: str
+    preprocessing: Preprocessing | None = None  # the task's recorded preprocessing
+    classes: tuple[str, ...] | None = None
 
 
-def read_delta(path: str | os.PathLike) -> Delta:
-    tensors, metadata = read_weights(path)
-    if DELTA_KEY not in metadata or CONFIG_KEY not in metadata:
+def read_delta(path: str | os.PathLike | CheckpointFile) -> Delta:
+    """A task delta file (or its `CheckpointFile`, already read) -> `Delta`."""
+    checkpoint = path if isinstance(path, CheckpointFile) else read_checkpoint(path, layout="vitkit")
+    if checkpoint.delta is None or checkpoint.config is None:
         raise CheckpointError(
-            f"{path}: not a vitkit task delta (no {DELTA_KEY!r} metadata); write one with save_delta"
+            f"{checkpoint.origin}: not a vitkit task delta (no {DELTA_KEY!r} metadata); write one with save_delta"
         )
-    info = parse_metadata(path, metadata, DELTA_KEY)
-    if not isinstance(info.get("base_fingerprint"), str):
-        raise CheckpointError(f"{path}: metadata {DELTA_KEY!r} has no base_fingerprint")
-    config = config_from_metadata(path, metadata)
-    return Delta(tensors, config, info["base_fingerprint"], str(path))
+    fingerprint = checkpoint.delta.get("base_fingerprint")
+    if not isinstance(fingerprint, str):
+        raise CheckpointError(f"{checkpoint.origin}: metadata {DELTA_KEY!r} has no base_fingerprint")
+    return Delta(
+        dict(checkpoint.tensors()),
+        checkpoint.config,
+        fingerprint,
+        checkpoint.origin,
+        checkpoint.preprocessing,
+        checkpoint.classes,
+    )
 
 
 def _shared_keys(delta: Delta, base_state: dict[str, torch.Tensor]) -> list[str]:
@@ -183,32 +204,34 @@ def _shared_keys(delta: Delta, base_state: dict[str, torch.Tensor]) -> list[str]
             f"{delta.path}: the base's shared tensors do not match the ones this delta was saved against "
             f"(fingerprint differs): wrong base checkpoint?"
         )
-    unexpected = [key for key in delta.tensors if key not in task_shapes]
-    if unexpected:
-        raise CheckpointError(f"{delta.path}: tensors not in the task model: {', '.join(unexpected)}")
+    from_base = compare_shapes(
+        {key: task_shapes[key] for key in shared},
+        shapes_of({key: base_state[key] for key in shared}),
+        names=("base", "task config"),
+    )
+    from_delta = compare_shapes(task_shapes, shapes_of(delta.tensors), names=("delta", "task config"))
+    if from_delta.unexpected:
+        raise CheckpointError(
+            f"{delta.path}: tensors not in the task model: {', '.join(from_delta.unexpected)}"
+        )
     # Checked before the task model is built: a delta's config could claim a model too large to build.
-    mismatched = [
-        f"{key}: {'delta' if key in delta.tensors else 'base'} {tuple(value.shape)} vs task config "
-        f"{task_shapes[key]}"
-        for key, value in {**{key: base_state[key] for key in shared}, **delta.tensors}.items()
-        if tuple(value.shape) != task_shapes[key]
-    ]
+    mismatched = from_base.mismatched + from_delta.mismatched
     if mismatched:
         raise CheckpointError(f"{delta.path}: shapes do not match the task config: " + "; ".join(mismatched))
     return shared
 
 
-def load_delta(
-    base: VisionTransformer | str | os.PathLike, delta: str | os.PathLike | Delta
-) -> VisionTransformer:
+def load_delta(base: Source, delta: str | os.PathLike | Delta) -> VisionTransformer:
     """The task model: the base's tensors, with the delta's tensors and config on top (own copies)."""
     delta = delta if isinstance(delta, Delta) else read_delta(delta)
-    base_model = base if isinstance(base, VisionTransformer) else load(base)
+    base_model = _model(base)
     base_state = _state(base_model)
     shared = _shared_keys(delta, base_state)
     model = VisionTransformer(delta.config)
     model.load_state_dict({**{key: base_state[key] for key in shared}, **delta.tensors}, strict=True)
-    return attach_preprocessing(model, delta.path, "vitkit", fallback=preprocessing_of(base_model))
+    return attach_preprocessing(
+        model, delta.preprocessing, "vitkit", delta.path, fallback=preprocessing_of(base_model)
+    )
 
 
 # Serving ---------------------------------------------------------------------------------------------------
@@ -231,9 +254,9 @@ class MultiTaskModel(nn.Module):
     delta in memory. `parameters()` counts every shared tensor once.
     """
 
-    def __init__(self, trunk: VisionTransformer | str | os.PathLike):
+    def __init__(self, trunk: Source):
         super().__init__()
-        trunk = trunk if isinstance(trunk, VisionTransformer) else load(trunk)
+        trunk = _model(trunk)
         self.trunk = trunk.eval().requires_grad_(False)
         self.tasks = nn.ModuleDict()
 
@@ -251,7 +274,9 @@ class MultiTaskModel(nn.Module):
         device = next(self.trunk.parameters()).device
         for key, tensor in delta.tensors.items():
             _set_tensor(model, key, tensor.to(device))
-        attach_preprocessing(model, delta.path, "vitkit", fallback=preprocessing_of(self.trunk))
+        attach_preprocessing(
+            model, delta.preprocessing, "vitkit", delta.path, fallback=preprocessing_of(self.trunk)
+        )
         self.tasks[name] = model.eval()
         return model
 

@@ -27,7 +27,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -220,25 +220,27 @@ def _check_zip_sizes(path: Path, archive: zipfile.ZipFile) -> None:
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
-    if zipfile.is_zipfile(path):
+    with open(path, "rb") as handle:  # one open: the zip check and torch.load read the same handle
+        if zipfile.is_zipfile(handle):
+            try:
+                with zipfile.ZipFile(handle) as archive:
+                    _check_zip_sizes(path, archive)
+            except zipfile.BadZipFile as error:
+                raise CheckpointError(
+                    f"{path}: not a readable PyTorch file (truncated or corrupt?): {error}"
+                ) from error
+        handle.seek(0)
         try:
-            with zipfile.ZipFile(path) as archive:
-                _check_zip_sizes(path, archive)
-        except zipfile.BadZipFile as error:
+            obj = torch.load(handle, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file holds objects other than tensors, which could run "
+                f"code ({str(error).splitlines()[0]})"
+            ) from error
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
             raise CheckpointError(
                 f"{path}: not a readable PyTorch file (truncated or corrupt?): {error}"
             ) from error
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path}: refused to unpickle: the file holds objects other than tensors, which could run code "
-            f"({str(error).splitlines()[0]})"
-        ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch file (truncated or corrupt?): {error}"
-        ) from error
     # Training checkpoints nest the weights under a key; these are the usual ones.
     for key in ("state_dict", "model", "module", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -250,17 +252,16 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _check_npz(path: Path) -> None:
+def _check_npz(path: Path, handle: BinaryIO) -> None:
     """Every member of an .npz is a .npy array whose header's shape and dtype fit the member's size
     in the zip directory; only the headers are decompressed. A lying header (10**12 floats in a few
     bytes) would otherwise be allocated before numpy finds the data missing."""
-    with open(path, "rb") as handle:
-        magic = handle.read(6)
+    magic = handle.read(6)
     if magic == b"\x93NUMPY":
         raise CheckpointError(f"{path}: is a single .npy array, not an .npz archive of named arrays")
-    if not zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(handle):
         raise CheckpointError(f"{path}: not a readable .npz file (not a zip archive; truncated or corrupt?)")
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(handle) as archive:
         _check_zip_sizes(path, archive)
         for member in archive.infolist():
             name = member.filename
@@ -291,16 +292,22 @@ def _check_npz(path: Path) -> None:
 
 
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        _check_npz(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise CheckpointError(f"{path}: not a readable .npz file (truncated or corrupt?): {error}") from error
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: torch.from_numpy(np.ascontiguousarray(archive[key])) for key in archive.files}
-    except ValueError as error:
-        raise CheckpointError(
-            f"{path}: refused: the .npz holds object arrays, which need pickle ({error})"
-        ) from error
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise CheckpointError(f"{path}: not a readable .npz file (truncated or corrupt?): {error}") from error
+    with open(path, "rb") as handle:  # one open: the checks and numpy read the same handle
+        try:
+            _check_npz(path, handle)
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            raise CheckpointError(
+                f"{path}: not a readable .npz file (truncated or corrupt?): {error}"
+            ) from error
+        handle.seek(0)
+        try:
+            with np.load(handle, allow_pickle=False) as archive:
+                return {key: torch.from_numpy(np.ascontiguousarray(archive[key])) for key in archive.files}
+        except ValueError as error:
+            raise CheckpointError(
+                f"{path}: refused: the .npz holds object arrays, which need pickle ({error})"
+            ) from error
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            raise CheckpointError(
+                f"{path}: not a readable .npz file (truncated or corrupt?): {error}"
+            ) from error

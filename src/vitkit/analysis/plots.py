@@ -72,7 +72,7 @@ def read_image(
     path: str | os.PathLike, size: tuple[int, int], geometry: Callable | None = None
 ) -> torch.Tensor:
     """An RGB image as uint8 (3, H, W): through `geometry` (a checkpoint's resize and crop, see
-    `vitkit.data.preprocess.geometry_of`) if given, else shorter side resized (bicubic) to fit and
+    `vitkit.data.model_transform.geometry_of`) if given, else shorter side resized (bicubic) to fit and
     centre-cropped."""
     from ..data.datasets import open_regular  # only regular files: a FIFO would block the read
 
@@ -319,7 +319,7 @@ def figure_from_checkpoint(
     the model's resolution (or `img_size`, which also resamples the position embeddings) and
     normalised as the checkpoint's preprocessing says, any field overridden by `preprocessing`.
     """
-    from ..data.preprocess import geometry_of, resolve_preprocessing
+    from ..data.model_transform import geometry_of, resolve_preprocessing
     from ..io import load
 
     if figure not in FIGURES:

@@ -46,7 +46,7 @@ def parse_data_overrides(overrides: list[str]) -> dict[str, Any]:
 def run_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5, per-class accuracy and a confusion matrix PNG of a checkpoint on a split."""
     from ..data import DataConfig, build_loader, preprocessing_of
-    from ..data.preprocess import data_fields
+    from ..data.model_transform import data_fields
     from ..eval.classification import (
         evaluate_classification,
         flip_averaged,
@@ -171,7 +171,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
 
     from ..data import DataConfig, data_root, resolve_preprocessing
     from ..data.loader import open_dataset
-    from ..data.preprocess import transform_of
+    from ..data.model_transform import transform_of
     from ..eval.classification import resolve_checkpoint
     from ..eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, evenly_spaced, format_table
     from ..fast import apply_fast_paths

@@ -5,30 +5,35 @@
     report = convert("ViT-B_16.npz", "vit-b16-hf", to="hf")  # `vitkit convert SRC DST --to hf`
 
 Layouts (see each module): vitkit's own (native.py), vit_jax and big_vision .npz (google.py), timm
-(timm.py), HF ViT and DINOv2 folders (hf.py), SigLIP image towers (siglip.py), mmpretrain (mmpretrain.py), DeiT III (deit.py). A
-foreign checkpoint is read safely (`vitkit.files.read_weights`), repaired by the layout's named
-fixes, mapped onto native keys by its key table, and its config is inferred from the tensors
-(`detect.infer_config`); `native.load_state` then resamples position embeddings and checks every key
-and shape.
+(timm.py), HF ViT and DINOv2 folders (hf.py), SigLIP image towers (siglip.py), mmpretrain
+(mmpretrain.py), DeiT III (deit.py). A checkpoint is read once (`checkpoint.read_checkpoint` ->
+`CheckpointFile`); `build_model` makes the model of that value: vitkit's own from its recorded
+config, a foreign one by `to_native` (the layout's named fixes and its key table, pure dict -> dict,
+then the config inferred from the tensors by `detect.infer_config`); `native.load_state` then
+resamples position embeddings and checks every key and shape.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..files import CheckpointError, read_json, read_weights
+from ..files import CheckpointError
 from ..models.config import ViTConfig
 from ..models.vit import VisionTransformer
+from .checkpoint import CheckpointFile, checkpoint_path, read_checkpoint
 from .detect import LAYOUTS, detect_layout, infer_config
 from .keymap import KeyTable, Layout, State
-from .native import CONFIG_KEY, expected_shapes, load_native, load_state, read_folder_config, save
-from .preprocess import attach_preprocessing, write_processor_config
+from .names import CONFIG_KEY, MODEL_CONFIG_NAME
+from .native import check_header_shapes, compare_shapes, expected_shapes, load_state, save, shapes_of
+from .preprocessing_files import attach_preprocessing
+from .records import fit_records, records_metadata, write_folder_records, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -67,81 +72,6 @@ HINT_FIELDS = (
 )
 
 
-@dataclass
-class Checkpoint:
-    """A checkpoint as read from disk: its tensors in their own layout, and its folder config.json."""
-
-    path: Path
-    layout: str  # a key of LAYOUTS, or "vitkit"
-    state: State
-    config_json: dict | None = None
-
-
-def _read_folder(path: Path) -> tuple[State, dict]:
-    config_json = read_folder_config(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
-            for name in weight_map.values()
-        ):
-            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names in the folder")
-        shards = sorted(set(weight_map.values()))
-        state: State = {}
-        for shard in shards:
-            state.update(read_weights(path / shard)[0])
-        return state, config_json
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).exists():
-            return read_weights(path / name)[0], config_json
-    raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or shard index in the folder")
-
-
-FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-
-
-def _is_model_folder(folder: Path) -> bool:
-    """Whether the folder's config.json describes a model (HF's or vitkit's: it names a
-    `model_type`), not, e.g., a training run's experiment config."""
-    if not (folder / "config.json").is_file():
-        return False
-    try:
-        return "model_type" in read_folder_config(folder)
-    except CheckpointError:
-        return False
-
-
-def checkpoint_folder(path: str | os.PathLike) -> Path:
-    """The folder a folder's own weights file belongs to (`x/model.safetensors` with `x/config.json`
-    beside it), so that it is read with its config.json and processor config; any other path as is."""
-    path = Path(path)
-    if path.name in FOLDER_WEIGHTS and path.is_file() and _is_model_folder(path.parent):
-        log.info("%s: reading its folder %s (config.json beside the weights)", path, path.parent)
-        return path.parent
-    return path
-
-
-def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> Checkpoint:
-    """Read any checkpoint file or folder and detect its layout (`layout=` forces one)."""
-    path = Path(path)
-    if layout is not None and layout != "vitkit" and layout not in LAYOUTS:
-        raise CheckpointError(f"unknown layout {layout!r}; known: vitkit, {', '.join(LAYOUTS)}")
-    if path.is_dir():
-        state, config_json = _read_folder(path)
-        model_type = config_json.get("model_type")
-        native = model_type == "vitkit"
-    else:
-        state, metadata = read_weights(path)
-        config_json, model_type, native = None, None, CONFIG_KEY in metadata
-    if layout is None:
-        layout = "vitkit" if native else detect_layout(state, str(path), model_type).name
-        log.info("%s: detected the %s layout", path, layout)
-    else:
-        log.info("%s: reading as the %s layout (forced)", path, layout)
-    return Checkpoint(path, layout, state, config_json)
-
-
 def _check_keys(
     native: State,
     source: ViTConfig,
@@ -158,15 +88,13 @@ def _check_keys(
         foreign = table.foreign_names(key)
         return f"{key} ({table.name}: {', '.join(foreign)})" if foreign and foreign != [key] else key
 
-    mismatched = [
-        f"{named(key)}: checkpoint {tuple(value.shape)} vs expected {expected[key]}"
-        for key, value in native.items()
-        if key in expected and tuple(value.shape) != expected[key]
-    ]
-    if mismatched:
-        raise CheckpointError(f"{origin}: shapes do not match the inferred config: " + "; ".join(mismatched))
-    absent = [named(key) for key in expected if key not in native]
-    unexpected = [key for key in native if key not in expected]
+    diff = compare_shapes(expected, shapes_of(native), describe=named)
+    if diff.mismatched:
+        raise CheckpointError(
+            f"{origin}: shapes do not match the inferred config: " + "; ".join(diff.mismatched)
+        )
+    absent = [named(key) for key in diff.missing]
+    unexpected = diff.unexpected
     problems = {
         "missing": sorted(set(missing)) + absent,
         "unused": unused + unexpected,
@@ -181,7 +109,7 @@ def _check_keys(
 
 
 def to_native(
-    checkpoint: Checkpoint,
+    checkpoint: CheckpointFile,
     keep_source_numerics: bool = False,
     strict: bool = True,
     progress: bool = False,
@@ -194,17 +122,18 @@ def to_native(
     checkpoint without a learned position embedding (nothing to read the grid from)."""
     layout = LAYOUTS[checkpoint.layout]
     origin = str(checkpoint.path)
-    native, unused, missing = layout.read(checkpoint.state, origin, progress=progress)
+    state = checkpoint.tensors()
+    native, unused, missing = layout.read(state, origin, progress=progress)
     if not native:
         raise CheckpointError(
-            f"{origin}: no key matches the {layout.name} layout (first keys: {sorted(checkpoint.state)[:4]}); "
+            f"{origin}: no key matches the {layout.name} layout (first keys: {sorted(state)[:4]}); "
             "leave layout= unset to detect it"
         )
     structure, numerics = {}, dict(layout.numerics)
-    if checkpoint.config_json is not None and layout.folder_config is not None:
-        config_path = checkpoint.path / "config.json"
+    if checkpoint.folder_config is not None and layout.folder_config is not None:
+        config_path = checkpoint.path / MODEL_CONFIG_NAME
         try:
-            structure, numerics = layout.folder_config(checkpoint.config_json)
+            structure, numerics = layout.folder_config(dict(checkpoint.folder_config))
         except KeyError as error:
             raise CheckpointError(f"{config_path}: no {error.args[0]!r} field") from error
         except (TypeError, ValueError, IndexError) as error:
@@ -221,25 +150,46 @@ def to_native(
     if "pos_embed" not in native and "img_size" not in structure and fallback_img_size is not None:
         structure["img_size"] = fallback_img_size
     source = infer_config(native, origin, **{**structure, **numerics, **known})
-    _check_keys(native, source, layout.table_for(checkpoint.state), unused, missing, strict, origin)
+    _check_keys(native, source, layout.table_for(state), unused, missing, strict, origin)
     return native, source
 
 
-def read_model(
-    path: str | os.PathLike,
-    layout: str | None = None,
+def _build_native(checkpoint: CheckpointFile, strict: bool, **overrides: Any) -> VisionTransformer:
+    """vitkit's own checkpoint: its recorded config, checked against the header's shapes before any
+    tensor is read or module built."""
+    source = checkpoint.config
+    if source is None:
+        raise CheckpointError(
+            f"{checkpoint.origin}: no {CONFIG_KEY!r} in the safetensors metadata; not a vitkit checkpoint"
+        )
+    check_header_shapes(source, dict(checkpoint.shapes), checkpoint.origin, strict=strict)
+    model = VisionTransformer(source.replace(**overrides))
+    load_state(model, checkpoint.tensors(), source_config=source, strict=strict, origin=checkpoint.origin)
+    return model
+
+
+def build_model(
+    checkpoint: CheckpointFile,
     strict: bool = True,
     keep_source_numerics: bool = False,
     pre_logits: bool = True,
     progress: bool = False,
     **overrides: Any,
-) -> tuple[VisionTransformer, str]:
-    """Any checkpoint -> (model, the layout it was read as). See `load_converted` for the options."""
-    checkpoint = read_checkpoint(path, layout)
+) -> VisionTransformer:
+    """The model a checkpoint describes, of any layout (`vitkit.load` = `read_checkpoint` + this).
+
+    - `keep_source_numerics`: compute as the source toolkit does (tanh GELU for vit_jax/big_vision,
+      HF's LayerNorm eps, the source's position-embedding resampling).
+    - `pre_logits=False`: drop the pre-logits layer of ImageNet-21k checkpoints.
+    - `overrides`: config fields. Those tensors cannot tell (num_heads, pool, ...) describe the
+      source; the others change the model built (img_size=384 resamples, num_classes=10 renews the
+      head).
+    """
     if checkpoint.layout == "vitkit":
         if not pre_logits:
             overrides["representation_size"] = None
-        return load_native(path, strict=strict, **overrides), "vitkit"
+        model = _build_native(checkpoint, strict, **overrides)
+        return attach_preprocessing(model, checkpoint.preprocessing, "vitkit", str(checkpoint.path))
     known = {key: value for key, value in overrides.items() if key in HINT_FIELDS}
     native, source = to_native(
         checkpoint,
@@ -253,32 +203,10 @@ def read_model(
         # timm and the 2021 vit_jax fine-tuning code drop it too: the head then sees the pooled token.
         native = {key: value for key, value in native.items() if not key.startswith("pre_logits.")}
         overrides["representation_size"] = None
-        log.info("%s: dropped the pre-logits layer (pre_logits=False)", path)
+        log.info("%s: dropped the pre-logits layer (pre_logits=False)", checkpoint.path)
     model = VisionTransformer(source.replace(**overrides))
-    load_state(model, native, source_config=source, strict=strict, origin=str(path))
-    return attach_preprocessing(model, path, checkpoint.layout), checkpoint.layout
-
-
-def load_converted(
-    path: str | os.PathLike,
-    layout: str | None = None,
-    strict: bool = True,
-    keep_source_numerics: bool = False,
-    pre_logits: bool = True,
-    **overrides: Any,
-) -> VisionTransformer:
-    """Load a checkpoint of any layout as a vitkit model (`vitkit.load` calls this for foreign files).
-
-    - `layout`: force a layout instead of detecting it (vitkit, vit_jax, big_vision, timm, hf,
-      dinov2, siglip, mmpretrain, deit).
-    - `keep_source_numerics`: compute as the source toolkit does (tanh GELU for vit_jax/big_vision,
-      HF's LayerNorm eps, the source's position-embedding resampling).
-    - `pre_logits=False`: drop the pre-logits layer of ImageNet-21k checkpoints.
-    - `overrides`: config fields. Those tensors cannot tell (num_heads, pool, ...) describe the
-      source; the others change the model built (img_size=384 resamples, num_classes=10 renews the
-      head).
-    """
-    return read_model(path, layout, strict, keep_source_numerics, pre_logits, **overrides)[0]
+    load_state(model, native, source_config=source, strict=strict, origin=str(checkpoint.path))
+    return attach_preprocessing(model, checkpoint.preprocessing, checkpoint.layout, str(checkpoint.path))
 
 
 @dataclass
@@ -288,15 +216,36 @@ class ConversionReport:
     path: Path
     config: ViTConfig
     num_tensors: int
+    not_held: tuple[str, ...] = ()  # what the source recorded that the target layout cannot hold
 
 
-def write_layout(model: VisionTransformer, path: str | os.PathLike, to: str, progress: bool = False) -> Path:
-    """Write a model in another layout. The converted tensors are mapped back and compared bitwise
-    with the model's before anything is written."""
+def write_layout(
+    model: VisionTransformer,
+    path: str | os.PathLike,
+    to: str,
+    progress: bool = False,
+    classes: Sequence[str] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a model in another layout, with its preprocessing, `classes` and `data` config where the
+    layout can hold them (`records.py`; a warning names what it cannot). The converted tensors are
+    mapped back and compared bitwise with the model's before anything is written."""
+    return _write_layout(model, Path(path), to, progress, classes, data)[0]
+
+
+def _write_layout(
+    model: VisionTransformer,
+    path: Path,
+    to: str,
+    progress: bool,
+    classes: Sequence[str] | None,
+    data: Mapping[str, Any] | None,
+) -> tuple[Path, list[str]]:
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
+    classes, data = fit_records(model, classes, data, str(path))
     if TARGETS[to] is None:
-        return save(model, path)
+        return save(model, path, metadata=records_metadata(model, classes, data)), []
     layout: Layout = LAYOUTS[TARGETS[to]]
     state, config = layout.prepare(model.state_dict(), model.config)
     foreign = layout.write(state, config, progress=progress)
@@ -304,12 +253,16 @@ def write_layout(model: VisionTransformer, path: str | os.PathLike, to: str, pro
     different = [key for key, value in state.items() if key not in back or not torch.equal(back[key], value)]
     if different:
         raise CheckpointError(f"{layout.name}: converting back does not give the same tensors: {different}")
-    written = layout.save(foreign, Path(path), config)
-    if written.is_dir():  # an HF-style folder (hf, siglip): its preprocessor_config.json beside
-        write_processor_config(model, written)
-    elif getattr(model, "preprocessing", None) is not None:
-        log.info("%s: the %s layout has no place for preprocessing; not recorded", written, layout.name)
-    return written
+    written = layout.save(foreign, path, config)
+    if not written.is_dir():
+        write_sidecar(model, written, classes, data)
+        return written, []
+    not_held = write_folder_records(model, written, classes, data)
+    if not_held:
+        log.warning(
+            "%s: the %s layout cannot hold %s; not recorded", written, layout.name, ", ".join(not_held)
+        )
+    return written, not_held
 
 
 def check_target_path(path: Path, to: str) -> None:
@@ -341,25 +294,25 @@ def convert(
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; use one of {', '.join(TARGETS)}")
     check_target_path(Path(dst), to)
-    model, source_layout = read_model(
-        src, layout, strict, keep_source_numerics, pre_logits, progress, **overrides
+    checkpoint = read_checkpoint(src, layout)
+    model = build_model(checkpoint, strict, keep_source_numerics, pre_logits, progress, **overrides)
+    path, not_held = _write_layout(model, Path(dst), to, progress, checkpoint.classes, checkpoint.data)
+    return ConversionReport(
+        checkpoint.layout, to, path, model.config, len(model.state_dict()), tuple(not_held)
     )
-    path = write_layout(model, dst, to, progress=progress)
-    return ConversionReport(source_layout, to, Path(path), model.config, len(model.state_dict()))
 
 
 __all__ = [
     "LAYOUTS",
     "TARGETS",
-    "Checkpoint",
+    "CheckpointFile",
     "ConversionReport",
+    "build_model",
+    "checkpoint_path",
     "convert",
-    "checkpoint_folder",
     "detect_layout",
     "infer_config",
-    "load_converted",
     "read_checkpoint",
-    "read_model",
     "to_native",
     "write_layout",
 ]

@@ -32,6 +32,7 @@ from .keymap import (
     rule,
     save_safetensors,
 )
+from .names import MODEL_CONFIG_NAME, WEIGHTS_NAME
 
 # HF names the activation; vitkit has exact GELU and its tanh approximation.
 GELU = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
@@ -208,9 +209,9 @@ def save_hf_folder(state: State, path: Path, config: ViTConfig) -> Path:
     if config.num_classes == 0:
         # ViTModel names its parameters without the `vit.` prefix of ViTForImageClassification.
         state = {key.removeprefix("vit."): value for key, value in state.items()}
-    save_safetensors(state, path / "model.safetensors")
+    save_safetensors(state, path / WEIGHTS_NAME)
     text = json.dumps(hf_config_json(config), indent=2, sort_keys=True) + "\n"
-    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / MODEL_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return path
 
 

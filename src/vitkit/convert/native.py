@@ -2,13 +2,13 @@
 
 - `save(model, "m.safetensors")`: one file, the config as JSON in the safetensors metadata.
 - `save(model, "folder")`: an HF-style folder, `config.json` + `model.safetensors`.
-- `load_native(path, **overrides)`: rebuilds the model with no other argument; overrides such as
-  `img_size=384` resample the position embeddings, `num_classes=10` starts a new head.
+- `check_header_shapes(config, shapes)`: a file's config against the shapes of its header, before any
+  module or tensor is built (`vitkit.convert.build_model` checks every vitkit checkpoint so).
 - `load_state(model, state)`: a native-layout state dict into a model, the last step of every layout.
+- `compare_shapes(expected, present)`: the one comparison of keys and shapes all of these use.
 
-A native checkpoint's config is validated (`ViTConfig.check_types`) and compared with the tensor
-shapes of the file's header before any module or tensor is built. The files themselves are read and
-written by `vitkit.files`.
+The files themselves are read by `vitkit.convert.checkpoint.read_checkpoint` and written by
+`vitkit.files`.
 """
 
 from __future__ import annotations
@@ -17,24 +17,55 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..files import CheckpointError, atomic_write, parse_metadata, read_header, read_json, read_weights
+from ..files import CheckpointError, atomic_write, parse_metadata
 from ..models.config import ViTConfig
 from ..models.pos_embed import resample_pos_embed
 from ..models.vit import VisionTransformer
-from .preprocess import attach_preprocessing, preprocessing_metadata
+from .names import CONFIG_KEY, MODEL_CONFIG_NAME, WEIGHTS_NAME
+from .preprocessing_files import preprocessing_metadata
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEY = "vitkit.config"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+
+@dataclass(frozen=True)
+class ShapeDiff:
+    """How the tensors present differ from the ones expected: each key in at most one list."""
+
+    mismatched: list[str]  # "key: present (a, b) vs expected (c, d)"
+    missing: list[str]
+    unexpected: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.mismatched or self.missing or self.unexpected)
+
+
+def compare_shapes(
+    expected: Mapping[str, tuple[int, ...]],
+    present: Mapping[str, tuple[int, ...]],
+    names: tuple[str, str] = ("checkpoint", "expected"),
+    describe: Callable[[str], str] = str,
+) -> ShapeDiff:
+    """Keys and shapes of `present` against `expected`, in `expected`'s order; `names` label the
+    two sides of a mismatch and `describe` names a key (e.g. with its foreign name)."""
+    mismatched = [
+        f"{describe(key)}: {names[0]} {tuple(present[key])} vs {names[1]} {tuple(shape)}"
+        for key, shape in expected.items()
+        if key in present and tuple(present[key]) != tuple(shape)
+    ]
+    missing = [key for key in expected if key not in present]
+    unexpected = [key for key in present if key not in expected]
+    return ShapeDiff(mismatched, missing, unexpected)
+
+
+def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state.items()}
 
 
 def config_from_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> ViTConfig:
@@ -72,7 +103,7 @@ def save(model: VisionTransformer, path: str | os.PathLike, metadata: dict[str, 
     def write_config(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(folder_config, indent=2, sort_keys=True) + "\n")
 
-    atomic_write(path / CONFIG_NAME, write_config)
+    atomic_write(path / MODEL_CONFIG_NAME, write_config)
     return path
 
 
@@ -107,19 +138,15 @@ def check_header_shapes(
     same shapes, same parameter count, from `expected_shapes`: no memory, and no module built per
     claimed block."""
     expected = expected_shapes(config)
-    mismatched = [
-        f"{key}: file {shapes[key]} vs config {expected[key]}"
-        for key in expected
-        if key in shapes and shapes[key] != expected[key]
-    ]
-    if mismatched:
+    diff = compare_shapes(expected, shapes, names=("file", "config"))
+    if diff.mismatched:
         raise CheckpointError(
-            f"{origin}: its config does not describe its tensors; shapes differ: " + "; ".join(mismatched[:8])
+            f"{origin}: its config does not describe its tensors; shapes differ: "
+            + "; ".join(diff.mismatched[:8])
         )
     if not strict:
         return
-    missing = [key for key in expected if key not in shapes]
-    unexpected = [key for key in shapes if key not in expected]
+    missing, unexpected = diff.missing, diff.unexpected
     if missing or unexpected:
         num_expected = sum(math.prod(shape) for shape in expected.values())
         num_present = sum(math.prod(shape) for shape in shapes.values())
@@ -128,71 +155,6 @@ def check_header_shapes(
             f"holds {num_present:,} in {len(shapes)}; missing: {missing[:5] or 'none'}; "
             f"unexpected: {unexpected[:5] or 'none'}"
         )
-
-
-def read_folder_config(folder: Path) -> dict[str, Any]:
-    """The parsed config.json of a checkpoint folder (vitkit's or HuggingFace's)."""
-    config_path = folder / CONFIG_NAME
-    if not config_path.exists():
-        raise CheckpointError(f"{folder}: folder has no {CONFIG_NAME}")
-    return read_json(config_path)
-
-
-def read_config(path: str | os.PathLike) -> ViTConfig:
-    """The ViTConfig stored with a native checkpoint (file metadata or the folder's config.json)."""
-    path = Path(path)
-    if path.is_dir():
-        data = read_folder_config(path)
-        config_path = path / CONFIG_NAME
-        if data.pop("model_type", None) != "vitkit":
-            raise CheckpointError(f"{config_path}: not a vitkit config (model_type is not 'vitkit')")
-        try:
-            return ViTConfig.from_dict(data)
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{config_path}: {error}") from error
-    _, metadata = read_header(path)
-    if CONFIG_KEY not in metadata:
-        raise CheckpointError(
-            f"{path}: no {CONFIG_KEY!r} in the safetensors metadata; not a vitkit checkpoint"
-        )
-    return config_from_metadata(path, metadata)
-
-
-def is_native(path: str | os.PathLike) -> bool:
-    """Whether `path` is vitkit's own checkpoint: a folder whose config.json says model_type "vitkit",
-    or a .safetensors file with the config in its metadata. Paths that cannot be read count as
-    native, so that `load` reports them with its own errors."""
-    path = Path(path)
-    if path.is_dir():
-        config_path = path / CONFIG_NAME
-        if not config_path.exists():
-            return False
-        try:
-            return read_json(config_path).get("model_type") == "vitkit"
-        except CheckpointError:
-            return True
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
-        return not path.exists()
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return CONFIG_KEY in (handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
-        return True
-
-
-def load_native(path: str | os.PathLike, strict: bool = True, **overrides: Any) -> VisionTransformer:
-    """Rebuild a model saved by `save`. Overrides change the config: e.g. img_size=384 (position
-    embeddings are resampled in 2D), num_classes=10 (a new, zero-initialised head). The config and
-    the header's shapes are checked against each other before any tensor is read."""
-    path = Path(path)
-    weights_path = path / WEIGHTS_NAME if path.is_dir() else path
-    source = read_config(path)
-    shapes, _ = read_header(weights_path)
-    check_header_shapes(source, shapes, str(weights_path), strict=strict)
-    state, _ = read_weights(weights_path)
-    model = VisionTransformer(source.replace(**overrides))
-    load_state(model, state, source_config=source, strict=strict, origin=str(weights_path))
-    return attach_preprocessing(model, path, "vitkit")
 
 
 def load_state(
@@ -234,15 +196,11 @@ def load_state(
         del state[key]
     if renewed:
         log.info("%s: new head for the target config; not loaded: %s", origin, ", ".join(renewed))
-    mismatched = [
-        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}"
-        for key, value in state.items()
-        if key in target and value.shape != target[key].shape
-    ]
-    if mismatched:
-        raise CheckpointError(f"{origin}: shapes do not match: " + "; ".join(mismatched))
-    missing = [key for key in target if key not in state and key not in renewed]
-    unexpected = [key for key in state if key not in target]
+    diff = compare_shapes(shapes_of(target), shapes_of(state), names=("checkpoint", "model"))
+    if diff.mismatched:
+        raise CheckpointError(f"{origin}: shapes do not match: " + "; ".join(diff.mismatched))
+    missing = [key for key in diff.missing if key not in renewed]
+    unexpected = diff.unexpected
     if strict and (missing or unexpected):
         raise CheckpointError(
             f"{origin}: keys do not match the model; missing: {missing or 'none'}; unexpected: {unexpected or 'none'}"

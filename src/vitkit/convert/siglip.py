@@ -50,6 +50,7 @@ from .keymap import (
     rule,
     save_safetensors,
 )
+from .names import MODEL_CONFIG_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +273,9 @@ def save_siglip_folder(state: State, path: Path, config: ViTConfig) -> Path:
         if f"{_POOL_Q}.{suffix}" in state:
             q, kv = state.pop(f"{_POOL_Q}.{suffix}"), state.pop(f"{_POOL_KV}.{suffix}")
             state[f"head.attention.in_proj_{suffix}"] = torch.cat([q, kv])
-    save_safetensors(state, path / "model.safetensors")
+    save_safetensors(state, path / WEIGHTS_NAME)
     text = json.dumps(siglip_config_json(config), indent=2, sort_keys=True) + "\n"
-    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / MODEL_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return path
 
 

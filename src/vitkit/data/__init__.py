@@ -14,7 +14,7 @@ from vitkit.data.datasets import (
 )
 from vitkit.data.loader import Loader, ResumableSampler, build_loader
 from vitkit.data.mixup import Mixup, soft_target_cross_entropy
-from vitkit.data.preprocess import eval_transform, preprocessing_of, resolve_preprocessing
+from vitkit.data.model_transform import eval_transform, preprocessing_of, resolve_preprocessing
 from vitkit.data.transforms import build_transforms
 from vitkit.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, VIT_MEAN, VIT_STD
 

@@ -19,14 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..convert import checkpoint_folder
-from ..convert.preprocess import DATA_KEY
-from ..io import CheckpointError, atomic_write, load, parse_metadata, read_header
+from ..convert import checkpoint_path, read_checkpoint
+from ..convert.names import CLASSES_KEY, DATA_KEY
+from ..io import CheckpointError, atomic_write, load
 from ..models.vit import VisionTransformer
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
-# safetensors metadata written with training checkpoints: what `predict` and `vitkit eval` need.
-CLASSES_KEY = "vitkit.classes"
 
 
 class NonFiniteLogitsError(ValueError):
@@ -187,53 +185,33 @@ def write_results(result: ClassificationResult, path: str | os.PathLike, **extra
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """What to load for a checkpoint argument: a run folder's best (else last) weights, a
     pre-training run's encoder; any other folder (vitkit's or HuggingFace's config.json + weights)
-    or file as it is."""
-    path = checkpoint_folder(path)
-    if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors", "encoder.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-            raise CheckpointError(
-                f"{path}: a run folder with no best.safetensors or last.safetensors yet (the run has not "
-                "finished); pass one of its checkpoints/step-*/weights.safetensors"
-            )
-        if any((path / name).is_file() for name in ("config.json", "model.safetensors")):
-            return path
-        raise CheckpointError(
-            f"{path}: neither a run folder (best.safetensors, last.safetensors) nor a checkpoint folder "
-            "(config.json, model.safetensors)"
-        )
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    return path
+    or file as it is (`vitkit.convert.checkpoint_path`)."""
+    return checkpoint_path(path)
 
 
 def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[str], dict[str, Any]]:
-    """(model in eval mode, class names, the training run's data config as a dict) of a checkpoint. Weights without class names get "0", "1", ... and an empty data config."""
+    """(model in eval mode, class names, the training run's data config as a dict) of a checkpoint,
+    its files read once. Weights without class names get "0", "1", ... and an empty data config."""
     from ..data.loader import DataConfig  # the data package imports the models, not eval
 
-    path = resolve_checkpoint(path)
-    metadata: dict[str, str] = {}
-    if path.is_file() and path.suffix == ".safetensors":
-        _, metadata = read_header(path)
-    classes = parse_metadata(path, metadata, CLASSES_KEY, list) if CLASSES_KEY in metadata else None
-    data = parse_metadata(path, metadata, DATA_KEY) if DATA_KEY in metadata else {}
+    checkpoint = read_checkpoint(path)
+    path = checkpoint.path
+    data = dict(checkpoint.data or {})
     try:
         data_config = DataConfig.from_dict(data) if data else None
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: metadata {DATA_KEY!r}: {error}") from error
-    model = load(path).eval()
+    model = load(checkpoint).eval()
     check_finite(model, path)
     num_classes = model.config.num_classes
-    if classes is None and path.is_dir():
-        classes = folder_class_names(path, num_classes)
+    classes = list(checkpoint.classes) if checkpoint.classes is not None else None
     if classes is None:
         classes = [str(index) for index in range(num_classes)]
     elif len(classes) != num_classes or not all(isinstance(name, str) for name in classes):
+        where = f"metadata {CLASSES_KEY!r}" if CLASSES_KEY in checkpoint.metadata else "config.json id2label"
         raise CheckpointError(
-            f"{path}: metadata {CLASSES_KEY!r}: expected {num_classes} class names (the head's "
-            f"outputs), found {len(classes)} entries"
+            f"{path}: {where}: expected {num_classes} class names (the head's outputs), found "
+            f"{len(classes)} entries"
         )
     # Training stores the resolution it trained at; another one from a file (the model runs at any
     # multiple of its stride) could ask for an attention over millions of tokens.
@@ -243,24 +221,6 @@ def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[st
             f"built for {model.config.img_size}"
         )
     return model, classes, data
-
-
-def folder_class_names(folder: Path, num_classes: int) -> list[str] | None:
-    """An HF folder's class names (`id2label` of its config.json), or None when it has none."""
-    from ..convert.native import read_folder_config
-
-    if not (folder / "config.json").is_file():
-        return None
-    id2label = read_folder_config(folder).get("id2label")
-    if not isinstance(id2label, dict) or not id2label:
-        return None
-    names = [id2label.get(str(index)) for index in range(num_classes)]
-    if len(id2label) != num_classes or not all(isinstance(name, str) for name in names):
-        raise CheckpointError(
-            f"{folder / 'config.json'}: id2label has {len(id2label)} entries for {num_classes} classes "
-            "(expected one name per class, keys '0', '1', ...)"
-        )
-    return names
 
 
 def check_finite(model: VisionTransformer, path: str | os.PathLike) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from ..data.datasets import decode_image_bytes
-from ..data.preprocess import eval_transform, preprocessing_of
+from ..data.model_transform import eval_transform, preprocessing_of
 from ..delta import MultiTaskModel, read_delta
 from ..eval.classification import CLASSES_KEY, check_finite, load_classifier, resolve_checkpoint
 from ..fast import apply_fast_paths

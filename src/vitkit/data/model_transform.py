@@ -8,10 +8,15 @@ an image is prepared the same way everywhere a checkpoint is used.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
 from torch import nn
 
+from vitkit.data.datasets import _rgb_array
 from vitkit.data.transforms import Compose, Normalize, ResizeCenterCrop, SquashResize
 from vitkit.models.preprocessing import Preprocessing, preprocessing_of
 
@@ -31,18 +36,43 @@ def resolve_preprocessing(model: nn.Module | Preprocessing, **overrides: Any) ->
     return preprocessing
 
 
+@dataclass(frozen=True)
+class ToImageTensor:
+    """A PIL image (any mode, as decoding a file converts it) or a uint8 array (H, W, 3) -> uint8
+    tensor (3, H, W); a tensor passes as it is. timm and HF users hold PIL images."""
+
+    def __call__(self, image: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return image
+        if isinstance(image, Image.Image):
+            image = _rgb_array(image)
+        if (
+            isinstance(image, np.ndarray)
+            and image.dtype == np.uint8
+            and image.ndim == 3
+            and image.shape[2] == 3
+        ):
+            return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+        raise TypeError(
+            "an eval transform takes a uint8 tensor (3, H, W), a PIL image or a uint8 array (H, W, 3); got "
+            f"{type(image).__name__} {getattr(image, 'shape', '')}".rstrip()
+        )
+
+
 def geometry_of(preprocessing: Preprocessing) -> Compose:
-    """The resize (and crop) of a preprocessing alone: uint8 (3, H, W) -> uint8 (3, *img_size), for
-    figures that draw the image the model sees."""
+    """The resize (and crop) of a preprocessing alone: uint8 (3, H, W) tensor or PIL image -> uint8
+    (3, *img_size), for figures that draw the image the model sees."""
     if preprocessing.eval_resize == "squash":
-        return Compose((SquashResize(preprocessing.img_size, preprocessing.interpolation),))
-    return Compose(
-        (ResizeCenterCrop(preprocessing.img_size[0], preprocessing.crop_pct, preprocessing.interpolation),)
-    )
+        resize = SquashResize(preprocessing.img_size, preprocessing.interpolation)
+    else:
+        resize = ResizeCenterCrop(
+            preprocessing.img_size[0], preprocessing.crop_pct, preprocessing.interpolation
+        )
+    return Compose((ToImageTensor(), resize))
 
 
 def transform_of(preprocessing: Preprocessing) -> Compose:
-    """Preprocessing -> uint8 (3, H, W) to float (3, *img_size) transform."""
+    """Preprocessing -> uint8 (3, H, W) (or PIL image) to float (3, *img_size) transform."""
     return Compose((*geometry_of(preprocessing).steps, Normalize(preprocessing.mean, preprocessing.std)))
 
 
@@ -61,5 +91,6 @@ def data_fields(preprocessing: Preprocessing) -> dict[str, Any]:
 
 def eval_transform(model: nn.Module | Preprocessing, **overrides: Any) -> Compose:
     """The eval transform of a loaded model (or of a Preprocessing), fields overridable by name:
-    img_size, eval_resize, crop_pct, interpolation, mean, std."""
+    img_size, eval_resize, crop_pct, interpolation, mean, std. It takes a uint8 tensor (3, H, W), a
+    PIL image or a uint8 array (H, W, 3)."""
     return transform_of(resolve_preprocessing(model, **overrides))

@@ -1,0 +1,291 @@
+"""A checkpoint read once: `read_checkpoint(path)` -> `CheckpointFile`, the one value every later step
+takes (building the model, converting, a classifier's class names, a task delta, the preprocessing).
+
+`read_checkpoint` resolves the path (a weight file, a model folder with its config.json, sharded
+weights, a training run's folder), opens every file of it once, and parses what the files say:
+layout, tensor names and shapes, vitkit's metadata records (`names.METADATA_KEYS`), the folder's
+config.json and preprocessor_config.json, the records beside another toolkit's single file
+(`records.py`). The tensors stay in the open files until
+`CheckpointFile.tensors()` reads each of them, once. Files other than safetensors (.pth, .bin, .npz)
+have no header to read apart from their tensors, so theirs are read at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from ..files import CheckpointError, check_regular_file, parse_metadata, read_json, read_weights
+from ..models.config import ViTConfig
+from ..models.preprocessing import Preprocessing
+from .detect import LAYOUTS, detect_layout
+from .keymap import State
+from .names import (
+    CLASSES_KEY,
+    CONFIG_KEY,
+    DATA_KEY,
+    DELTA_KEY,
+    FOLDER_WEIGHTS,
+    MODEL_CONFIG_NAME,
+    PROCESSOR_NAME,
+    RUN_WEIGHTS,
+    SHARD_INDEX_NAME,
+)
+from .native import config_from_metadata
+from .preprocessing_files import recorded_preprocessing
+from .records import read_sidecar
+
+log = logging.getLogger(__name__)
+
+
+class _Tensors:
+    """The tensors of a checkpoint: open safetensors handles until the first read, then the dict."""
+
+    def __init__(self, handles: Mapping[Path, Any], state: State | None = None):
+        self.handles = dict(handles)
+        self.state = state
+
+    def read(self) -> State:
+        if self.state is None:
+            state: State = {}
+            for path, handle in self.handles.items():
+                try:
+                    state.update({key: handle.get_tensor(key) for key in handle.keys()})
+                except (SafetensorError, OSError, ValueError) as error:
+                    raise CheckpointError(f"{path}: a tensor cannot be read (truncated?): {error}") from error
+                finally:
+                    handle.__exit__(None, None, None)
+            self.state, self.handles = state, {}
+        return self.state
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """What a checkpoint's files say, read once. `layout` is "vitkit" or a key of `LAYOUTS`; the
+    records (`config` ... `delta`) are None where the checkpoint has none."""
+
+    path: Path  # the file or folder read (a run folder's weights file, not the run folder)
+    layout: str
+    weight_files: tuple[Path, ...]
+    shapes: Mapping[str, tuple[int, ...]]
+    # The first weight file's safetensors metadata, with the entries of a records file beside it.
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    folder_config: Mapping[str, Any] | None = None  # a model folder's config.json
+    config: ViTConfig | None = None  # vitkit's own record of the model
+    processor_config: Mapping[str, Any] | None = None  # an HF folder's preprocessor_config.json
+    classes: tuple[str, ...] | None = None
+    data: Mapping[str, Any] | None = None  # a training run's data config
+    delta: Mapping[str, Any] | None = None  # a task delta's record
+    source: _Tensors = field(default_factory=lambda: _Tensors({}, {}), repr=False, compare=False)
+
+    @classmethod
+    def from_state(
+        cls, path: str | os.PathLike, layout: str, state: State, folder_config: Mapping | None = None
+    ) -> CheckpointFile:
+        """A checkpoint value of tensors already in memory (tests, other toolkits' objects)."""
+        shapes = {key: tuple(value.shape) for key, value in state.items()}
+        return cls(Path(path), layout, (), shapes, folder_config=folder_config, source=_Tensors({}, state))
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The recorded preprocessing (not a layout's default), parsed from the records read: a
+        training run's data config, vitkit's record, else the processor config. None if none."""
+        weights = self.weight_files[0] if self.weight_files else self.path
+        return recorded_preprocessing(weights, self.metadata, self.processor_config)
+
+    @property
+    def origin(self) -> str:
+        """The path that errors and logs name: the weight file of a one-file checkpoint."""
+        return str(self.weight_files[0] if len(self.weight_files) == 1 else self.path)
+
+    def tensors(self) -> State:
+        """Every tensor, in its own layout; each is read from its file on the first call only."""
+        return self.source.read()
+
+
+# Resolving a path ------------------------------------------------------------------------------------
+def _model_folder_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's config.json when it describes a model (it names a `model_type`), else None."""
+    if not (folder / MODEL_CONFIG_NAME).is_file():
+        return None
+    try:
+        config = read_json(folder / MODEL_CONFIG_NAME)
+    except CheckpointError:
+        return None
+    return config if "model_type" in config else None
+
+
+def _resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
+    """(the file or model folder to read, its config.json when already read for the decision)."""
+    path = Path(path)
+    if path.name in FOLDER_WEIGHTS and path.is_file():
+        folder_config = _model_folder_config(path.parent)
+        if folder_config is not None:
+            log.info("%s: reading its folder %s (config.json beside the weights)", path, path.parent)
+            return path.parent, folder_config
+        return path, None
+    if path.is_dir():
+        for name in RUN_WEIGHTS:
+            if (path / name).is_file():
+                return path / name, None
+        if (path / MODEL_CONFIG_NAME).is_file() and (path / "checkpoints").is_dir():
+            raise CheckpointError(
+                f"{path}: a run folder with no best.safetensors or last.safetensors yet (the run has not "
+                "finished); pass one of its checkpoints/step-*/weights.safetensors"
+            )
+        if any((path / name).is_file() for name in (MODEL_CONFIG_NAME, *FOLDER_WEIGHTS, SHARD_INDEX_NAME)):
+            return path, None
+        raise CheckpointError(
+            f"{path}: neither a run folder (best.safetensors, last.safetensors) nor a checkpoint folder "
+            "(config.json, model.safetensors)"
+        )
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    return path, None
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """What a checkpoint argument names: a run folder's best (else last) weights, a pre-training run's
+    encoder, the model folder of `folder/model.safetensors`; any other folder or file as it is."""
+    return _resolve(path)[0]
+
+
+# Reading the files -----------------------------------------------------------------------------------
+def _open_safetensors(path: Path) -> tuple[Any, dict[str, tuple[int, ...]], dict[str, str]]:
+    """(open handle, tensor shapes, metadata) from the header alone; the handle reads the tensors later."""
+    if check_regular_file(path) == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    try:
+        handle = safe_open(str(path), framework="pt")
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        return handle, shapes, handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {error}"
+        ) from error
+
+
+def _weight_files(folder: Path) -> tuple[Path, ...]:
+    """A model folder's weight files: the shards its index names, else its one weights file."""
+    index = folder / SHARD_INDEX_NAME
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+            for name in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names in the folder")
+        return tuple(folder / name for name in sorted(set(weight_map.values())))
+    for name in FOLDER_WEIGHTS:
+        if (folder / name).exists():
+            return (folder / name,)
+    raise CheckpointError(f"{folder}: no model.safetensors, pytorch_model.bin or shard index in the folder")
+
+
+def _read_weight_files(
+    files: tuple[Path, ...],
+) -> tuple[_Tensors, dict[str, tuple[int, ...]], dict[str, str]]:
+    """Headers now (safetensors), tensors later; other formats are read whole."""
+    handles: dict[Path, Any] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    metadata: dict[str, str] | None = None
+    eager: State = {}
+    for path in files:
+        if path.suffix.lower() == ".safetensors":
+            handles[path], file_shapes, file_metadata = _open_safetensors(path)
+        else:
+            tensors, file_metadata = read_weights(path)
+            eager.update(tensors)
+            file_shapes = {key: tuple(value.shape) for key, value in tensors.items()}
+        shapes.update(file_shapes)
+        metadata = file_metadata if metadata is None else metadata
+    if eager and handles:
+        eager.update(_Tensors(handles).read())
+    return _Tensors(handles, eager if eager or not handles else None), shapes, metadata or {}
+
+
+def _folder_config(folder: Path, known: dict[str, Any] | None) -> dict[str, Any]:
+    if known is not None:
+        return known
+    if not (folder / MODEL_CONFIG_NAME).exists():
+        raise CheckpointError(f"{folder}: folder has no {MODEL_CONFIG_NAME}")
+    return read_json(folder / MODEL_CONFIG_NAME)
+
+
+def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> CheckpointFile:
+    """Resolve `path`, open each of its files once and parse what they say (`layout=` forces one)."""
+    if layout is not None and layout != "vitkit" and layout not in LAYOUTS:
+        raise CheckpointError(f"unknown layout {layout!r}; known: vitkit, {', '.join(LAYOUTS)}")
+    path, folder_config = _resolve(path)
+    if path.is_dir():
+        folder_config = _folder_config(path, folder_config)
+        files = _weight_files(path)
+    else:
+        files = (path,)
+    tensors, shapes, metadata = _read_weight_files(files)
+    model_type = folder_config.get("model_type") if folder_config is not None else None
+    native = model_type == "vitkit" if folder_config is not None else CONFIG_KEY in metadata
+    if layout is None:
+        layout = "vitkit" if native else detect_layout(shapes, str(path), model_type).name
+        log.info("%s: detected the %s layout", path, layout)
+    else:
+        log.info("%s: reading as the %s layout (forced)", path, layout)
+    if folder_config is None and CONFIG_KEY not in metadata:
+        metadata = {**metadata, **read_sidecar(path)}  # another toolkit's file: vitkit's records beside it
+    records = _records(path, files, metadata, folder_config)
+    return CheckpointFile(path, layout, files, shapes, metadata, folder_config, **records, source=tensors)
+
+
+# What the files record -------------------------------------------------------------------------------
+def _records(
+    path: Path, files: tuple[Path, ...], metadata: Mapping[str, str], folder_config: Mapping | None
+) -> dict[str, Any]:
+    """The fields of `CheckpointFile` that vitkit's metadata, config.json and the processor config give."""
+    weights = files[0]
+    processor = None
+    if path.is_dir() and (path / PROCESSOR_NAME).is_file():
+        processor = read_json(path / PROCESSOR_NAME)
+    return {
+        "config": _config(path, weights, metadata, folder_config),
+        "processor_config": processor,
+        "classes": _classes(path, weights, metadata, folder_config),
+        "data": parse_metadata(weights, metadata, DATA_KEY) if DATA_KEY in metadata else None,
+        "delta": parse_metadata(weights, metadata, DELTA_KEY) if DELTA_KEY in metadata else None,
+    }
+
+
+def _config(path: Path, weights: Path, metadata: Mapping[str, str], folder_config: Mapping | None):
+    """vitkit's record of the model: a vitkit folder's config.json, else a file's metadata."""
+    if folder_config is not None and folder_config.get("model_type") == "vitkit":
+        fields = {key: value for key, value in folder_config.items() if key != "model_type"}
+        try:
+            return ViTConfig.from_dict(fields)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{path / MODEL_CONFIG_NAME}: {error}") from error
+    if folder_config is None and CONFIG_KEY in metadata:
+        return config_from_metadata(weights, dict(metadata))
+    return None
+
+
+def _classes(
+    path: Path, weights: Path, metadata: Mapping[str, str], folder_config: Mapping | None
+) -> tuple[str, ...] | None:
+    """The class names: vitkit's metadata, else an HF config.json's `id2label`."""
+    if CLASSES_KEY in metadata:
+        return tuple(parse_metadata(weights, dict(metadata), CLASSES_KEY, list))
+    id2label = (folder_config or {}).get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    names = [id2label.get(str(index)) for index in range(len(id2label))]
+    if not all(isinstance(name, str) for name in names):
+        raise CheckpointError(
+            f"{path / MODEL_CONFIG_NAME}: id2label has {len(id2label)} entries but not one name per class "
+            "(expected keys '0', '1', ...)"
+        )
+    return tuple(names)
