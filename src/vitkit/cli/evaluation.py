@@ -45,9 +45,10 @@ def parse_data_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5, per-class accuracy and a confusion matrix PNG of a checkpoint on a split."""
-    from ..data import DataConfig, build_loader, preprocessing_of
-    from ..data.preprocess import data_fields
+    from ..data import build_loader
     from ..eval.classification import (
+        describe_count,
+        eval_folder,
         evaluate_classification,
         flip_averaged,
         load_classifier,
@@ -60,6 +61,45 @@ def run_eval(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint)
     model, classes, data = load_classifier(path)
     apply_fast_paths(model, "cpu", "fp32")
+    config = eval_data_config(args, path, model, data)
+    loader = build_loader(config, args.split, augment=False)
+    if loader.classes != classes:
+        raise ValueError(
+            f"{path}: trained on classes {classes[:10]}{' ...' if len(classes) > 10 else ''}, but split "
+            f"{args.split!r} of {config.root or config.dataset} has {loader.classes[:10]}"
+            f"{' ...' if len(loader.classes) > 10 else ''}"
+        )
+    predict = flip_averaged(model) if args.hflip_tta else model
+    result = evaluate_classification(predict, loader, classes, progress=True)
+    unreadable = loader.unreadable
+    if result.num_samples == 0:
+        skipped = f" ({describe_count(0, unreadable)})" if unreadable else ""
+        raise ValueError(f"split {args.split!r} of {config.root or config.dataset} has no images{skipped}")
+    out = Path(args.out) if args.out else eval_folder(path, args.split)
+    unreadable_fields = [{"path": file, "reason": reason} for file, reason in unreadable]
+    results = write_results(
+        result,
+        out / "results.json",
+        checkpoint=str(path),
+        split=args.split,
+        hflip_tta=args.hflip_tta,
+        unreadable=unreadable_fields,
+    )
+    figure = plot_confusion_matrix(result, out / "confusion_matrix.png")
+    print(
+        f"{path} on {args.split} ({describe_count(result.num_samples, unreadable)}): top-1 "
+        f"{result.top_k(1):.2%}, top-5 {result.top_k(5):.2%}, mean per-class "
+        f"{result.metrics()['mean_class_accuracy']:.2%}"
+    )
+    print(f"wrote {results}\nwrote {figure}")
+    return 0
+
+
+def eval_data_config(args: argparse.Namespace, path: Path, model: Any, data: dict) -> Any:
+    """The DataConfig `vitkit eval` reads: the checkpoint's, with --root, --set and preprocessing flags."""
+    from ..data import DataConfig, preprocessing_of
+    from ..data.preprocess import data_fields
+
     overrides = parse_data_overrides(args.overrides)
     if args.root is not None:
         overrides.setdefault("root", args.root)
@@ -74,29 +114,7 @@ def run_eval(args: argparse.Namespace) -> int:
         # A checkpoint trained elsewhere: its own preprocessing (recorded or its layout's default).
         data = data_fields(preprocessing_of(model))
     overrides.update(preprocessing_overrides(args))
-    config = DataConfig.from_dict(data).replace(**overrides)
-    loader = build_loader(config, args.split, augment=False)
-    if loader.classes != classes:
-        raise ValueError(
-            f"{path}: trained on classes {classes[:10]}{' ...' if len(classes) > 10 else ''}, but split "
-            f"{args.split!r} of {config.root or config.dataset} has {loader.classes[:10]}"
-            f"{' ...' if len(loader.classes) > 10 else ''}"
-        )
-    predict = flip_averaged(model) if args.hflip_tta else model
-    result = evaluate_classification(predict, loader, classes, progress=True)
-    if result.num_samples == 0:
-        raise ValueError(f"split {args.split!r} of {config.root or config.dataset} has no images")
-    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / f"eval_{args.split}"
-    results = write_results(
-        result, out / "results.json", checkpoint=str(path), split=args.split, hflip_tta=args.hflip_tta
-    )
-    figure = plot_confusion_matrix(result, out / "confusion_matrix.png")
-    print(
-        f"{path} on {args.split} ({result.num_samples} images): top-1 {result.top_k(1):.2%}, "
-        f"top-5 {result.top_k(5):.2%}, mean per-class {result.metrics()['mean_class_accuracy']:.2%}"
-    )
-    print(f"wrote {results}\nwrote {figure}")
-    return 0
+    return DataConfig.from_dict(data).replace(**overrides)
 
 
 # vitkit predict -----------------------------------------------------------------------------------
