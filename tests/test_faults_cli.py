@@ -173,3 +173,110 @@ def test_eval_skips_unreadable_files_and_counts_them(run, tmp_path, checkpoint, 
     assert results["num_samples"] == 10
     assert np.array(results["confusion_matrix"]).sum(axis=1).tolist() == [5, 5]
     assert len(results["unreadable"]) == 3
+
+
+# 6. Values out of range are one line, not a traceback ----------------------------------------------------
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_serve_port_outside_the_tcp_range(run, checkpoint, port):
+    reply = run(f"serve --port {port}", "serve", checkpoint, "--port", port)
+    refused(reply, "vitkit serve: error:", "--port", port, "0..65535")
+
+
+@pytest.mark.parametrize(
+    ("figure", "flag", "value"),
+    [
+        ("filters", "--num-components", "0"),
+        ("filters", "--num-components", "-1"),
+        ("attention-distance", "--max-images", "0"),
+        ("attention-distance", "--batch-size", "0"),
+    ],
+)
+def test_plot_counts_below_one(run, tmp_path, checkpoint, figure, flag, value):
+    images = [write_jpeg(tmp_path / "image.jpg", seed=0)] if figure == "attention-distance" else []
+    out = tmp_path / "figure.png"
+    reply = run(
+        f"plot {figure} {flag} {value}", "plot", figure, checkpoint, *images, flag, value, "--out", out
+    )
+    refused(reply, "vitkit plot: error:", flag, value, ">= 1")
+    assert not out.exists()
+
+
+def test_unknown_flag_is_named_by_its_command(run, checkpoint):
+    reply = run("predict --img-size (not a predict flag)", "predict", checkpoint, "x.png", "--img-size", "64")
+    refused(reply, "vitkit predict: error:", "unrecognized arguments: --img-size 64", "vitkit predict --help")
+
+
+# 7. Advice works when followed ---------------------------------------------------------------------------
+def unfinished_run(root: Path) -> Path:
+    """A run folder that has written one rotated checkpoint and no best/last weights yet."""
+    (root / "checkpoints" / "step-00000003").mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"train": {"out_dir": str(root)}}))
+    write_checkpoint(root / "checkpoints" / "step-00000003" / "model.safetensors")
+    return root
+
+
+def test_eval_of_an_unfinished_run_names_a_file_that_evaluates(run, tmp_path):
+    root = folder_with_broken_files(tmp_path / "data")
+    folder = unfinished_run(tmp_path / "run")
+    line = refused(run("eval of a run with no best weights yet", "eval", folder), "no best.safetensors")
+    advised = line.split("pass one of its weight files: ", 1)[1].split(", ")[0]
+    assert advised == str(folder / "checkpoints" / "step-00000003" / "model.safetensors")
+    reply = run("eval of the checkpoint it advises", "eval", advised, "--set", f"root={root}")
+    completed(reply, "evaluated; results written beside checkpoints/, in eval_test_step-00000003")
+    # 8. Out of the folder that checkpoint rotation deletes.
+    assert (folder / "eval_test_step-00000003" / "results.json").is_file()
+    assert not (folder / "checkpoints" / "step-00000003" / "eval_test").exists()
+
+
+def test_unknown_head_count_is_advised_with_a_command_that_exists(run, tmp_path):
+    from vitkit.convert import write_layout
+
+    torch.manual_seed(0)
+    source = write_layout(
+        VisionTransformer(tiny_config(num_classes=2)), tmp_path / "timm.safetensors", to="timm"
+    )
+    image = write_jpeg(tmp_path / "image.jpg", seed=0)
+    line = refused(run("predict: width outside the size table", "predict", source, image), "number of heads")
+    assert "pass num_heads=" not in line and "vitkit convert SRC DST --num-heads N" in line
+    converted = tmp_path / "converted.safetensors"
+    reply = run(
+        "the advised convert --num-heads", "convert", source, converted, "--to", "vitkit", "--num-heads", "4"
+    )
+    completed(reply, "converted with the heads given")
+    completed(run("predict of the converted file", "predict", converted, image), "predicted")
+
+
+def test_folder_with_only_a_start_file_names_it(run, tmp_path):
+    folder = tmp_path / "finetune"
+    folder.mkdir()
+    start = write_checkpoint(folder / "init-0123abcd.safetensors")
+    image = write_jpeg(tmp_path / "image.jpg", seed=0)
+    line = refused(run("predict of a run folder holding only its start", "predict", folder, image), "init-")
+    assert str(start) in line
+    completed(run("predict of the start file it names", "predict", start, image), "predicted")
+
+
+# 8. Surprises --------------------------------------------------------------------------------------------
+def test_zoo_pattern_that_matches_nothing(run):
+    refused(run("zoo 'nothing_*'", "zoo", "nothing_*"), "vitkit zoo: error:", "'nothing_*'")
+
+
+def test_plot_out_folder_gets_the_figure_inside(run, tmp_path, checkpoint):
+    out = tmp_path / "figures"
+    out.mkdir()
+    completed(
+        run("plot --out FOLDER", "plot", "pos-embed", checkpoint, "--out", out), "wrote FOLDER/pos-embed.png"
+    )
+    assert (out / "pos-embed.png").is_file()
+
+
+def test_train_split_smaller_than_a_batch_names_the_sizes(run, tmp_path):
+    from test_train_loop import tiny_experiment
+
+    for index in range(10):
+        write_jpeg(tmp_path / "data" / "train" / CLASSES[index % 2] / f"{index}.jpg", seed=index)
+    data = {"dataset": "imagefolder", "root": str(tmp_path / "data"), "batch_size": 64}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_experiment(tmp_path / "run", epochs=1, data=data).to_dict()))
+    reply = run("train: 10 images at batch 64", "train", "--config", config)
+    refused(reply, "vitkit train: error:", "10 images", "batch_size 64", "drop_last")

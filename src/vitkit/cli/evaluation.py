@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_preprocessing_args, add_set_arg, preprocessing_overrides
+from .common import POSITIVE, add_preprocessing_args, add_set_arg, int_in, preprocessing_overrides
 
 
 # vitkit eval --------------------------------------------------------------------------------------
@@ -17,9 +17,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default="test", help="split of the data set (train, val, test)")
     parser.add_argument(
-        "--root", default=None,
+        "--root",
+        default=None,
         help="ImageFolder root with one folder per split (default: the data set the checkpoint was trained on)",
-    )  # fmt: skip
+    )
     add_set_arg(
         parser, "override the data config stored with the checkpoint, e.g. root=/data/cifar10 batch_size=256"
     )
@@ -123,7 +124,7 @@ def add_predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="JPEG, PNG, WebP or BMP files")
     parser.add_argument(
         "--top-k",
-        type=int,
+        type=POSITIVE,
         default=None,
         help="classes shown per image, 1..classes (default: 5, or all if fewer)",
     )
@@ -161,21 +162,26 @@ def run_predict(args: argparse.Namespace) -> int:
 def add_fewshot_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="weights to evaluate frozen: any file or folder vitkit.load reads")
     parser.add_argument(
-        "--root", default=None,
+        "--root",
+        default=None,
         help="ImageFolder root with train/ and test/ (default: $VITKIT_DATA/cifar10, by default "
         "../shared/data/cifar10 beside the source checkout)",
-    )  # fmt: skip
+    )
     parser.add_argument("--dataset", default="imagefolder", help="data set kind (DataConfig.dataset)")
-    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
-    parser.add_argument("--seeds", type=int, default=3, help="draws per shot count")
+    parser.add_argument(
+        "--shots", type=POSITIVE, nargs="+", default=[1, 5, 10, 25], help="training images per class"
+    )
+    parser.add_argument("--seeds", type=POSITIVE, default=3, help="draws per shot count")
     parser.add_argument("--l2-reg", type=float, default=1024.0, help="ridge strength on whitened features")
     parser.add_argument("--no-probe", action="store_true", help="skip the logistic-regression linear probe")
     parser.add_argument(
-        "--probe-per-class", type=int, default=0,
+        "--probe-per-class",
+        type=int_in(0),
+        default=0,
         help="cap the probe's training images per class (default 0: every image given)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--max-test", type=int, default=0, help="evaluate on the first N test images (0: all)"
+        "--max-test", type=int_in(0), default=0, help="evaluate on the first N test images (0: all)"
     )
     parser.add_argument("--out", default=None, help="write the metrics as JSON here")
     add_preprocessing_args(parser)
@@ -208,9 +214,12 @@ def run_fewshot(args: argparse.Namespace) -> int:
     test_set = Transformed(open_dataset(data, "test"), transform)
     test_set = evenly_spaced(test_set, args.max_test)
     config = FewShotConfig(
-        shots=tuple(args.shots), num_seeds=args.seeds, l2_reg=args.l2_reg,
-        linear_probe=not args.no_probe, probe_samples_per_class=args.probe_per_class,
-    )  # fmt: skip
+        shots=tuple(args.shots),
+        num_seeds=args.seeds,
+        l2_reg=args.l2_reg,
+        linear_probe=not args.no_probe,
+        probe_samples_per_class=args.probe_per_class,
+    )
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.forward_features(images), pre_logits=True)
@@ -231,12 +240,18 @@ def add_plot_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "images", nargs="*", help="attention-distance: image files or folders; attention: one image"
     )
-    parser.add_argument("--out", default=None, help="PNG path (default: figures/<figure>.png)")
-    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
-    parser.add_argument("--max-images", type=int, default=64, help="attention-distance: images used")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="PNG path, or a folder to write <figure>.png in (default: figures/<figure>.png)",
+    )
+    parser.add_argument("--img-size", type=POSITIVE, default=None, help="resolution (default: the model's)")
+    parser.add_argument("--max-images", type=POSITIVE, default=64, help="attention-distance: images used")
+    parser.add_argument(
+        "--batch-size", type=POSITIVE, default=32, help="attention-distance: images per forward pass"
+    )
     parser.add_argument("--layer", type=int, default=-1, help="attention: block of the per-head maps")
-    parser.add_argument("--num-components", type=int, default=28, help="filters: components shown")
+    parser.add_argument("--num-components", type=POSITIVE, default=28, help="filters: components shown")
     add_preprocessing_args(parser, img_size=False)
 
 

@@ -257,6 +257,21 @@ class Loader:
         self.class_to_idx: dict[str, int] = dict(base.class_to_idx)
         self.num_classes = len(self.classes)
         self.mixup = build_mixup(cfg, self.num_classes) if self.train else None
+        if self.train and len(self) == 0:
+            self._refuse_empty_epoch()
+
+    def _refuse_empty_epoch(self) -> None:
+        """A training epoch of no batch would never step: say which sizes make it so."""
+        if self.sampler is not None:
+            num_samples = self.sampler.epoch_length
+        else:
+            num_samples = sum(self.dataset.slot_sizes(self.cfg.num_workers))
+        ranks = f" on each of {self.world_size} ranks" if self.world_size > 1 else ""
+        raise ValueError(
+            f"split {self.split!r} has {num_samples} images{ranks}, fewer than data.batch_size "
+            f"{self.cfg.batch_size}: with data.drop_last an epoch has no batch; lower data.batch_size "
+            "or set data.drop_last=false"
+        )
 
     @property
     def unreadable(self) -> list[tuple[str, str]]:

@@ -211,10 +211,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         for name in ("best.safetensors", "last.safetensors", "encoder.safetensors"):
             if (path / name).is_file():
                 return path / name
-        if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        # The newest checkpoints first, then a fine-tuning run's start.
+        steps = sorted(path.glob("checkpoints/step-*/model.safetensors"), reverse=True)
+        started = steps + sorted(path.glob("init-*.safetensors"))
+        if started or ((path / "config.json").is_file() and (path / "checkpoints").is_dir()):
+            choices = ", ".join(str(file) for file in started[:3]) or "it has written no weights yet"
             raise CheckpointError(
                 f"{path}: a run folder with no best.safetensors or last.safetensors yet (the run has not "
-                "finished); pass one of its checkpoints/step-*/model.safetensors"
+                f"finished); pass one of its weight files: {choices}"
             )
         if any((path / name).is_file() for name in ("config.json", "model.safetensors")):
             return path
