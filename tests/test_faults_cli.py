@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,39 +34,35 @@ CLASSES = ["a", "b"]
 
 
 def vitkit(*argv: str, timeout_s: float = 120, env: dict | None = None) -> dict:
-    """Run `python -m vitkit argv` in its own process: exit code, output, wall time and peak RSS."""
+    """Run `python -m vitkit argv` in its own process, killed at `timeout_s`: exit code, output, wall
+    time and the process's own peak RSS (from `wait4`)."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vitkit", *map(str, argv)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**environment, **(env or {})},
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        process.kill()
-        stdout, stderr = process.communicate()
-        timed_out = True
-    # ru_maxrss of the children reaped so far; each case's child is the only one since the last read.
-    peak_kib = _children_peak_kib()
-    return {
-        "rc": process.returncode,
-        "stdout": stdout,
-        "stderr": stderr,
-        "timed_out": timed_out,
-        "wall_s": time.perf_counter() - started,
-        "peak_rss_mib": peak_kib / 1024,
-    }
-
-
-def _children_peak_kib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    killed = threading.Event()
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vitkit", *map(str, argv)],
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+            env={**environment, **(env or {})},
+        )
+        timer = threading.Timer(timeout_s, lambda: (killed.set(), process.kill()))
+        timer.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        timer.cancel()
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall_s = time.perf_counter() - started
+        stdout.seek(0)
+        stderr.seek(0)
+        return {
+            "rc": process.returncode,
+            "stdout": stdout.read(),
+            "stderr": stderr.read(),
+            "timed_out": killed.is_set(),
+            "wall_s": wall_s,
+            "peak_rss_mib": usage.ru_maxrss / 1024,
+        }
 
 
 class Cases:
