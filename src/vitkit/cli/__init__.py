@@ -108,6 +108,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with a user's mistake in one line, naming the command and where its help is."""
 
     def error(self, message: str) -> NoReturn:
+        # "argument --port: 70000: expected ..." reads as the user typed it: "--port 70000: expected ...".
+        message = re.sub(r"^argument ([^:]+): (\S+): expected", r"\1 \2: expected", message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -134,9 +136,12 @@ def quiet_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # named by the command they were given to, not the top level
-        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named by the command they were given to, not the top level
+            commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as exit:  # --help, --version, or a mistake argparse has reported
+        return exit.code if isinstance(exit.code, int) else 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

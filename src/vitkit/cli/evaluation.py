@@ -124,7 +124,7 @@ def add_predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="JPEG, PNG, WebP or BMP files")
     parser.add_argument(
         "--top-k",
-        type=POSITIVE,
+        type=int,
         default=None,
         help="classes shown per image, 1..classes (default: 5, or all if fewer)",
     )
