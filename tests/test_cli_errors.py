@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vitkit.cli import COMMANDS, build_parser
+from vitkit.cli import COMMANDS, build_parser, one_line
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PARSERS = build_parser()[1]
@@ -87,3 +87,26 @@ def test_every_option_with_a_default_shows_it_in_help(command):
         if f"default: {default}" not in text and f"default {default}" not in text:
             hidden.append(f"{'/'.join(action.option_strings)} (default {default!r}): {text!r}")
     assert not hidden, hidden
+
+
+@pytest.mark.parametrize(
+    ("command", "message", "advice"),
+    [
+        ("convert", "width 48 is not in the size table; pass num_heads=", "pass --num-heads"),
+        (
+            "predict",
+            "width 48 is not in the size table; pass num_heads=",
+            "vitkit convert SRC DST --num-heads N",
+        ),
+        (
+            "serve",
+            "width 48 is not in the size table; pass num_heads=",
+            "vitkit convert SRC DST --num-heads N",
+        ),
+        ("convert", "a classifier (SiglipVisionModel has none; load with num_classes=0)", "num_classes=0), "),
+    ],
+)
+def test_advice_names_what_the_command_can_do(command, message, advice):
+    line = one_line(ValueError(message), PARSERS[command])
+    assert advice in line, line
+    assert "pass num_heads=" not in line and "load with num_classes=0" not in line
