@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,9 @@ def refused(reply: dict, *needles: str, rc: int = 2) -> str:
     assert len(lines) == 1, reply["stderr"]
     for needle in needles:
         assert needle in lines[0], lines[0]
-    RESULTS[-1]["outcome"] = f"exit {rc}: " + lines[0].split(": ", 1)[-1][:150]
+    # The table shows the message without the test's temporary folder.
+    message = re.sub(r"/\S*/pytest-\d+/[^/\s]+/", "", lines[0].split("error: ", 1)[-1])
+    RESULTS[-1]["outcome"] = f"exit {rc}: {message[:150]}"
     return lines[0]
 
 
