@@ -19,6 +19,7 @@ from vitkit.data.datasets import (
     ImageFolder,
     ShardDataset,
     Synthetic,
+    Unreadable,
     decode_image,
     stratified_split,
     write_shards,
@@ -161,12 +162,15 @@ def test_hostile_files_are_skipped_and_reported(tmp_path: Path, caplog: pytest.L
     assert {Path(path).name for path, _ in full.bad_files} == set(bad)
     assert len(full) == 1
 
-    # Unchecked: each bad file found at load time is named, recorded, and replaced by a good sample.
+    # Unchecked: each bad file found at load time is named, recorded, and returned as Unreadable,
+    # never replaced by another sample.
     lazy = ImageFolder(tmp_path / "folder")
     assert len(lazy) == 6
-    for index in range(len(lazy)):
-        image, label = lazy[index]
-        assert torch.equal(image, good) and label == 0
+    samples = [lazy[index] for index in range(len(lazy))]
+    unreadable = [sample for sample in samples if isinstance(sample, Unreadable)]
+    assert sorted(Path(sample.path).name for sample in unreadable) == sorted(bad)
+    ((image, label),) = [sample for sample in samples if not isinstance(sample, Unreadable)]
+    assert torch.equal(image, good) and label == 0
     assert sorted(Path(path).name for path, _ in lazy.bad_files) == sorted(bad)
 
 
@@ -288,7 +292,9 @@ def test_shards_skip_or_refuse_a_bad_image(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "shards" / "dataset.json").read_text())["num_samples"] == 2
 
     skipping = ShardDataset(tmp_path / "shards")
-    assert [label for _, label in skipping] == [0]
+    samples = list(skipping)
+    assert [label for _, label in [sample for sample in samples if not isinstance(sample, Unreadable)]] == [0]
+    assert [type(sample) for sample in samples].count(Unreadable) == 1
     assert len(skipping.bad_files) == 1 and "truncated" in skipping.bad_files[0][1]
     with pytest.raises(BadImageError, match="shard-000000.tar"):
         list(ShardDataset(tmp_path / "shards", on_bad="error"))

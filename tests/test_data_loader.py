@@ -181,7 +181,9 @@ def test_eval_split_across_ranks_sees_each_sample_once() -> None:
 
 
 def test_val_fraction_holds_out_part_of_train(same_image_folder: Path) -> None:
-    cfg = DataConfig(dataset="imagefolder", root=str(same_image_folder), val_fraction=0.25, num_workers=0)
+    cfg = DataConfig(
+        dataset="imagefolder", root=str(same_image_folder), val_fraction=0.25, num_workers=0, batch_size=4
+    )
     train, val = build_loader(cfg, "train"), build_loader(cfg, "val")
     assert train.classes == val.classes == ["class0", "class1"]
     assert train.class_to_idx == {"class0": 0, "class1": 1} and train.num_classes == 2

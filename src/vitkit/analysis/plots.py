@@ -300,6 +300,14 @@ def plot_attention(
 FIGURES = ("pos-embed", "attention-distance", "filters", "attention")
 
 
+def figure_path(figure: str, out: str | os.PathLike | None) -> Path:
+    """Where a figure goes: `out`, or `<figure>.png` inside it when it is a folder (default: figures/)."""
+    if out is None:
+        return Path("figures") / f"{figure}.png"
+    path = Path(out)
+    return path / f"{figure}.png" if path.is_dir() or str(out).endswith(("/", os.sep)) else path
+
+
 def figure_from_checkpoint(
     figure: str,
     checkpoint: str | os.PathLike,
@@ -324,6 +332,13 @@ def figure_from_checkpoint(
 
     if figure not in FIGURES:
         raise ValueError(f"unknown figure {figure!r}; choose one of {', '.join(FIGURES)}")
+    for name, value in (
+        ("max_images", max_images),
+        ("batch_size", batch_size),
+        ("num_components", num_components),
+    ):
+        if value < 1:
+            raise ValueError(f"{name}={value}: expected a positive number")
     inputs = list(inputs or [])
     needs = {"attention-distance": "image files or folders", "attention": "one image file"}
     if figure in needs and not inputs:
@@ -334,7 +349,7 @@ def figure_from_checkpoint(
     size = model.config.img_size
     steps = resolve_preprocessing(model, **(preprocessing or {}))
     geometry, mean, std = geometry_of(steps), steps.mean, steps.std
-    path = Path(out) if out is not None else Path("figures") / f"{figure}.png"
+    path = figure_path(figure, out)
     if figure == "pos-embed":
         similarity = plot_pos_embed(model, path)
         rows, cols = similarity.shape[:2]

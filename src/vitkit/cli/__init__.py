@@ -14,10 +14,11 @@ import os
 import re
 import sys
 import traceback
+from typing import NoReturn
 
 from .. import __version__
 from ..runtime import keep_freed_memory
-from .common import Command
+from .common import Command, DefaultsHelpFormatter
 from .evaluation import (
     add_eval_args,
     add_fewshot_args,
@@ -70,7 +71,15 @@ API_TO_FLAG = {
     "pre_logits=False": "--drop-pre-logits",
     "keep_source_numerics=True": "--keep-source-numerics",
 }
-ADVICE = re.compile(r"\b(pass|leave|load with|set) (" + "|".join(map(re.escape, API_TO_FLAG)) + ")")
+# Advice that a command without the flag can follow: another command first, or Python.
+WITHOUT_FLAG = {
+    "num_heads=": "convert it first with `vitkit convert SRC DST --num-heads N` and give DST",
+    "num_classes=0": 'drop the head first: python -c \'import vitkit; vitkit.save(vitkit.load("SRC", '
+    'num_classes=0), "DST.safetensors")\' and give DST.safetensors',
+}
+ADVICE = re.compile(
+    r"\b(pass|leave|load with|set) (" + "|".join(map(re.escape, {**API_TO_FLAG, **WITHOUT_FLAG})) + ")"
+)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -87,22 +96,32 @@ def one_line(error: BaseException, parser: argparse.ArgumentParser) -> str:
     options = {option for action in parser._actions for option in action.option_strings}
 
     def to_flag(match: re.Match) -> str:
-        flag = API_TO_FLAG[match[2]]
-        return f"{match[1]} {flag}" if flag in options else match[0]
+        flag = API_TO_FLAG.get(match[2])
+        if flag in options:
+            return f"{match[1]} {flag}"
+        return WITHOUT_FLAG.get(match[2], match[0])
 
     return ADVICE.sub(to_flag, message)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a user's mistake in one line, naming the command and where its help is."""
+
+    def error(self, message: str) -> NoReturn:
+        # "argument --port: 70000: expected ..." reads as the user typed it: "--port 70000: expected ...".
+        message = re.sub(r"^argument ([^:]+): (\S+): expected", r"\1 \2: expected", message)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(
-        prog="vitkit", description="Vision Transformers: train, convert, analyse."
-    )
+    parser = Parser(prog="vitkit", description="Vision Transformers: train, convert, analyse.")
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what loading and training do")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {}
     for name, add_args, run in COMMANDS:
-        command_parser = sub.add_parser(name, help=(run.__doc__ or "").strip().split("\n")[0] or None)
+        summary = (run.__doc__ or "").strip().split("\n")[0] or None
+        command_parser = sub.add_parser(name, help=summary, formatter_class=DefaultsHelpFormatter)
         add_args(command_parser)
         command_parser.set_defaults(run=run)
         commands[name] = command_parser
@@ -117,7 +136,12 @@ def quiet_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named by the command they were given to, not the top level
+            commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as exit:  # --help, --version, or a mistake argparse has reported
+        return exit.code if isinstance(exit.code, int) else 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

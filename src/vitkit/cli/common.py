@@ -1,4 +1,4 @@
-"""What the command modules share: the shape of a command and the `--set` argument."""
+"""What the command modules share: the shape of a command, the `--set` argument, bounded numbers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,43 @@ import argparse
 from collections.abc import Callable
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def int_in(low: int, high: int | None = None, what: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer in low..high (no upper bound when high is None); anything else
+    is refused by argparse in one line naming the flag and the range."""
+    expected = f"{low}..{high}" if high is not None else f">= {low}"
+    expected = f"{what} ({expected})" if what else expected
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer, {expected}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value}: expected {expected}")
+        return value
+
+    parse.__name__ = f"integer {expected}"
+    return parse
+
+
+POSITIVE = int_in(1)
+PORT = int_in(0, 65535, "a TCP port")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states each option's default value: "(default: 32)" after its text, unless the
+    text already names it. Flags (on or off) and options without a default value say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or action.nargs == 0 or default in (None, argparse.SUPPRESS, [], ()):
+            return text
+        if "%(default)" in text or f"default: {default}" in text or f"default {default}" in text:
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def add_set_arg(parser: argparse.ArgumentParser, text: str) -> None:

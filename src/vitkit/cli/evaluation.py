@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_preprocessing_args, add_set_arg, preprocessing_overrides
+from .common import POSITIVE, add_preprocessing_args, add_set_arg, int_in, preprocessing_overrides
 
 
 # vitkit eval --------------------------------------------------------------------------------------
@@ -17,9 +17,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default="test", help="split of the data set (train, val, test)")
     parser.add_argument(
-        "--root", default=None,
+        "--root",
+        default=None,
         help="ImageFolder root with one folder per split (default: the data set the checkpoint was trained on)",
-    )  # fmt: skip
+    )
     add_set_arg(
         parser, "override the data config stored with the checkpoint, e.g. root=/data/cifar10 batch_size=256"
     )
@@ -45,9 +46,10 @@ def parse_data_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5, per-class accuracy and a confusion matrix PNG of a checkpoint on a split."""
-    from ..data import DataConfig, build_loader, preprocessing_of
-    from ..data.model_transform import data_fields
+    from ..data import build_loader
     from ..eval.classification import (
+        describe_count,
+        eval_folder,
         evaluate_classification,
         flip_averaged,
         load_classifier,
@@ -60,6 +62,45 @@ def run_eval(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint)
     model, classes, data = load_classifier(path)
     apply_fast_paths(model, "cpu", "fp32")
+    config = eval_data_config(args, path, model, data)
+    loader = build_loader(config, args.split, augment=False)
+    if loader.classes != classes:
+        raise ValueError(
+            f"{path}: trained on classes {classes[:10]}{' ...' if len(classes) > 10 else ''}, but split "
+            f"{args.split!r} of {config.root or config.dataset} has {loader.classes[:10]}"
+            f"{' ...' if len(loader.classes) > 10 else ''}"
+        )
+    predict = flip_averaged(model) if args.hflip_tta else model
+    result = evaluate_classification(predict, loader, classes, progress=True)
+    unreadable = loader.unreadable
+    if result.num_samples == 0:
+        skipped = f" ({describe_count(0, unreadable)})" if unreadable else ""
+        raise ValueError(f"split {args.split!r} of {config.root or config.dataset} has no images{skipped}")
+    out = Path(args.out) if args.out else eval_folder(path, args.split)
+    unreadable_fields = [{"path": file, "reason": reason} for file, reason in unreadable]
+    results = write_results(
+        result,
+        out / "results.json",
+        checkpoint=str(path),
+        split=args.split,
+        hflip_tta=args.hflip_tta,
+        unreadable=unreadable_fields,
+    )
+    figure = plot_confusion_matrix(result, out / "confusion_matrix.png")
+    print(
+        f"{path} on {args.split} ({describe_count(result.num_samples, unreadable)}): top-1 "
+        f"{result.top_k(1):.2%}, top-5 {result.top_k(5):.2%}, mean per-class "
+        f"{result.metrics()['mean_class_accuracy']:.2%}"
+    )
+    print(f"wrote {results}\nwrote {figure}")
+    return 0
+
+
+def eval_data_config(args: argparse.Namespace, path: Path, model: Any, data: dict) -> Any:
+    """The DataConfig `vitkit eval` reads: the checkpoint's, with --root, --set and preprocessing flags."""
+    from ..data import DataConfig, preprocessing_of
+    from ..data.model_transform import data_fields
+
     overrides = parse_data_overrides(args.overrides)
     if args.root is not None:
         overrides.setdefault("root", args.root)
@@ -74,29 +115,7 @@ def run_eval(args: argparse.Namespace) -> int:
         # A checkpoint trained elsewhere: its own preprocessing (recorded or its layout's default).
         data = data_fields(preprocessing_of(model))
     overrides.update(preprocessing_overrides(args))
-    config = DataConfig.from_dict(data).replace(**overrides)
-    loader = build_loader(config, args.split, augment=False)
-    if loader.classes != classes:
-        raise ValueError(
-            f"{path}: trained on classes {classes[:10]}{' ...' if len(classes) > 10 else ''}, but split "
-            f"{args.split!r} of {config.root or config.dataset} has {loader.classes[:10]}"
-            f"{' ...' if len(loader.classes) > 10 else ''}"
-        )
-    predict = flip_averaged(model) if args.hflip_tta else model
-    result = evaluate_classification(predict, loader, classes, progress=True)
-    if result.num_samples == 0:
-        raise ValueError(f"split {args.split!r} of {config.root or config.dataset} has no images")
-    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / f"eval_{args.split}"
-    results = write_results(
-        result, out / "results.json", checkpoint=str(path), split=args.split, hflip_tta=args.hflip_tta
-    )
-    figure = plot_confusion_matrix(result, out / "confusion_matrix.png")
-    print(
-        f"{path} on {args.split} ({result.num_samples} images): top-1 {result.top_k(1):.2%}, "
-        f"top-5 {result.top_k(5):.2%}, mean per-class {result.metrics()['mean_class_accuracy']:.2%}"
-    )
-    print(f"wrote {results}\nwrote {figure}")
-    return 0
+    return DataConfig.from_dict(data).replace(**overrides)
 
 
 # vitkit predict -----------------------------------------------------------------------------------
@@ -143,21 +162,26 @@ def run_predict(args: argparse.Namespace) -> int:
 def add_fewshot_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="weights to evaluate frozen: any file or folder vitkit.load reads")
     parser.add_argument(
-        "--root", default=None,
+        "--root",
+        default=None,
         help="ImageFolder root with train/ and test/ (default: $VITKIT_DATA/cifar10, by default "
         "../shared/data/cifar10 beside the source checkout)",
-    )  # fmt: skip
+    )
     parser.add_argument("--dataset", default="imagefolder", help="data set kind (DataConfig.dataset)")
-    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
-    parser.add_argument("--seeds", type=int, default=3, help="draws per shot count")
+    parser.add_argument(
+        "--shots", type=POSITIVE, nargs="+", default=[1, 5, 10, 25], help="training images per class"
+    )
+    parser.add_argument("--seeds", type=POSITIVE, default=3, help="draws per shot count")
     parser.add_argument("--l2-reg", type=float, default=1024.0, help="ridge strength on whitened features")
     parser.add_argument("--no-probe", action="store_true", help="skip the logistic-regression linear probe")
     parser.add_argument(
-        "--probe-per-class", type=int, default=0,
+        "--probe-per-class",
+        type=int_in(0),
+        default=0,
         help="cap the probe's training images per class (default 0: every image given)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--max-test", type=int, default=0, help="evaluate on the first N test images (0: all)"
+        "--max-test", type=int_in(0), default=0, help="evaluate on the first N test images (0: all)"
     )
     parser.add_argument("--out", default=None, help="write the metrics as JSON here")
     add_preprocessing_args(parser)
@@ -190,9 +214,12 @@ def run_fewshot(args: argparse.Namespace) -> int:
     test_set = Transformed(open_dataset(data, "test"), transform)
     test_set = evenly_spaced(test_set, args.max_test)
     config = FewShotConfig(
-        shots=tuple(args.shots), num_seeds=args.seeds, l2_reg=args.l2_reg,
-        linear_probe=not args.no_probe, probe_samples_per_class=args.probe_per_class,
-    )  # fmt: skip
+        shots=tuple(args.shots),
+        num_seeds=args.seeds,
+        l2_reg=args.l2_reg,
+        linear_probe=not args.no_probe,
+        probe_samples_per_class=args.probe_per_class,
+    )
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.forward_features(images), pre_logits=True)
@@ -213,12 +240,18 @@ def add_plot_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "images", nargs="*", help="attention-distance: image files or folders; attention: one image"
     )
-    parser.add_argument("--out", default=None, help="PNG path (default: figures/<figure>.png)")
-    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
-    parser.add_argument("--max-images", type=int, default=64, help="attention-distance: images used")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="PNG path, or a folder to write <figure>.png in (default: figures/<figure>.png)",
+    )
+    parser.add_argument("--img-size", type=POSITIVE, default=None, help="resolution (default: the model's)")
+    parser.add_argument("--max-images", type=POSITIVE, default=64, help="attention-distance: images used")
+    parser.add_argument(
+        "--batch-size", type=POSITIVE, default=32, help="attention-distance: images per forward pass"
+    )
     parser.add_argument("--layer", type=int, default=-1, help="attention: block of the per-head maps")
-    parser.add_argument("--num-components", type=int, default=28, help="filters: components shown")
+    parser.add_argument("--num-components", type=POSITIVE, default=28, help="filters: components shown")
     add_preprocessing_args(parser, img_size=False)
 
 

@@ -12,7 +12,10 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
         "dst", help="output: a file (.safetensors, .pth, .npz) or, for hf and siglip, a folder"
     )
     parser.add_argument(
-        "--to", required=True, choices=["vitkit", "timm", "hf", "npz", "mmpretrain", "siglip"]
+        "--to",
+        required=True,
+        choices=["vitkit", "timm", "hf", "npz", "mmpretrain", "siglip"],
+        help="output layout",
     )
     parser.add_argument(
         "--from",
@@ -101,8 +104,10 @@ def run_export(args: argparse.Namespace) -> int:
     model = apply_fast_paths(load(resolve_checkpoint(args.checkpoint), **overrides), "cpu", "fp32")
     check = export_onnx(model, args.output, check=not args.no_check)
     size = "x".join(map(str, model.config.img_size))
-    print(f"wrote {args.output}: images (batch, {model.config.in_chans}, {size}) -> logits (batch, "
-          f"{model.config.num_classes}), dynamic batch")  # fmt: skip
+    classes = model.config.num_classes
+    print(
+        f"wrote {args.output}: images (batch, {model.config.in_chans}, {size}) -> logits (batch, {classes}), dynamic batch"
+    )
     if check is not None:
         print(
             f"onnxruntime vs PyTorch on a batch of {check.batch_size}: max |error| {check.max_abs_error:.2e} "

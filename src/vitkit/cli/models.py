@@ -25,7 +25,9 @@ def add_convention_arg(parser: argparse.ArgumentParser) -> None:
 def add_info_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registered name or alias, e.g. vit_base_patch16_384 or B/16")
     parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
-    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="classes of the head (default: the model's)"
+    )
     add_convention_arg(parser)
 
 
@@ -102,6 +104,8 @@ def zoo_table(pattern: str = "*", convention: str = "vitkit") -> str:
 def run_zoo(args: argparse.Namespace) -> int:
     """List the registered models with parameters and MACs; --markdown, --metafile for the zoo files."""
     get_convention(args.convention)
+    if not list_models(args.pattern):
+        raise ValueError(f"no registered model matches {args.pattern!r} (`vitkit zoo` lists them all)")
     if args.metafile or args.markdown:
         from ..analysis.zoo import markdown_table, write_metafile
 
@@ -119,7 +123,9 @@ def add_draw_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registered name or alias, e.g. vit_small_patch16_18x2_224 or B/16")
     parser.add_argument("--out", default=None, help="path without suffix (default: figures/<name>)")
     parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the model's)")
-    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="classes of the head (default: the model's)"
+    )
 
 
 def run_draw(args: argparse.Namespace) -> int:

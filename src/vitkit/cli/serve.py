@@ -5,30 +5,39 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import PORT, POSITIVE
+
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="the base: a run folder or any checkpoint `vitkit.load` reads")
     parser.add_argument(
-        "--task", action="append", default=[], metavar="NAME=DELTA",
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME=DELTA",
         help="serve a task delta (vitkit.delta.save_delta) on the base's trunk; repeatable",
-    )  # fmt: skip
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed at start)")
+    parser.add_argument("--port", type=PORT, default=8000, help="port (0: any free one, printed at start)")
     parser.add_argument(
-        "--max-batch", type=int, default=32, help="largest batch of one task's requests (1: no batching)"
+        "--max-batch", type=POSITIVE, default=32, help="largest batch of one task's requests (1: no batching)"
     )
     parser.add_argument(
-        "--batch-timeout-ms", type=float, default=5.0,
+        "--batch-timeout-ms",
+        type=float,
+        default=5.0,
         help="how long a request waits for others of its task to join its batch",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--backend", choices=("torch", "onnx"), default="torch",
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
         help="torch: tasks share the trunk's tensors; onnx: each task an onnxruntime graph (a full model each)",
-    )  # fmt: skip
-    parser.add_argument("--workers", type=int, default=1, help="batches that run at once (threads)")
+    )
+    parser.add_argument("--workers", type=POSITIVE, default=1, help="batches that run at once (threads)")
     parser.add_argument(
         "--max-pixels",
-        type=int,
+        type=POSITIVE,
         default=None,
         help="largest image accepted, width x height (default: 25,000,000)",
     )

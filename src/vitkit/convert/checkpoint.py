@@ -134,10 +134,14 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
         for name in RUN_WEIGHTS:
             if (path / name).is_file():
                 return path / name, None
-        if (path / MODEL_CONFIG_NAME).is_file() and (path / "checkpoints").is_dir():
+        # The newest checkpoints first, then a fine-tuning run's start.
+        steps = sorted(path.glob("checkpoints/step-*/model.safetensors"), reverse=True)
+        started = steps + sorted(path.glob("init-*.safetensors"))
+        if started or ((path / MODEL_CONFIG_NAME).is_file() and (path / "checkpoints").is_dir()):
+            choices = ", ".join(str(file) for file in started[:3]) or "it has written no weights yet"
             raise CheckpointError(
                 f"{path}: a run folder with no best.safetensors or last.safetensors yet (the run has not "
-                "finished); pass one of its checkpoints/step-*/weights.safetensors"
+                f"finished); pass one of its weight files: {choices}"
             )
         if any((path / name).is_file() for name in (MODEL_CONFIG_NAME, *FOLDER_WEIGHTS, SHARD_INDEX_NAME)):
             return path, None

@@ -9,6 +9,7 @@ from vitkit.data.datasets import (
     ImageFolder,
     ShardDataset,
     Synthetic,
+    Unreadable,
     decode_image,
     write_shards,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "ResumableSampler",
     "ShardDataset",
     "Synthetic",
+    "Unreadable",
     "build_loader",
     "build_transforms",
     "data_root",

@@ -7,7 +7,8 @@
 
 Hostile files (corrupt, truncated, empty, not an image, decompression bombs, FIFOs and other special
 files) raise `BadImageError` naming the file; data sets built with `on_bad="skip"` log and record them
-in `bad_files` instead. Only regular files are opened, and a folder tree is listed following each real
+in `bad_files` instead, and a file found unreadable when loaded is returned as an `Unreadable` in place
+of its sample, which the loader drops and counts (never another image in its place). Only regular files are opened, and a folder tree is listed following each real
 folder once, so symlink loops cannot multiply or endlessly repeat the listing.
 """
 
@@ -24,6 +25,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +74,15 @@ class BadImageError(ValueError):
 
     def __str__(self) -> str:
         return f"bad image {self.path}: {self.reason}" if self.reason else self.path
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """What a data set in skip mode returns in place of `(image, label)` for a file that fails to
+    decode: the loader drops it from its batch and lists it in `Loader.unreadable`."""
+
+    path: str
+    reason: str
 
 
 def _from_worker_traceback(text: str) -> tuple[str, str]:
@@ -237,7 +248,7 @@ class ImageFolder(Dataset):
     `verify` checks every file when the set is built ("none" | "header" | "full", see `check_image`);
     failing files are refused (`on_bad="error"`) or dropped and listed in `bad_files`. A file that
     still fails to decode when loaded raises `BadImageError` in error mode; in skip mode it is logged,
-    recorded, and the next readable sample is returned in its place so batches keep their size.
+    recorded, and returned as an `Unreadable` (the loader drops it: no other image takes its place).
     """
 
     def __init__(self, root: str | os.PathLike, *, on_bad: OnBad = "skip", verify: Verify = "none") -> None:
@@ -304,21 +315,20 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
-            if path in self._bad_paths:
-                continue
-            try:
-                return decode_image(path), label
-            except BadImageError as error:
-                if self.on_bad == "error":
-                    raise
-                self._record_bad(path, error.reason)
-                logger.warning("%s; substituting the next readable sample", error)
-        raise BadImageError(str(self.root), "no readable image left")
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
+        path, label = self.samples[index]
+        try:
+            return decode_image(path), label
+        except BadImageError as error:
+            if self.on_bad == "error":
+                raise
+            self._record_bad(path, error.reason)
+            logger.warning("%s; skipped", error)
+            return Unreadable(path, error.reason)
 
     def _record_bad(self, path: str, reason: str) -> None:
+        if path in self._bad_paths:
+            return
         self.bad_files.append((path, reason))
         self._bad_paths.add(path)
 
@@ -557,7 +567,7 @@ class ShardDataset(IterableDataset):
         """Samples streamed by each slot in this epoch."""
         return [sum(self.shard_sizes[shard] for shard in shards) for shards in self.slot_shards(num_workers)]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | Unreadable]:
         worker = get_worker_info()
         num_workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
         slot = self.rank * num_workers + worker_id
@@ -578,6 +588,7 @@ class ShardDataset(IterableDataset):
                     raise
                 self.bad_files.append((error.path, error.reason))
                 logger.warning("%s; skipped", error)
+                yield Unreadable(error.path, error.reason)  # keeps the positions of the stream
                 continue
             if self.transform is not None:
                 generator = seeded_generator("shard-sample", self.seed, self.epoch, slot, position)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from vitkit.data.cache import CachedImages
 
@@ -29,6 +29,7 @@ from vitkit.data.datasets import (
     ShardDataset,
     Synthetic,
     Transform,
+    Unreadable,
     seeded_generator,
     stratified_split,
 )
@@ -138,9 +139,12 @@ class SeededTransform(Dataset):
         self.transform = transform
         self.seed = seed
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int] | Unreadable:
         index, epoch, position = key
-        image, label = self.dataset[index]
+        sample = self.dataset[index]
+        if isinstance(sample, Unreadable):
+            return sample
+        image, label = sample
         return self.transform(image, seeded_generator("sample", self.seed, epoch, position)), label
 
     def __len__(self) -> int:
@@ -175,7 +179,8 @@ class AugmentedBatches:
             return len(self.sampler) // self.cfg.batch_size
         return math.ceil(len(self.sampler) / self.cfg.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], list[Unreadable]]]:
+        """((images, targets), []): the shape of the DataLoader's batches (`collate_readable`)."""
         cfg = self.cfg
         keys = list(self.sampler)
         for start in range(0, len(keys), cfg.batch_size):
@@ -190,7 +195,7 @@ class AugmentedBatches:
             images = pad_crop_flip_batch(
                 self.images[index], cfg.img_size, cfg.crop_padding, cfg.hflip, generator
             )
-            yield torch.addcmul(self.shift, images.float(), self.scale), self.targets[index]
+            yield (torch.addcmul(self.shift, images.float(), self.scale), self.targets[index]), []
 
 
 # The loader -------------------------------------------------------------------------------------
@@ -207,6 +212,10 @@ class Loader:
     `augment` (default: whether split is "train") turns on the training pipeline: train transforms,
     shuffling, padding to equal shares, drop_last, repeated augmentation and mixup. Without it every
     image of the split is seen once, in order, with the evaluation transform.
+
+    A file that cannot be read (with `on_bad="skip"`) is dropped from its batch, never replaced by
+    another sample, and listed in `unreadable` (path, reason), with those the data set refused when
+    it was listed or checked; a batch of unreadable files only is not yielded.
     """
 
     def __init__(
@@ -226,33 +235,11 @@ class Loader:
         self.world_size = world_size
         self.epoch = 0
         self.start_index = 0
-        transform = build_transforms(cfg, self.train)
-        drop_last = self.train and cfg.drop_last
-        # Torch seeds each worker from this generator: any global-RNG use in a worker is reproducible.
-        worker_seeds = seeded_generator("workers", cfg.seed, rank)
+        self._unreadable: dict[str, str] = {}
         self.sampler: ResumableSampler | None = None
         if cfg.dataset == "shards":
-            if cfg.repeated_aug > 1 or cfg.val_fraction > 0:
-                raise ValueError("dataset 'shards' supports neither repeated_aug > 1 nor val_fraction")
-            self.dataset: Any = ShardDataset(
-                Path(cfg.root) / split,
-                transform=transform,
-                rank=rank,
-                world_size=world_size,
-                shuffle=self.train,
-                shuffle_buffer=cfg.shuffle_buffer,
-                seed=cfg.seed,
-                on_bad=cfg.on_bad,
-            )
-            # Not persistent: workers must copy the dataset again at each epoch to see its number.
-            self.loader = DataLoader(
-                self.dataset,
-                batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers,
-                drop_last=drop_last,
-                pin_memory=pin_memory,
-                generator=worker_seeds,
-            )
+            self.dataset: Any = open_shards(cfg, split, self.train, rank, world_size)
+            self.loader: Any = stream_loader(self.dataset, cfg, self.train, rank, pin_memory)
         else:
             self.dataset = open_dataset(cfg, split)
             self.sampler = ResumableSampler(
@@ -264,33 +251,35 @@ class Loader:
                 num_repeats=cfg.repeated_aug if self.train else 1,
                 pad=self.train,
             )
-            if self.train and cfg.batch_augment:
-                self.loader: Any = AugmentedBatches(self.dataset, self.sampler, cfg)
-            else:
-                self.loader = DataLoader(
-                    SeededTransform(self.dataset, transform, cfg.seed),
-                    batch_size=cfg.batch_size,
-                    sampler=self.sampler,
-                    num_workers=cfg.num_workers,
-                    drop_last=drop_last,
-                    pin_memory=pin_memory,
-                    persistent_workers=cfg.num_workers > 0,
-                    generator=worker_seeds,
-                )
+            self.loader = map_loader(self.dataset, self.sampler, cfg, self.train, rank, pin_memory)
         base = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
         self.classes: list[str] = list(base.classes)
         self.class_to_idx: dict[str, int] = dict(base.class_to_idx)
         self.num_classes = len(self.classes)
-        self.mixup: Mixup | None = None
-        if self.train and (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.label_smoothing > 0):
-            self.mixup = Mixup(
-                self.num_classes,
-                mixup_alpha=cfg.mixup,
-                cutmix_alpha=cfg.cutmix,
-                prob=cfg.mixup_prob,
-                switch_prob=cfg.mixup_switch_prob,
-                label_smoothing=cfg.label_smoothing,
-            )
+        self.mixup = build_mixup(cfg, self.num_classes) if self.train else None
+        if self.train and len(self) == 0:
+            self._refuse_empty_epoch()
+
+    def _refuse_empty_epoch(self) -> None:
+        """A training epoch of no batch would never step: say which sizes make it so."""
+        if self.sampler is not None:
+            num_samples = self.sampler.epoch_length
+        else:
+            num_samples = sum(self.dataset.slot_sizes(self.cfg.num_workers))
+        ranks = f" on each of {self.world_size} ranks" if self.world_size > 1 else ""
+        raise ValueError(
+            f"split {self.split!r} has {num_samples} images{ranks}, fewer than data.batch_size "
+            f"{self.cfg.batch_size}: with data.drop_last an epoch has no batch; lower data.batch_size "
+            "or set data.drop_last=false"
+        )
+
+    @property
+    def unreadable(self) -> list[tuple[str, str]]:
+        """(path, reason) of each file of the split skipped as unreadable so far, each once."""
+        base = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
+        found = dict(getattr(base, "bad_files", []))
+        found.update(self._unreadable)
+        return sorted(found.items())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -337,11 +326,86 @@ class Loader:
         if self.sampler is None:
             # A stream cannot seek: replay it (it is deterministic) up to the resume point.
             batches = itertools.islice(batches, first_batch, self._stream_batches())
-        for step, (images, labels) in enumerate(batches, start=first_batch):
+        for step, (batch, unreadable) in enumerate(batches, start=first_batch):
+            for sample in unreadable:
+                self._unreadable.setdefault(sample.path, sample.reason)
+            if batch is None:
+                continue
+            images, labels = batch
             if self.mixup is not None:
                 generator = seeded_generator("mixup", self.cfg.seed, self.epoch, self.rank, step)
                 images, labels = self.mixup(images, labels, generator)
             yield images, labels
+
+
+def collate_readable(samples: list) -> tuple[Any, list[Unreadable]]:
+    """(the batch of the readable samples, or None if there is none; the unreadable ones)."""
+    unreadable = [sample for sample in samples if isinstance(sample, Unreadable)]
+    readable = [sample for sample in samples if not isinstance(sample, Unreadable)]
+    return (default_collate(readable) if readable else None), unreadable
+
+
+def build_mixup(cfg: DataConfig, num_classes: int) -> Mixup | None:
+    if cfg.mixup <= 0 and cfg.cutmix <= 0 and cfg.label_smoothing <= 0:
+        return None
+    return Mixup(
+        num_classes,
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        label_smoothing=cfg.label_smoothing,
+    )
+
+
+def open_shards(cfg: DataConfig, split: str, train: bool, rank: int, world_size: int) -> ShardDataset:
+    if cfg.repeated_aug > 1 or cfg.val_fraction > 0:
+        raise ValueError("dataset 'shards' supports neither repeated_aug > 1 nor val_fraction")
+    return ShardDataset(
+        Path(cfg.root) / split,
+        transform=build_transforms(cfg, train),
+        rank=rank,
+        world_size=world_size,
+        shuffle=train,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+        on_bad=cfg.on_bad,
+    )
+
+
+def stream_loader(
+    dataset: ShardDataset, cfg: DataConfig, train: bool, rank: int, pin_memory: bool
+) -> DataLoader:
+    # Not persistent: workers must copy the dataset again at each epoch to see its number.
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        drop_last=train and cfg.drop_last,
+        pin_memory=pin_memory,
+        collate_fn=collate_readable,
+        # Torch seeds each worker from this generator: any global-RNG use in a worker is reproducible.
+        generator=seeded_generator("workers", cfg.seed, rank),
+    )
+
+
+def map_loader(
+    dataset: Dataset, sampler: ResumableSampler, cfg: DataConfig, train: bool, rank: int, pin_memory: bool
+) -> Any:
+    """The batches of a map-style data set: augmented whole from a cache, or a DataLoader."""
+    if train and cfg.batch_augment:
+        return AugmentedBatches(dataset, sampler, cfg)
+    return DataLoader(
+        SeededTransform(dataset, build_transforms(cfg, train), cfg.seed),
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=train and cfg.drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=cfg.num_workers > 0,
+        collate_fn=collate_readable,
+        generator=seeded_generator("workers", cfg.seed, rank),
+    )
 
 
 def open_dataset(cfg: DataConfig, split: str) -> Dataset:

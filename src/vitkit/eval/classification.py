@@ -156,10 +156,8 @@ def plot_confusion_matrix(result: ClassificationResult, path: str | os.PathLike,
                 count = int(confusion[true, predicted])
                 if count:
                     dark = rates[true, predicted] > 0.5
-                    axes.text(
-                        predicted, true, count, ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black",
-                    )  # fmt: skip
+                    color = "white" if dark else "black"
+                    axes.text(predicted, true, count, ha="center", va="center", fontsize=7, color=color)
         axes.set_xticks(range(num_classes), result.classes, rotation=90)
         axes.set_yticks(range(num_classes), result.classes)
     axes.set_xlabel("predicted")
@@ -179,6 +177,26 @@ def write_results(result: ClassificationResult, path: str | os.PathLike, **extra
     data = {**extra, **result.to_dict()}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
     return path
+
+
+def describe_count(num_samples: int, unreadable: list[tuple[str, str]], shown: int = 3) -> str:
+    """ "10 images; 3 unreadable files skipped: a.jpg (reason), ...": what an evaluation counted."""
+    text = f"{num_samples} images"
+    if unreadable:
+        listing = ", ".join(f"{path} ({reason})" for path, reason in unreadable[:shown])
+        more = f", and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
+        text += f"; {len(unreadable)} unreadable file{'s' if len(unreadable) > 1 else ''} skipped: {listing}{more}"
+    return text
+
+
+def eval_folder(checkpoint: Path, split: str) -> Path:
+    """Where `vitkit eval` writes by default: `eval_<split>` beside a run's or checkpoint's weights; for a
+    rotated training checkpoint (`<run>/checkpoints/step-N/`), `<run>/eval_<split>_step-N`, out of the
+    folder that rotation deletes."""
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    if folder.parent.name == "checkpoints" and folder.name.startswith("step-"):
+        return folder.parent.parent / f"eval_{split}_{folder.name}"
+    return folder / f"eval_{split}"
 
 
 # Checkpoints with their classes: vitkit eval and vitkit predict -----------------------------------------

@@ -29,6 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from ..data.datasets import BadImageError, Unreadable
+
 log = logging.getLogger(__name__)
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -226,7 +228,10 @@ class Transformed(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[index]
+        sample = self.dataset[index]
+        if isinstance(sample, Unreadable):  # its label was already drawn: refuse rather than substitute
+            raise BadImageError(sample.path, sample.reason)
+        image, label = sample
         return self.transform(image, None), label
 
 
