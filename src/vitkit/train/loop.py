@@ -105,6 +105,8 @@ class Run:
         self.last_step = cfg.max_steps or math.inf
         self.step_samples = experiment.data.batch_size * cfg.accumulation
         self.result: ClassificationResult | None = None
+        # The checkpoint whose evaluation an interrupt cut short: evaluated before training goes on.
+        self.pending_evaluation: Path | None = None
 
     # Start --------------------------------------------------------------------------------------------
     def resume(self, folder: run_folder.RunFolder) -> int | None:
@@ -165,7 +167,6 @@ class Run:
 
     # The loop -----------------------------------------------------------------------------------------
     def run(self, folder: run_folder.RunFolder) -> dict[str, Any]:
-        self.pending_evaluation: Path | None = None
         resumed_step = self.resume(folder)
         folder.record_start(resumed_step, self.env.world_size, self.train_loader.class_to_idx)
         if self.env.main_process:
