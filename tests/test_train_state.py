@@ -18,7 +18,7 @@ from test_train_loop import tiny_experiment
 from vitkit.files import CheckpointError
 from vitkit.io import read_weights
 from vitkit.registry import create_model
-from vitkit.train import train
+from vitkit.train import load_experiment, train
 from vitkit.train.metrics import read_metrics
 from vitkit.train.state import MARKER, MODEL_NAME, STATE_NAME, find_resumable, read_state
 
@@ -110,11 +110,12 @@ def test_each_field_of_state_json_is_checked(stopped_run, path, value, needle):
 def test_an_interrupt_during_the_evaluation_keeps_the_epoch(tmp_path):
     # 2 steps of 512 images an epoch, then an evaluation of 1,024 images (twice, flip TTA).
     options = dict(data={"synthetic_size": 1024, "batch_size": 512}, epochs=2, keep_last=4)
-    straight = train(tiny_experiment(tmp_path / "straight", **options))
-    config = write_config(tmp_path / "run.json", tmp_path / "run", **options)
-    data = json.loads(config.read_text())
-    data["eval"]["hflip_tta"] = True
-    config.write_text(json.dumps(data))
+    tta = ["eval.hflip_tta=true"]
+    straight = train(load_experiment(tiny_experiment(tmp_path / "straight", **options), tta))
+    config = tmp_path / "run.json"
+    config.write_text(
+        json.dumps(load_experiment(tiny_experiment(tmp_path / "run", **options), tta).to_dict())
+    )
     command = [sys.executable, "-m", "vitkit", "train", "--config", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -140,6 +141,11 @@ def test_an_interrupt_during_the_evaluation_keeps_the_epoch(tmp_path):
     assert [row["step"] for row in rows if row["kind"] == "eval"] == [2, 4]
     assert [row["step"] for row in rows if row["kind"] == "train"] == [1, 2, 3, 4]
     assert json.loads(resumed.stdout)["steps"] == straight["steps"] == 4
+    for name in ("last.safetensors", "best.safetensors"):
+        before, after = (
+            read_weights(folder / name)[0] for folder in (tmp_path / "straight", tmp_path / "run")
+        )
+        assert all(torch.equal(before[key], after[key]) for key in before), f"{name} differs"
 
 
 def test_eval_max_samples_caps_the_evaluation(tmp_path):
