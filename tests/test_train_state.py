@@ -92,6 +92,7 @@ def test_resigned_weights_of_another_width_are_refused_in_one_line(stopped_run):
         (("rng", 0, "numpy", 2), 10_000, r"'rng\[0\]'"),
         (("world_size",), 3, "'rng'"),
         (("evaluation_due",), "yes", "'evaluation_due'"),
+        (("optimizer", "param_groups", 0, "params"), ["a"], r"'optimizer.param_groups\[0\].params'"),
     ],
 )
 def test_each_field_of_state_json_is_checked(stopped_run, path, value, needle):

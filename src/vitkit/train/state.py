@@ -279,9 +279,13 @@ def read_state(folder: str | Path) -> TrainState:
     state_path = folder / STATE_NAME
     plain = read_json(state_path)
     check_plain_state(state_path, plain)
+    try:
+        optimizer = join_optimizer_state(optimizer_tensors, plain["optimizer"])
+    except ValueError as error:
+        raise CheckpointError(f"{folder / OPTIMIZER_NAME}: not an optimiser state ({error})") from error
     return TrainState(
         model=model,
-        optimizer=join_optimizer_state(optimizer_tensors, plain["optimizer"]),
+        optimizer=optimizer,
         progress=Progress(**plain["progress"]),
         rng=plain["rng"],
         ema=ema,

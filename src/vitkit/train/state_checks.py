@@ -111,6 +111,12 @@ def check_plain_state(path: Path, plain: dict[str, Any]) -> None:
         and isinstance(optimizer.get("scalars"), dict)
     ):
         raise CheckpointError(f"{path}: 'optimizer' must hold 'param_groups' and 'scalars'")
+    for number, group in enumerate(optimizer["param_groups"]):
+        params = group.get("params") if isinstance(group, dict) else None
+        if not (isinstance(params, list) and all(_count(index) for index in params)):
+            raise CheckpointError(
+                f"{path}: 'optimizer.param_groups[{number}].params' must list parameter numbers"
+            )
     if type(plain.get("evaluation_due", False)) is not bool:
         raise CheckpointError(f"{path}: 'evaluation_due' must be true or false")
     if plain["scaler"] is not None and not isinstance(plain["scaler"], dict):
