@@ -36,7 +36,7 @@ import vitkit.delta
 import vitkit.eval.classification
 import vitkit.train
 from vitkit.data.datasets import ImageFolder, ShardDataset
-from vitkit.train.state import load_checkpoint
+from vitkit.train.state import read_state
 
 # Errors the CLI reports in one line (`vitkit.cli.main`); probes report them the same way.
 ONE_LINE_ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError)
@@ -60,8 +60,8 @@ def probe_load_delta(base: str, delta: str) -> dict[str, Any]:
     return probe_load(base, delta=delta)
 
 
-def probe_load_checkpoint(folder: str) -> dict[str, Any]:
-    return {"step": load_checkpoint(folder).progress.step}
+def probe_read_state(folder: str) -> dict[str, Any]:
+    return {"step": read_state(folder).progress.step}
 
 
 PROBES = {
@@ -69,7 +69,7 @@ PROBES = {
     "shards": probe_shards,
     "load": probe_load,
     "load_delta": probe_load_delta,
-    "load_checkpoint": probe_load_checkpoint,
+    "read_state": probe_read_state,
 }
 
 

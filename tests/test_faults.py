@@ -36,7 +36,15 @@ from vitkit.io import CONFIG_KEY, expected_shapes, read_weights, save
 from vitkit.models.variants import VARIANTS
 from vitkit.models.vit import VisionTransformer
 from vitkit.train.metrics import read_metrics
-from vitkit.train.state import MARKER, STATE_NAME, Progress, capture_rng, model_metadata, save_checkpoint
+from vitkit.train.state import (
+    MARKER,
+    STATE_NAME,
+    Progress,
+    TrainState,
+    capture_rng,
+    model_metadata,
+    write_state,
+)
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -447,10 +455,8 @@ def test_metrics_line_cut_by_a_kill_is_dropped_and_a_bad_line_is_named(tmp_path)
 def training_checkpoint(root: Path) -> Path:
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return save_checkpoint(
-        root, model=model.state_dict(), metadata=model_metadata(model.config), optimizer=optimizer.state_dict(),
-        progress=Progress(step=3), rng=[capture_rng()],
-    )  # fmt: skip
+    state = TrainState(model.state_dict(), optimizer.state_dict(), Progress(step=3), [capture_rng()])
+    return write_state(root, state, model_metadata(model.config))
 
 
 def rewrite_state(folder: Path, text: str) -> None:
@@ -469,14 +475,14 @@ def test_broken_state_json(run, tmp_path, change, needle):
     state = json.loads((folder / STATE_NAME).read_text())
     del state["rng"]
     rewrite_state(folder, "{bad" if change == "malformed" else json.dumps(state))
-    refused(run(f"state.json {change}", probe="load_checkpoint", args=[str(folder)]), "state.json", needle)
+    refused(run(f"state.json {change}", probe="read_state", args=[str(folder)]), "state.json", needle)
 
 
 def test_checkpoint_marker_that_is_a_fifo(run, tmp_path):
     folder = training_checkpoint(tmp_path / "checkpoints")
     (folder / MARKER).unlink()
     os.mkfifo(folder / MARKER)
-    refused(run("COMPLETE marker is a FIFO", probe="load_checkpoint", args=[str(folder)]), "COMPLETE", "FIFO")
+    refused(run("COMPLETE marker is a FIFO", probe="read_state", args=[str(folder)]), "COMPLETE", "FIFO")
 
 
 def test_malformed_run_config_json(run, tmp_path):

@@ -27,20 +27,28 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train an experiment from configs/ (resumes from its run folder); torchrun runs it on N processes."""
+    from ..train import load_experiment, train
+
+    return run_experiment(args, load_experiment, train)
+
+
+def run_experiment(args: argparse.Namespace, load, run) -> int:
+    """Load the experiment of `--config` with `--set`, print it (`--print-config`) or run it: the
+    summary printed by the main process, a non-finite loss reported in one line (exit 3)."""
     import json
 
-    from ..train import NonFiniteLossError, load_experiment, train
+    from ..train import NonFiniteLossError
 
-    experiment = load_experiment(args.config, args.overrides)
+    experiment = load(args.config, args.overrides)
     if args.print_config:
         print(json.dumps(experiment.to_dict(), indent=1))
         return 0
     try:
-        summary = train(experiment)
+        summary = run(experiment)
     except NonFiniteLossError as error:
-        print(f"vitkit train: stopped: {error}", file=sys.stderr)
+        print(f"vitkit {args.command}: stopped: {error}", file=sys.stderr)
         return 3
-    if "last" in summary:  # the main process
+    if "train_time_s" in summary:  # the main process
         print(json.dumps(summary, indent=1))
     return 0
 
@@ -135,18 +143,18 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
         "--img-size", type=int, default=None, help="fine-tuning resolution (default: config's)"
     )
     parser.add_argument(
-        "--freeze", default=None, choices=["none", "attention-only", "head-only"],
+        "--freeze",
+        default=None,
+        choices=["none", "attention-only", "head-only"],
         help="freezing rule; attention-only also writes delta.safetensors (default: the config's)",
-    )  # fmt: skip
+    )
     add_set_arg(parser, "override a config field: optim.lr=0.01, train.epochs=5, data.root=/data/cifar10")
-    parser.add_argument(
-        "--compare-freezing", action="store_true",
-        help="first print trainable parameters, memory and step time of full vs attention-only",
-    )  # fmt: skip
-    parser.add_argument(
-        "--print-config", action="store_true",
-        help="print the resolved config (the checkpoint's preprocessing taken, the lr scaled) and exit",
-    )  # fmt: skip
+    flags = {
+        "--compare-freezing": "first print trainable parameters, memory and step time of full vs attention-only",
+        "--print-config": "print the resolved config (the checkpoint's preprocessing taken, the lr scaled) and exit",
+    }
+    for flag, help_text in flags.items():
+        parser.add_argument(flag, action="store_true", help=help_text)
 
 
 def start_digest(checkpoint: str, num_classes: int, img_size: int) -> str:
@@ -253,13 +261,6 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
 
 def run_pretrain(args: argparse.Namespace) -> int:
     """Masked-patch pre-training (ViT 4.6 mean colour, BeiT blockwise); writes encoder.safetensors."""
-    import json
-
     from ..train.pretrain import load_pretrain_experiment, pretrain
 
-    experiment = load_pretrain_experiment(args.config, args.overrides)
-    if args.print_config:
-        print(json.dumps(experiment.to_dict(), indent=1))
-        return 0
-    print(json.dumps(pretrain(experiment), indent=1))
-    return 0
+    return run_experiment(args, load_pretrain_experiment, pretrain)

@@ -2,10 +2,11 @@
 resumable state."""
 
 from .experiment import EvalConfig, Experiment, ModelConfig, TrainConfig, load_experiment
-from .loop import NonFiniteLossError, build_model, train
+from .loop import NonFiniteLossError, train
 from .objectives import OBJECTIVES
 from .optim import FREEZE_RULES, OptimConfig, apply_freeze_rule, param_groups
 from .run_folder import RunFinishedError, RunFolderError
+from .task import build_model
 
 __all__ = [
     "FREEZE_RULES",

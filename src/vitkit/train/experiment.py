@@ -100,6 +100,8 @@ class EvalConfig:
     # Test-time augmentation: average the class probabilities of each image and its mirror image
     # (twice the evaluation's compute).
     hflip_tta: bool = False
+    # Evaluate at most this many samples of the split (None: all of them), e.g. for a smoke run.
+    max_samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,9 @@ class Experiment:
         failed = check_train_config(self.train)
         if self.eval.every < 1:
             failed.append("eval.every must be >= 1")
+        max_samples = self.eval.max_samples
+        if max_samples is not None and (type(max_samples) is not int or max_samples < 1):
+            failed.append(f"eval.max_samples must be an integer >= 1 (or null: all), not {max_samples!r}")
         if failed:
             raise ValueError(f"invalid experiment: {'; '.join(failed)}")
 

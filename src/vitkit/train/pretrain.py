@@ -1,8 +1,8 @@
 """Masked-patch pre-training runs: the experiment config and its loop (`vitkit pretrain`).
 
 The model is `models.masked.MaskedPatchModel`: an encoder, a learnable [mask] embedding and a per-patch
-head, trained on unlabelled images (labels are ignored). It runs on the training loop of `loop.py`
-(`PretrainTrainer` fills its hooks), so it resumes bitwise from its checkpoints, runs under torchrun
+head, trained on unlabelled images (labels are ignored). It is a task of the training loop of
+`loop.py` (`masked_task`: another model, optimiser and objective, no evaluator), so it resumes bitwise from its checkpoints, runs under torchrun
 (DDP or FSDP), and has accumulation, EMA, bf16 autocast, a time budget and the metrics logs. The
 optimiser's groups add the mask embedding (no decay) and the head to the encoder's. At the end it
 writes the encoder as a native checkpoint, `encoder.safetensors`, which `vitkit finetune` starts from,
@@ -28,10 +28,11 @@ from ..models.masked import MaskedConfig, MaskedPatchModel
 from ..registry import create_model
 from . import distributed
 from .experiment import ModelConfig, TrainConfig, check_train_config, load_experiment
-from .loop import Trainer, hold_run_folder
+from .loop import train
 from .metrics import read_metrics
 from .optim import OptimConfig, param_groups
 from .state import model_metadata, write_weights
+from .task import Task, seed_everything
 
 log = logging.getLogger(__name__)
 MASKED_KEY = "vitkit.masked"  # safetensors metadata: the MaskedConfig of a whole masked model
@@ -101,58 +102,44 @@ def build_pretrain_optimizer(model: MaskedPatchModel, cfg: OptimConfig) -> torch
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def pretrain(experiment: PretrainExperiment) -> dict[str, Any]:
-    """Run masked-patch pre-training to the end on the shared training loop (resuming from the run
-    folder's newest valid checkpoint, under the run folder's contract: `run_folder.py`); returns a
-    summary with the encoder's path."""
-    env = distributed.setup(experiment.train.device)
-    try:
-        with hold_run_folder(experiment.train.out_dir, env):
-            return PretrainTrainer(experiment, env).run()
-    finally:
-        distributed.cleanup()
+def masked_task(experiment: PretrainExperiment, env: distributed.Env, train_loader) -> Task:
+    """Masked-patch pre-training as a task of the loop: the masked model and its optimiser groups, the
+    masked objective, no evaluator, and the encoder (and the EMA's) as the run's outputs."""
+    seed_everything(experiment.train.seed)
+    model = build_masked_model(experiment)
+    metadata = model_metadata(model.encoder.config, None, experiment.data.to_dict())
+    metadata[MASKED_KEY] = json.dumps(model.config.to_dict())
 
-
-class PretrainTrainer(Trainer):
-    """The shared loop (resume, DDP/FSDP, accumulation, EMA, precision, budget, logging) with the
-    masked-patch model, its optimiser groups and objective, no evaluation, and the encoder as output."""
-
-    def build_model(self) -> MaskedPatchModel:
-        return build_masked_model(self.exp)
-
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        return build_pretrain_optimizer(self.model, self.exp.optim)
-
-    def build_eval_loader(self) -> None:
-        return None
-
-    def build_metadata(self) -> dict[str, str]:
-        metadata = model_metadata(self.model.encoder.config, None, self.exp.data.to_dict())
-        return {**metadata, MASKED_KEY: json.dumps(self.model.config.to_dict())}
-
-    def objective(self, wrapped: torch.nn.Module, batch, micro: int) -> tuple[torch.Tensor, dict]:
+    def objective(wrapped: torch.nn.Module, batch, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         images, _ = batch  # labels are not used
         # Masks from (seed, rank, step, micro-batch): a resumed run draws the same corruption.
-        seed = derive_seed("masking", self.exp.train.seed, self.env.rank, self.progress.step, micro)
+        seed = derive_seed("masking", experiment.train.seed, env.rank, step, micro)
         return wrapped(images, torch.Generator().manual_seed(seed))
 
-    def gather_final(self, wrapped: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-        states = super().gather_final(wrapped)
-        if self.ema is not None:
-            states["ema"] = distributed.full_state_dict(self.ema.model)
-        return states
-
-    def write_final(self, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
-        encoder, whole = save_pretrained(states["weights"], self.metadata, self.out_dir)
+    def write_outputs(weights, ema, out_dir: Path) -> dict[str, Any]:
+        encoder, whole = save_pretrained(weights, metadata, out_dir)
         written: dict[str, Any] = {"encoder": str(encoder), "masked_model": str(whole)}
-        if "ema" in states:
-            written["encoder_ema"] = str(
-                save_pretrained(states["ema"], self.metadata, self.out_dir, "_ema")[0]
-            )
-        rows = [row for row in read_metrics(self.out_dir / "metrics.jsonl") if row["kind"] == "train"]
+        if ema is not None:
+            written["encoder_ema"] = str(save_pretrained(ema, metadata, out_dir, "_ema")[0])
+        rows = [row for row in read_metrics(out_dir / "metrics.jsonl") if row["kind"] == "train"]
         if rows:
             written.update({key: rows[-1][key] for key in ("loss", "accuracy") if key in rows[-1]})
         return written
+
+    return Task(
+        model=model,
+        build_optimizer=lambda model: build_pretrain_optimizer(model, experiment.optim),
+        objective=objective,
+        metadata=metadata,
+        write_outputs=write_outputs,
+        outputs_use_ema=True,
+    )
+
+
+def pretrain(experiment: PretrainExperiment) -> dict[str, Any]:
+    """Run masked-patch pre-training to the end on the training loop (resuming from the run folder's
+    newest valid checkpoint, under the run folder's contract); a summary with the encoder's path."""
+    return train(experiment, masked_task)
 
 
 def save_pretrained(

@@ -14,11 +14,13 @@ from the checkpoint; anything else (model, data, objective, seed, EMA, optimiser
 checkpoint another run's, and the resume is refused naming the keys. A run that has nothing left to
 train and recorded its finish is not run again: `RunFinishedError` says so, with its result.
 
-Only the main process calls these functions; the trainer broadcasts their outcome to the other ranks.
+Only the main process calls these functions; `open_run` and `RunFolder` broadcast their outcome to
+the other ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -26,15 +28,18 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write
+from . import distributed
 from .state import check_checkpoint, list_checkpoints
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-CONFIG_NAME = "config.json"
+RUN_CONFIG_NAME = "config.json"
 HISTORY_NAME = "history.jsonl"
 PREVIOUS_DIR = "previous"
 DAMAGED_DIR = "damaged"
@@ -43,12 +48,13 @@ DAMAGED_DIR = "damaged"
 # difference makes the checkpoint another run's (default-deny: a new config field is refused until it
 # is listed here). train.out_dir (a moved folder) and train.resume (an instruction) are not compared.
 SCHEDULE_KEYS = (
-    "train.epochs", "train.max_steps", "train.time_budget_minutes", "train.accumulation",
-    "train.device", "train.strategy", "train.precision", "train.grad_checkpointing", "train.compile",
-    "train.deterministic", "train.num_threads", "train.log_every", "train.checkpoint_every", "train.keep_last",
-    "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.schedule", "optim.clip_grad", "optim.weight_decay",
-    "data.batch_size", "data.num_workers", "data.cache", "data.cache_dir", "data.shuffle_buffer",
-)  # fmt: skip
+    *("train.epochs", "train.max_steps", "train.time_budget_minutes", "train.accumulation"),
+    *("train.device", "train.strategy", "train.precision", "train.grad_checkpointing", "train.compile"),
+    *("train.deterministic", "train.num_threads", "train.log_every", "train.checkpoint_every"),
+    *("train.keep_last", "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.schedule"),
+    *("optim.clip_grad", "optim.weight_decay", "data.batch_size", "data.num_workers", "data.cache"),
+    *("data.cache_dir", "data.shuffle_buffer"),
+)
 SCHEDULE_SECTIONS = ("eval.",)
 NOT_COMPARED = ("train.out_dir", "train.resume")
 
@@ -113,8 +119,9 @@ class RunLock:
         if "pid" in dead:
             log.warning(
                 "run folder %s: took over the lock of pid %s on host %s (since %s): that process "
-                "ended without releasing it", self.path.parent, dead["pid"], dead["host"], dead.get("since", "?"),
-            )  # fmt: skip
+                "ended without releasing it",
+                *(self.path.parent, dead["pid"], dead["host"], dead.get("since", "?")),
+            )
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps({**_who(), "since": now()}).encode(), 0)
         os.fsync(self.fd)
@@ -219,7 +226,7 @@ def is_schedule_key(key: str) -> bool:
 def check_resume(out_dir: Path, current: dict[str, Any]) -> dict[str, list[Any]]:
     """The schedule changes of `current` against the folder's config.json; RunFolderError (naming the
     keys) when anything else differs. {} when the folder has no config yet."""
-    path = out_dir / CONFIG_NAME
+    path = out_dir / RUN_CONFIG_NAME
     if not path.exists():
         return {}
     try:
@@ -325,3 +332,89 @@ def finished_message(out_dir: Path, entry: dict[str, Any], limit: str, changes: 
         f"train again, use train.resume=never (the finished run is moved to {out_dir / PREVIOUS_DIR}/) or a "
         "new train.out_dir"
     )
+
+
+# The contract as one call ---------------------------------------------------------------------------
+class RunFolder:
+    """A run folder held by this run (`open_run`): what the start found (schedule changes, where an
+    earlier run was set aside, the checkpoint to resume from) and the history's entries to come.
+    Every rank holds one; only the main process writes."""
+
+    def __init__(self, out_dir: Path, config: dict[str, Any], main: bool):
+        self.out_dir, self.config, self.main = out_dir, config, main
+        self.changes: dict[str, list[Any]] = {}
+        self.previous_run: Path | None = None
+        self.checkpoint: Path | None = None
+
+    def prepare(self, resume: str, keep: tuple[Path, ...]) -> None:
+        """Set the folder's earlier run aside (resume="never"), or check this config against the
+        folder's, clean the debris of killed writes and find the newest valid checkpoint."""
+
+        def on_main() -> tuple[dict[str, list[Any]], Path | None, Path | None]:
+            if resume == "never":
+                return {}, set_aside(self.out_dir, keep), None
+            changes = check_resume(self.out_dir, self.config)
+            clean_debris(self.out_dir)
+            return changes, None, newest_valid_checkpoint(self.out_dir / "checkpoints")
+
+        self.changes, self.previous_run, self.checkpoint = distributed.on_main_process(self.main, on_main)
+
+    def check_finished(self, step: int, limit: str | None) -> None:
+        """A resumed run with nothing left to train (`limit` names the setting that says so) whose
+        finish is recorded is not run again: the same config is told so (RunFinishedError), changes
+        that leave nothing to train are refused. One killed after its last checkpoint has no finish
+        entry: it goes on and writes what it had not."""
+        if limit is None:
+            return
+        entry = distributed.on_main_process(self.main, lambda: finished_entry(self.out_dir, step))
+        if entry is None:
+            return
+        message = finished_message(self.out_dir, entry, limit, self.changes)
+        raise (RunFolderError if self.changes else RunFinishedError)(message)
+
+    def record_start(self, resumed_step: int | None, world_size: int, class_to_idx: dict[str, int]) -> None:
+        """This start's entry in history.jsonl (with its schedule changes), then the config (rewritten
+        only after the history says what changed) and the class names."""
+        if not self.main:
+            return
+        common = {"world_size": world_size, "changes": self.changes}
+        if resumed_step is None:
+            previous = str(self.previous_run) if self.previous_run else None
+            append_history(self.out_dir, "start", step=0, previous_run=previous, config=self.config, **common)
+        else:
+            checkpoint = str(self.checkpoint)
+            append_history(self.out_dir, "resume", step=resumed_step, checkpoint=checkpoint, **common)
+        if self.changes:
+            print(
+                f"resume: schedule changes recorded in {self.out_dir / HISTORY_NAME}: "
+                f"{describe_changes(self.changes)}",
+                file=sys.stderr,
+            )
+        _write_text(self.out_dir / RUN_CONFIG_NAME, json.dumps(self.config, indent=1) + "\n")
+        _write_text(self.out_dir / "class_to_idx.json", json.dumps(class_to_idx, indent=1) + "\n")
+
+    def record_finish(self, **entry: Any) -> None:
+        if self.main:
+            append_history(self.out_dir, "finish", **entry)
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+@contextlib.contextmanager
+def open_run(
+    out_dir: str | Path, config: dict[str, Any], *, resume: str, keep: tuple[Path, ...], main: bool
+) -> Iterator[RunFolder]:
+    """The run folder's contract in one call: the lock, held by the main process for the whole run
+    (a second writer's refusal stops every rank at once), then the earlier run set aside or the
+    config compared and the debris cleaned, and the checkpoint to resume from found."""
+    out_dir = Path(out_dir)
+    lock = RunLock(out_dir)
+    distributed.on_main_process(main, lock.acquire)
+    try:
+        folder = RunFolder(out_dir, config, main)
+        folder.prepare(resume, keep)
+        yield folder
+    finally:
+        lock.release()

@@ -6,7 +6,9 @@ A checkpoint is a folder `checkpoints/step-XXXXXXXX/`:
     ema.safetensors        the EMA weights, when EMA is on
     optimizer.safetensors  every optimiser state tensor (AdamW moments and step counts)
     state.json             the rest: step, epoch and data position, optimiser hyper-parameters, grad
-                           scaler, RNG states of python, numpy and torch (per rank), best metric
+                           scaler, RNG states of python, numpy and torch (per rank), best metric,
+                           whether the epoch's evaluation is due
+    evaluated.json         beside, not covered by the marker: that evaluation's outcome (evaluator.py)
     COMPLETE               written last: the SHA-256 of each file above
 
 Each file is written with `atomic_write` (temporary file, fsync, rename), and the marker only after all
@@ -18,6 +20,7 @@ marker, which `find_resumable` skips. A complete folder whose files no longer ma
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,6 +38,7 @@ from safetensors.torch import save_file
 from ..eval.classification import CLASSES_KEY, DATA_KEY
 from ..io import CONFIG_KEY, CheckpointError, atomic_write, config_from_metadata, read_json, read_weights
 from ..models.config import ViTConfig
+from .state_checks import check_plain_state
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +64,24 @@ class Progress:
 
 
 @dataclass
-class Checkpoint:
-    """A checkpoint read back: tensors on CPU, everything else plain data."""
+class TrainState:
+    """The whole training state, saved and restored whole: the weights, the EMA weights, the optimiser,
+    the grad scaler, the progress and one RNG state per process. Tensors on CPU, the rest plain data."""
 
-    path: Path
     model: dict[str, torch.Tensor]
-    config: ViTConfig
     optimizer: dict[str, Any]
     progress: Progress
+    rng: list[dict[str, Any]] = field(default_factory=list)
     ema: dict[str, torch.Tensor] | None = None
     scaler: dict[str, Any] | None = None
-    rng: list[dict[str, Any]] = field(default_factory=list)
-    world_size: int = 1
+    # Written at an epoch's end that is evaluated: the evaluation runs after the state is safe on disk
+    # and records itself beside it (evaluator.py); a resume runs one that an interrupt cut short.
+    evaluation_due: bool = False
+
+    @property
+    def world_size(self) -> int:
+        """How many processes wrote it (one RNG state each)."""
+        return len(self.rng)
 
 
 # RNG states as JSON -------------------------------------------------------------------------------------
@@ -84,23 +94,29 @@ def decode_bytes(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-def capture_rng() -> dict[str, Any]:
-    """The global RNG states of python, numpy and torch (CPU) as JSON-able data."""
+def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
+    """The global RNG states of python, numpy and torch (CPU, and `device`'s when it is a GPU) as
+    JSON-able data."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
+    state = {
         "python": [version, list(internal), gauss],
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": encode_bytes(torch.get_rng_state()),
     }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = encode_bytes(torch.cuda.get_rng_state(device))
+    return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], device: torch.device | None = None) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(decode_bytes(state["torch"]))
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(decode_bytes(state["cuda"]), device)
 
 
 # Optimiser state as safetensors + JSON ---------------------------------------------------------------
@@ -160,36 +176,27 @@ def step_folder(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def save_checkpoint(
-    root: str | Path,
-    *,
-    model: dict[str, torch.Tensor],
-    metadata: dict[str, str],
-    optimizer: dict[str, Any],
-    progress: Progress,
-    rng: list[dict[str, Any]],
-    ema: dict[str, torch.Tensor] | None = None,
-    scaler: dict[str, Any] | None = None,
-) -> Path:
-    """Write one checkpoint folder under `root`; the marker goes last. Returns the folder."""
-    folder = step_folder(Path(root), progress.step)
+def write_state(root: str | Path, state: TrainState, metadata: dict[str, str]) -> Path:
+    """Write `state` as one checkpoint folder under `root`; the marker goes last. Returns the folder."""
+    folder = step_folder(Path(root), state.progress.step)
     if folder.exists():
         # A leftover of an interrupted or damaged save of this same step: never mix old and new files.
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    write_weights(folder / MODEL_NAME, model, metadata)
-    if ema is not None:
-        write_weights(folder / EMA_NAME, ema, metadata)
-    tensors, rest = split_optimizer_state(optimizer)
+    write_weights(folder / MODEL_NAME, state.model, metadata)
+    if state.ema is not None:
+        write_weights(folder / EMA_NAME, state.ema, metadata)
+    tensors, rest = split_optimizer_state(state.optimizer)
     atomic_write(folder / OPTIMIZER_NAME, lambda tmp: save_file(tensors, tmp))
-    state = {
-        "progress": progress.__dict__,
+    plain = {
+        "progress": dataclasses.asdict(state.progress),
         "optimizer": rest,
-        "scaler": scaler,
-        "rng": rng,
-        "world_size": len(rng),
+        "scaler": state.scaler,
+        "rng": state.rng,
+        "world_size": state.world_size,
+        "evaluation_due": state.evaluation_due,
     }
-    _write_json(folder / STATE_NAME, state)
+    _write_json(folder / STATE_NAME, plain)
     files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     _write_json(folder / MARKER, {"sha256": {name: _sha256(folder / name) for name in files}})
     return folder
@@ -256,8 +263,9 @@ def find_resumable(root: str | Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def load_checkpoint(folder: str | Path) -> Checkpoint:
-    """Read a checkpoint folder written by `save_checkpoint` (CheckpointError when it is damaged)."""
+def read_state(folder: str | Path) -> TrainState:
+    """Read a checkpoint folder written by `write_state`, every field of state.json checked
+    (CheckpointError naming the file, key and problem, when it is damaged or tampered with)."""
     folder = Path(folder)
     reason = check_checkpoint(folder)
     if reason is not None:
@@ -265,30 +273,22 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     model, metadata = read_weights(folder / MODEL_NAME)
     if CONFIG_KEY not in metadata:
         raise CheckpointError(f"{folder / MODEL_NAME}: no {CONFIG_KEY!r} metadata")
+    config_from_metadata(folder / MODEL_NAME, metadata)
     optimizer_tensors, _ = read_weights(folder / OPTIMIZER_NAME)
     ema = read_weights(folder / EMA_NAME)[0] if (folder / EMA_NAME).exists() else None
     state_path = folder / STATE_NAME
-    state = read_json(state_path)
-    absent = [key for key in ("progress", "optimizer", "scaler", "rng", "world_size") if key not in state]
-    if absent:
-        raise CheckpointError(f"{state_path}: not a training state (no {', '.join(map(repr, absent))} entry)")
-    rng, world_size = state["rng"], state["world_size"]
-    if type(world_size) is not int or not isinstance(rng, list) or len(rng) != world_size:
-        raise CheckpointError(
-            f"{state_path}: 'rng' must hold one generator state per process of 'world_size'"
-        )
+    plain = read_json(state_path)
+    check_plain_state(state_path, plain)
     try:
-        progress = Progress(**state["progress"])
-    except TypeError as error:
-        raise CheckpointError(f"{state_path}: not a training state ('progress': {error})") from error
-    return Checkpoint(
-        path=folder,
+        optimizer = join_optimizer_state(optimizer_tensors, plain["optimizer"])
+    except ValueError as error:
+        raise CheckpointError(f"{folder / OPTIMIZER_NAME}: not an optimiser state ({error})") from error
+    return TrainState(
         model=model,
-        config=config_from_metadata(folder / MODEL_NAME, metadata),
-        optimizer=join_optimizer_state(optimizer_tensors, state["optimizer"]),
-        progress=progress,
+        optimizer=optimizer,
+        progress=Progress(**plain["progress"]),
+        rng=plain["rng"],
         ema=ema,
-        scaler=state["scaler"],
-        rng=rng,
-        world_size=world_size,
+        scaler=plain["scaler"],
+        evaluation_due=plain.get("evaluation_due", False),
     )
