@@ -103,7 +103,8 @@ def test_every_option_with_a_default_shows_it_in_help(command):
             "width 48 is not in the size table; pass num_heads=",
             "vitkit convert SRC DST --num-heads N",
         ),
-        ("convert", "a classifier (SiglipVisionModel has none; load with num_classes=0)", "num_classes=0), "),
+        ("convert", "a classifier (SiglipVisionModel has none; load with num_classes=0)", "--num-classes 0"),
+        ("export", "a classifier (SiglipVisionModel has none; load with num_classes=0)", "num_classes=0), "),
     ],
 )
 def test_advice_names_what_the_command_can_do(command, message, advice):

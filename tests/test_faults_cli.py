@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from helpers import tiny_config
 from vitkit.data import write_shards
+from vitkit.io import save
 from vitkit.models.vit import VisionTransformer
 from vitkit.train.state import model_metadata
 
@@ -245,6 +246,29 @@ def test_unknown_head_count_is_advised_with_a_command_that_exists(run, tmp_path)
     )
     completed(reply, "converted with the heads given")
     completed(run("predict of the converted file", "predict", converted, image), "predicted")
+
+
+def test_siglip_export_of_a_classifier_advises_a_flag_that_exists(run, tmp_path):
+    torch.manual_seed(0)
+    source = tmp_path / "map.safetensors"
+    save(VisionTransformer(tiny_config(num_classes=2, class_token=False, pool="map")), source)
+    line = refused(
+        run("convert --to siglip of a classifier", "convert", source, tmp_path / "a", "--to", "siglip"),
+        "a classifier",
+    )
+    assert "--num-classes 0" in line and "num_classes=0" not in line
+    reply = run(
+        "the advised convert --num-classes 0",
+        "convert",
+        source,
+        tmp_path / "b",
+        "--to",
+        "siglip",
+        "--num-classes",
+        "0",
+    )
+    completed(reply, "a SigLIP tower without the head")
+    assert (tmp_path / "b" / "config.json").is_file()
 
 
 def test_folder_with_only_a_start_file_names_it(run, tmp_path):

@@ -70,6 +70,7 @@ API_TO_FLAG = {
     "strict=False": "--non-strict",
     "pre_logits=False": "--drop-pre-logits",
     "keep_source_numerics=True": "--keep-source-numerics",
+    "num_classes=0": "--num-classes 0",
 }
 # Advice that a command without the flag can follow: another command first, or Python.
 WITHOUT_FLAG = {
@@ -97,7 +98,7 @@ def one_line(error: BaseException, parser: argparse.ArgumentParser) -> str:
 
     def to_flag(match: re.Match) -> str:
         flag = API_TO_FLAG.get(match[2])
-        if flag in options:
+        if flag is not None and flag.split()[0] in options:
             return f"{match[1]} {flag}"
         return WITHOUT_FLAG.get(match[2], match[0])
 

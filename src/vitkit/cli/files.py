@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import POSITIVE, int_in
+
 
 # vitkit convert -----------------------------------------------------------------------------------
 def add_convert_args(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +38,15 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
         ],
         help="force the source layout instead of detecting it",
     )
-    parser.add_argument("--num-heads", type=int, default=None, help="heads, for widths not in the size table")
+    parser.add_argument(
+        "--num-heads", type=POSITIVE, default=None, help="heads, for widths not in the size table"
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int_in(0),
+        default=None,
+        help="classes of the head: a new zero-initialised head, or 0 for none (SigLIP's tower has none)",
+    )
     parser.add_argument(
         "--img-size", type=int, default=None, help="resample position embeddings to this size"
     )
@@ -58,6 +68,8 @@ def run_convert(args: argparse.Namespace) -> int:
     overrides = {}
     if args.num_heads is not None:
         overrides["num_heads"] = args.num_heads
+    if args.num_classes is not None:
+        overrides["num_classes"] = args.num_classes
     if args.img_size is not None:
         overrides["img_size"] = args.img_size
     report = convert(
