@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 
 from vitkit.data.datasets import (
     BadImageError,
-    Digits,
     ImageFolder,
     ShardDataset,
     Synthetic,
@@ -24,6 +23,7 @@ from vitkit.data.datasets import (
     stratified_split,
     write_shards,
 )
+from vitkit.data.digits import Digits
 
 CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
 
@@ -320,3 +320,23 @@ def test_cifar10_smoke() -> None:
         image, label = dataset[index]
         assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
         assert label == dataset.targets[index] == index // 1000
+
+
+def test_digits_read_from_the_bundled_csv_equal_scikit_learns_loader(monkeypatch) -> None:
+    """The CSV read directly (no scikit-learn import) gives what `load_digits` gives, and a
+    scikit-learn laid out without the CSV falls back to its loader with the same result."""
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from vitkit.data import digits as module
+
+    reference = load_digits()
+    for hide_csv in (False, True):
+        module._load_digits.cache_clear()
+        if hide_csv:
+            monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+        images, labels = module._load_digits()
+        np.testing.assert_array_equal(images, reference.images)
+        np.testing.assert_array_equal(labels, reference.target)
+    module._load_digits.cache_clear()

@@ -5,7 +5,6 @@ from vitkit.data.cache import CachedImages
 from vitkit.data.config import DataConfig, data_root
 from vitkit.data.datasets import (
     BadImageError,
-    Digits,
     ImageFolder,
     ShardDataset,
     Synthetic,
@@ -13,6 +12,7 @@ from vitkit.data.datasets import (
     decode_image,
     write_shards,
 )
+from vitkit.data.digits import Digits
 from vitkit.data.loader import Loader, ResumableSampler, build_loader
 from vitkit.data.mixup import Mixup, soft_target_cross_entropy
 from vitkit.data.model_transform import eval_transform, preprocessing_of, resolve_preprocessing

@@ -1,7 +1,6 @@
 """Data sets that yield `(image, label)`: image a uint8 RGB tensor (3, H, W), label an int.
 
 - `ImageFolder`: one folder per class (sorted names give the class indices), JPEG/PNG/WebP/BMP only.
-- `Digits`: the embedded default set, scikit-learn's bundled 8x8 digits (no download).
 - `Synthetic`: seeded random images with a learnable label, for tests and benchmarks.
 - `write_shards` / `ShardDataset`: webdataset tar shards, streamed split by rank and DataLoader worker.
 
@@ -14,7 +13,6 @@ folder once, so symlink loops cannot multiply or endlessly repeat the listing.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -27,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -384,44 +382,6 @@ def _image_files(folder: Path, visited: set[tuple[int, int]]) -> tuple[list[str]
                     special.append((entry.path, reason))
         stack.extend(reversed(subfolders))
     return found, special
-
-
-# The embedded default set -----------------------------------------------------------------------
-
-
-@functools.cache
-def _load_digits() -> Any:
-    from sklearn.datasets import load_digits  # slow to import, and only this set needs it
-
-    return load_digits()
-
-
-class Digits(Dataset):
-    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), as uint8 RGB (3, 8, 8).
-
-    A fixed stratified split holds out 20% of each class as "test"; pixel values 0..16 become 0..255.
-    """
-
-    classes = [str(digit) for digit in range(10)]
-    class_to_idx = {name: digit for digit, name in enumerate(classes)}
-    TEST_FRACTION = 0.2
-    SPLIT_SEED = 0
-
-    def __init__(self, split: Literal["train", "test"] = "train") -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"Digits split={split!r}: expected 'train' or 'test'")
-        digits = _load_digits()
-        train, test = stratified_split(digits.target.tolist(), self.TEST_FRACTION, self.SPLIT_SEED)
-        chosen = train if split == "train" else test
-        gray = torch.from_numpy(np.rint(digits.images[chosen] * (255 / 16)).astype(np.uint8))
-        self.images = gray[:, None].expand(-1, 3, -1, -1).contiguous()  # (N, 3, 8, 8)
-        self.targets = digits.target[chosen].tolist()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], self.targets[index]
 
 
 class Synthetic(Dataset):

@@ -24,7 +24,6 @@ from vitkit.data.cache import CachedImages
 # DataConfig and the data root live in config.py; the loader re-exports them, where callers found them.
 from vitkit.data.config import DATA_ENV, DataConfig, data_root, resolve_root
 from vitkit.data.datasets import (
-    Digits,
     ImageFolder,
     ShardDataset,
     Synthetic,
@@ -33,6 +32,7 @@ from vitkit.data.datasets import (
     seeded_generator,
     stratified_split,
 )
+from vitkit.data.digits import Digits
 from vitkit.data.mixup import Mixup
 from vitkit.data.transforms import build_transforms, pad_crop_flip_batch
 
