@@ -3,7 +3,7 @@
 The folder is laid out like a checkout: `../shared/data/cifar10` is a small ImageFolder made here
 (400 JPEGs), `$VITKIT_DATA` points at it for the configs, and the downloaded weights the README names
 (`ViT-B_16.npz`, `model.pth`) are stand-ins written here in their layouts. `$VITKIT_SET` shortens
-every training schedule to two steps; everything else is the README's text. Lines that cannot run
+every training schedule to two steps and its evaluations to 32 images; everything else is the README's text. Lines that cannot run
 here are listed in SKIPPED with the reason, and each entry must still match a README line.
 """
 
@@ -36,6 +36,12 @@ SKIPPED = {
 # README lines run as another command: `make demo` sets up .venv (this test runs in it), then runs this.
 REPLACED = {"make demo": "python -m vitkit demo"}
 SHORT_SCHEDULE = "train.epochs=1 train.max_steps=2 data.batch_size=8 data.num_workers=0 train.log_every=1"
+# Evaluations see 32 images; pre-training has no evaluation (its config has no `eval` section).
+SHORT_EVALUATION = "eval.max_samples=32"
+
+
+def short_schedule(line: str) -> str:
+    return SHORT_SCHEDULE if " pretrain " in f" {line} " else f"{SHORT_SCHEDULE} {SHORT_EVALUATION}"
 
 
 def readme_blocks(language: str) -> list[str]:
@@ -95,7 +101,7 @@ def test_readme_commands_run_in_order(tmp_path: Path) -> None:
         if any(line.startswith(prefix) for prefix in SKIPPED):
             continue
         command = next((REPLACED[p] for p in REPLACED if line.startswith(p)), line)
-        result = run_line(command, project, env)
+        result = run_line(command, project, {**env, "VITKIT_SET": short_schedule(line)})
         assert result.returncode == 0, (
             f"README line failed (exit {result.returncode}): {line}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         )
