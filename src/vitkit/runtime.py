@@ -3,9 +3,8 @@
 Keeping freed memory. Every tensor of a ViT forward pass is large (ViT-S/16 at batch 32: 19-39 MB
 per activation), and glibc serves such sizes with fresh mmap()ed pages that it unmaps again on
 free. Every new activation then costs a page fault and a kernel zeroing per 4 KiB page before the
-operation that writes it can run: measured on the 2-core development CPU, a (6304 x 384) x
-(384 x 1536) fp32 product takes 30.9 ms into fresh memory and 21.6 ms into memory the process had
-freed. `keep_freed_memory` tells glibc to serve large blocks from its heap and not to give freed
+operation that writes it can run (`docs/results.md` gives the cost measured on one CPU).
+`keep_freed_memory` tells glibc to serve large blocks from its heap and not to give freed
 heap memory back, so a process in a steady loop (training or inference steps) reuses its pages;
 the resident size then stays near the peak, as with PyTorch's CUDA caching allocator.
 `VITKIT_MALLOC=system` leaves the allocator as it is.
