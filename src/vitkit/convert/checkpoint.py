@@ -12,14 +12,18 @@ have no header to read apart from their tensors, so theirs are read at once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors_bytes
 
 from ..files import CheckpointError, check_regular_file, parse_metadata, read_json, read_weights
 from ..models.config import ViTConfig
@@ -214,6 +218,25 @@ def _read_weight_files(
     return _Tensors(handles, eager if eager or not handles else None), shapes, metadata or {}
 
 
+def _read_checked(path: Path, sha256: str) -> tuple[_Tensors, dict[str, tuple[int, ...]], dict[str, str]]:
+    """A safetensors file read whole through one open, parsed from the very bytes whose SHA-256 is
+    checked (a training checkpoint's files, listed in its marker)."""
+    if path.suffix.lower() != ".safetensors" or check_regular_file(path) == 0:
+        raise CheckpointError(f"{path}: not a safetensors file, or empty")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"{path}: checksum mismatch (damaged or truncated)")
+    try:
+        state = load_safetensors_bytes(data)
+        (header_size,) = struct.unpack("<Q", data[:8])
+        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, struct.error) as error:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {error}"
+        ) from error
+    return _Tensors({}, state), {key: tuple(value.shape) for key, value in state.items()}, metadata
+
+
 def _folder_config(folder: Path, known: dict[str, Any] | None) -> dict[str, Any]:
     if known is not None:
         return known
@@ -222,8 +245,11 @@ def _folder_config(folder: Path, known: dict[str, Any] | None) -> dict[str, Any]
     return read_json(folder / MODEL_CONFIG_NAME)
 
 
-def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> CheckpointFile:
-    """Resolve `path`, open each of its files once and parse what they say (`layout=` forces one)."""
+def read_checkpoint(
+    path: str | os.PathLike, layout: str | None = None, sha256: str | None = None
+) -> CheckpointFile:
+    """Resolve `path`, open each of its files once and parse what they say (`layout=` forces one).
+    With `sha256`, `path` is one safetensors file read whole and checked against that digest."""
     if layout is not None and layout != "vitkit" and layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; known: vitkit, {', '.join(LAYOUTS)}")
     path, folder_config = _resolve(path)
@@ -232,7 +258,10 @@ def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> Check
         files = _weight_files(path)
     else:
         files = (path,)
-    tensors, shapes, metadata = _read_weight_files(files)
+    if sha256 is None:
+        tensors, shapes, metadata = _read_weight_files(files)
+    else:
+        tensors, shapes, metadata = _read_checked(path, sha256)
     model_type = folder_config.get("model_type") if folder_config is not None else None
     native = model_type == "vitkit" if folder_config is not None else CONFIG_KEY in metadata
     if layout is None:
