@@ -250,3 +250,35 @@ def test_a_served_base_and_its_task_deltas_are_each_read_once(tmp_path, reads):
     tasks = TaskSet(files.base, files.deltas)
     each_once(reads, paths, keys)
     assert tasks.tasks["pets"].classes == ["tabby", "terrier", "goldfish"]
+
+
+def hostile_header(header: dict) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + bytes(16)
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"\xff" * 8 + b"{}", "header of"),
+        (hostile_header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 64]}}), "do not hold"),
+        (hostile_header({"w": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}), "buffer"),
+        (hostile_header({"w": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}), "X9"),
+        (hostile_header({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}), "counts"),
+        (hostile_header({"__metadata__": {"a": 1}}), "text to text"),
+    ],
+)
+def test_a_resume_refuses_a_resigned_file_that_is_not_safetensors(tmp_path, content, needle):
+    """A hostile writer who also rewrites the marker's checksum gets a one-line refusal, no tensor."""
+    import hashlib
+
+    folder, _ = training_checkpoint(tmp_path)
+    (folder / EMA_NAME).write_bytes(content)
+    marker = json.loads((folder / MARKER).read_text())
+    marker["sha256"][EMA_NAME] = hashlib.sha256(content).hexdigest()
+    (folder / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(
+        vitkit.io.CheckpointError, match="ema.safetensors: not a readable safetensors"
+    ) as error:
+        read_state(folder)
+    assert needle in str(error.value) and "\n" not in str(error.value)
