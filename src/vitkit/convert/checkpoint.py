@@ -7,7 +7,9 @@ layout, tensor names and shapes, vitkit's metadata records (`names.METADATA_KEYS
 config.json and preprocessor_config.json, the records beside another toolkit's single file
 (`records.py`). The tensors stay in the open files until
 `CheckpointFile.tensors()` reads each of them, once. Files other than safetensors (.pth, .bin, .npz)
-have no header to read apart from their tensors, so theirs are read at once.
+have no header to read apart from their tensors, so theirs are read at once. A file with a known
+SHA-256 (`sha256=`, a training checkpoint's) is mapped once: the digest is checked on the mapped bytes
+and the tensors are views of them.
 """
 
 from __future__ import annotations
