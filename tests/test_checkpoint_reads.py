@@ -24,7 +24,20 @@ import vitkit
 from helpers import tiny_config
 from vitkit.convert import convert, write_layout
 from vitkit.eval.classification import load_classifier
-from vitkit.train.state import model_metadata, write_weights
+from vitkit.train.state import (
+    EMA_NAME,
+    MARKER,
+    MODEL_NAME,
+    OPTIMIZER_NAME,
+    STATE_NAME,
+    Progress,
+    TrainState,
+    capture_rng,
+    model_metadata,
+    read_state,
+    write_state,
+    write_weights,
+)
 
 CLASSES = ["cat", "dog", "eel", "fox", "gnu"]
 DATA = {"dataset": "synthetic", "img_size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]}
@@ -191,3 +204,81 @@ def test_a_single_file_of_another_toolkit_is_opened_once(tmp_path, reads, target
     loaded = vitkit.load(path, num_heads=4)
     each_once(reads, [path], [])  # read whole: no per-tensor reads to count
     assert torch.equal(loaded.head.weight, model.head.weight)
+
+
+def training_checkpoint(root: Path) -> tuple[Path, vitkit.VisionTransformer]:
+    """A checkpoint folder as a run writes it: weights, EMA weights, AdamW state, state.json, marker."""
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    ema = {key: value.clone() for key, value in model.state_dict().items()}
+    state = TrainState(model.state_dict(), optimizer.state_dict(), Progress(step=3), [capture_rng()], ema)
+    return write_state(root / "checkpoints", state, model_metadata(model.config, CLASSES, DATA)), model
+
+
+def test_a_resume_reads_each_file_of_the_checkpoint_once(tmp_path, reads):
+    """The folder is checked (marker, checksums) and read into one `TrainState`: each file opened
+    once, its checksum taken from the bytes that are parsed."""
+    folder, model = training_checkpoint(tmp_path)
+    reads.opens.clear()
+    state = read_state(folder)
+    files = [folder / name for name in (MARKER, MODEL_NAME, EMA_NAME, OPTIMIZER_NAME, STATE_NAME)]
+    each_once(reads, files, [])  # read whole, checked against its checksum: no per-tensor reads
+    assert all(torch.equal(state.model[key], value) for key, value in model.state_dict().items())
+    assert state.ema is not None and state.optimizer["state"] and state.progress.step == 3
+
+
+def test_a_resume_refuses_a_file_whose_bytes_differ_from_its_checksum(tmp_path):
+    folder, _ = training_checkpoint(tmp_path)
+    data = bytearray((folder / OPTIMIZER_NAME).read_bytes())
+    data[-1] ^= 1  # one bit of a tensor: the file still parses
+    (folder / OPTIMIZER_NAME).write_bytes(bytes(data))
+    with pytest.raises(vitkit.io.CheckpointError, match="optimizer.safetensors: checksum mismatch"):
+        read_state(folder)
+
+
+def test_a_served_base_and_its_task_deltas_are_each_read_once(tmp_path, reads):
+    from serve_helpers import make_checkpoints
+    from vitkit.serve import TaskSet
+
+    files = make_checkpoints(tmp_path / "served")
+    paths = [files.base, *files.deltas.values()]
+    keys = [key for path in paths for key in safetensors.torch.load_file(path)]
+    reads.opens.clear()
+    reads.tensors.clear()
+    tasks = TaskSet(files.base, files.deltas)
+    each_once(reads, paths, keys)
+    assert tasks.tasks["pets"].classes == ["tabby", "terrier", "goldfish"]
+
+
+def hostile_header(header: dict) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + bytes(16)
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"\xff" * 8 + b"{}", "header of"),
+        (hostile_header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 64]}}), "do not hold"),
+        (hostile_header({"w": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}), "buffer"),
+        (hostile_header({"w": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}), "X9"),
+        (hostile_header({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}), "counts"),
+        (hostile_header({"__metadata__": {"a": 1}}), "text to text"),
+    ],
+)
+def test_a_resume_refuses_a_resigned_file_that_is_not_safetensors(tmp_path, content, needle):
+    """A hostile writer who also rewrites the marker's checksum gets a one-line refusal, no tensor."""
+    import hashlib
+
+    folder, _ = training_checkpoint(tmp_path)
+    (folder / EMA_NAME).write_bytes(content)
+    marker = json.loads((folder / MARKER).read_text())
+    marker["sha256"][EMA_NAME] = hashlib.sha256(content).hexdigest()
+    (folder / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(
+        vitkit.io.CheckpointError, match="ema.safetensors: not a readable safetensors"
+    ) as error:
+        read_state(folder)
+    assert needle in str(error.value) and "\n" not in str(error.value)

@@ -308,6 +308,20 @@ def figure_path(figure: str, out: str | os.PathLike | None) -> Path:
     return path / f"{figure}.png" if path.is_dir() or str(out).endswith(("/", os.sep)) else path
 
 
+def _check_figure_request(figure: str, inputs: list[str], **counts: int) -> None:
+    """The figure is known, every count positive, and images given exactly to the figures that take them."""
+    if figure not in FIGURES:
+        raise ValueError(f"unknown figure {figure!r}; choose one of {', '.join(FIGURES)}")
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name}={value}: expected a positive number")
+    needs = {"attention-distance": "image files or folders", "attention": "one image file"}
+    if figure in needs and not inputs:
+        raise ValueError(f"figure {figure!r} needs {needs[figure]}")
+    if figure not in needs and inputs:
+        raise ValueError(f"figure {figure!r} takes no images, got {inputs}")
+
+
 def figure_from_checkpoint(
     figure: str,
     checkpoint: str | os.PathLike,
@@ -330,21 +344,10 @@ def figure_from_checkpoint(
     from ..data.model_transform import geometry_of, resolve_preprocessing
     from ..io import load
 
-    if figure not in FIGURES:
-        raise ValueError(f"unknown figure {figure!r}; choose one of {', '.join(FIGURES)}")
-    for name, value in (
-        ("max_images", max_images),
-        ("batch_size", batch_size),
-        ("num_components", num_components),
-    ):
-        if value < 1:
-            raise ValueError(f"{name}={value}: expected a positive number")
     inputs = list(inputs or [])
-    needs = {"attention-distance": "image files or folders", "attention": "one image file"}
-    if figure in needs and not inputs:
-        raise ValueError(f"figure {figure!r} needs {needs[figure]}")
-    if figure not in needs and inputs:
-        raise ValueError(f"figure {figure!r} takes no images, got {inputs}")
+    _check_figure_request(
+        figure, inputs, max_images=max_images, batch_size=batch_size, num_components=num_components
+    )
     model = load(checkpoint, **({} if img_size is None else {"img_size": img_size})).eval()
     size = model.config.img_size
     steps = resolve_preprocessing(model, **(preprocessing or {}))

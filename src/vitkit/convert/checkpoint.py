@@ -7,18 +7,26 @@ layout, tensor names and shapes, vitkit's metadata records (`names.METADATA_KEYS
 config.json and preprocessor_config.json, the records beside another toolkit's single file
 (`records.py`). The tensors stay in the open files until
 `CheckpointFile.tensors()` reads each of them, once. Files other than safetensors (.pth, .bin, .npz)
-have no header to read apart from their tensors, so theirs are read at once.
+have no header to read apart from their tensors, so theirs are read at once. A file with a known
+SHA-256 (`sha256=`, a training checkpoint's) is mapped once: the digest is checked on the mapped bytes
+and the tensors are views of them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
+import mmap
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from ..files import CheckpointError, check_regular_file, parse_metadata, read_json, read_weights
@@ -214,6 +222,68 @@ def _read_weight_files(
     return _Tensors(handles, eager if eager or not handles else None), shapes, metadata or {}
 
 
+# safetensors' dtype names -> torch's.
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+
+
+def _read_checked(path: Path, sha256: str) -> tuple[_Tensors, dict[str, tuple[int, ...]], dict[str, str]]:
+    """A safetensors file through one open (a training checkpoint's file, listed in its marker): mapped
+    copy-on-write, its SHA-256 checked on the mapped bytes, its tensors views of those very bytes (no
+    copy in memory; an in-place update of a tensor never reaches the file)."""
+    if path.suffix.lower() != ".safetensors" or check_regular_file(path) == 0:
+        raise CheckpointError(f"{path}: not a safetensors file, or empty")
+    with open(path, "rb") as handle:
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"{path}: checksum mismatch (damaged or truncated)")
+    try:
+        state, metadata = _tensor_views(data)
+    except (AttributeError, KeyError, TypeError, ValueError, struct.error) as error:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {error!r}"
+        ) from error
+    return _Tensors({}, state), {key: tuple(value.shape) for key, value in state.items()}, metadata
+
+
+def _tensor_views(data: mmap.mmap) -> tuple[State, dict[str, str]]:
+    """A safetensors file's tensors, as views of its bytes, and its metadata. Each tensor's byte range
+    must hold exactly its shape, and `torch.frombuffer` refuses a range beyond the bytes."""
+    (header_size,) = struct.unpack_from("<Q", data)
+    start = 8 + header_size
+    if start > len(data):
+        raise ValueError(f"a header of {header_size} bytes in a file of {len(data)}")
+    header = json.loads(data[8:start])
+    metadata = header.pop("__metadata__", None) or {}
+    if not all(isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()):
+        raise ValueError("metadata must map text to text")
+    state: State = {}
+    for key, entry in header.items():
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if not all(type(n) is int and n >= 0 for n in [*shape, begin, end]):
+            raise ValueError(f"{key}: shape and data_offsets must be counts")
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize:
+            raise ValueError(
+                f"{key}: bytes {begin}..{end} do not hold a {entry['dtype']} tensor of shape {shape}"
+            )
+        view = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin) if count else None
+        state[key] = torch.empty(shape, dtype=dtype) if view is None else view.reshape(shape)
+    return state, metadata
+
+
 def _folder_config(folder: Path, known: dict[str, Any] | None) -> dict[str, Any]:
     if known is not None:
         return known
@@ -222,8 +292,11 @@ def _folder_config(folder: Path, known: dict[str, Any] | None) -> dict[str, Any]
     return read_json(folder / MODEL_CONFIG_NAME)
 
 
-def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> CheckpointFile:
-    """Resolve `path`, open each of its files once and parse what they say (`layout=` forces one)."""
+def read_checkpoint(
+    path: str | os.PathLike, layout: str | None = None, sha256: str | None = None
+) -> CheckpointFile:
+    """Resolve `path`, open each of its files once and parse what they say (`layout=` forces one).
+    With `sha256`, `path` is one safetensors file read whole and checked against that digest."""
     if layout is not None and layout != "vitkit" and layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; known: vitkit, {', '.join(LAYOUTS)}")
     path, folder_config = _resolve(path)
@@ -232,7 +305,10 @@ def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> Check
         files = _weight_files(path)
     else:
         files = (path,)
-    tensors, shapes, metadata = _read_weight_files(files)
+    if sha256 is None:
+        tensors, shapes, metadata = _read_weight_files(files)
+    else:
+        tensors, shapes, metadata = _read_checked(path, sha256)
     model_type = folder_config.get("model_type") if folder_config is not None else None
     native = model_type == "vitkit" if folder_config is not None else CONFIG_KEY in metadata
     if layout is None:
@@ -240,8 +316,9 @@ def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> Check
         log.info("%s: detected the %s layout", path, layout)
     else:
         log.info("%s: reading as the %s layout (forced)", path, layout)
-    if folder_config is None and CONFIG_KEY not in metadata:
-        metadata = {**metadata, **read_sidecar(path)}  # another toolkit's file: vitkit's records beside it
+    if folder_config is None and CONFIG_KEY not in metadata and sha256 is None:
+        # Another toolkit's file: vitkit's records beside it (a checked file's records are its metadata).
+        metadata = {**metadata, **read_sidecar(path)}
     records = _records(path, files, metadata, folder_config)
     return CheckpointFile(path, layout, files, shapes, metadata, folder_config, **records, source=tensors)
 

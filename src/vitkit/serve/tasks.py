@@ -29,10 +29,10 @@ import torch
 
 from ..data.datasets import decode_image_bytes
 from ..data.model_transform import eval_transform, preprocessing_of
-from ..delta import MultiTaskModel, read_delta
+from ..delta import Delta, MultiTaskModel, read_delta
 from ..eval.classification import CLASSES_KEY, check_finite, load_classifier, resolve_checkpoint
 from ..fast import apply_fast_paths
-from ..files import CheckpointError, parse_metadata, read_header
+from ..files import CheckpointError
 from ..models.vit import VisionTransformer
 
 Backend = Literal["torch", "onnx"]
@@ -80,17 +80,16 @@ def parse_task_specs(specs: list[str]) -> dict[str, str]:
     return tasks
 
 
-def delta_classes(path: str | os.PathLike, num_classes: int) -> list[str]:
-    """The class names a delta file records under the training checkpoints' key, else "0", "1", ..."""
-    _, metadata = read_header(path)  # the header only: read_delta reads the tensors
-    if CLASSES_KEY not in metadata:
+def delta_classes(delta: Delta) -> list[str]:
+    """The class names a delta records under the training checkpoints' key, else "0", "1", ..."""
+    num_classes = delta.config.num_classes
+    if delta.classes is None:
         return [str(index) for index in range(num_classes)]
-    classes = parse_metadata(path, metadata, CLASSES_KEY, list)
-    if len(classes) != num_classes or not all(isinstance(name, str) for name in classes):
+    if len(delta.classes) != num_classes or not all(isinstance(name, str) for name in delta.classes):
         raise CheckpointError(
-            f"{path}: metadata {CLASSES_KEY!r}: expected {num_classes} class names (the head's outputs)"
+            f"{delta.path}: metadata {CLASSES_KEY!r}: expected {num_classes} class names (the head's outputs)"
         )
-    return classes
+    return list(delta.classes)
 
 
 class TaskSet:
@@ -120,7 +119,7 @@ class TaskSet:
             model = self.trunk.add_task(name, delta)
             check_finite(model, path)
             own = sum(p.numel() for p in model.parameters() if id(p) not in trunk_ids)
-            self._add(name, model, delta_classes(path, delta.config.num_classes), str(path), own)
+            self._add(name, model, delta_classes(delta), str(path), own)
         if not self.tasks:
             raise ValueError(f"{checkpoint}: the base has no classification head and no --task was given")
         log.info("serving %s", ", ".join(f"{t.name} ({t.source})" for t in self.tasks.values()))

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..convert.names import MASKED_KEY
 from ..data import DataConfig
 from ..data.datasets import derive_seed
 from ..models.config import ViTConfig, check_fields
@@ -35,7 +36,6 @@ from .state import model_metadata, write_weights
 from .task import Task, seed_everything
 
 log = logging.getLogger(__name__)
-MASKED_KEY = "vitkit.masked"  # safetensors metadata: the MaskedConfig of a whole masked model
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..eval.classification import CLASSES_KEY, DATA_KEY
-from ..io import CONFIG_KEY, CheckpointError, atomic_write, config_from_metadata, read_json, read_weights
+from ..convert.checkpoint import read_checkpoint
+from ..convert.names import CLASSES_KEY, CONFIG_KEY, DATA_KEY
+from ..files import MAX_JSON_BYTES, CheckpointError, atomic_write, check_regular_file, read_json
 from ..models.config import ViTConfig
 from .state_checks import check_plain_state
 
@@ -226,29 +227,44 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if _STEP_FOLDER.match(p.name)), reverse=True)
 
 
-def check_checkpoint(folder: Path, checksums: bool = True) -> str | None:
-    """None for a complete, undamaged checkpoint; otherwise why it cannot be used. Without
-    `checksums`, only whether it is complete: its marker and every file the marker lists."""
+def _listed_files(folder: Path) -> dict[str, str]:
+    """The marker's table (file name -> SHA-256), every file it lists present in the folder; a
+    CheckpointError saying why the checkpoint is incomplete otherwise."""
     marker = folder / MARKER
     if not marker.exists():
-        return "no COMPLETE marker (the process stopped while writing it)"
+        raise CheckpointError("no COMPLETE marker (the process stopped while writing it)")
     try:
         expected = read_json(marker).get("sha256")
     except CheckpointError as error:
-        return f"unreadable marker ({error})"
+        raise CheckpointError(f"unreadable marker ({error})") from error
     if not isinstance(expected, dict):
-        return f"{marker}: unreadable marker (no 'sha256' table)"
+        raise CheckpointError(f"{marker}: unreadable marker (no 'sha256' table)")
     for name in (MODEL_NAME, OPTIMIZER_NAME, STATE_NAME):
         if name not in expected:
-            return f"{name} is not listed in the marker"
-    for name, digest in expected.items():
+            raise CheckpointError(f"{name} is not listed in the marker")
+    for name in expected:
         path = folder / name
         if not path.exists():
-            return f"{path}: missing"
+            raise CheckpointError(f"{path}: missing")
         if not path.is_file() or path.parent != folder:
-            return f"{path}: not a regular file in the checkpoint folder"
-        if checksums and _sha256(path) != digest:
-            return f"{path}: checksum mismatch (damaged or truncated)"
+            raise CheckpointError(f"{path}: not a regular file in the checkpoint folder")
+    return expected
+
+
+def _mismatch(path: Path) -> str:
+    return f"{path}: checksum mismatch (damaged or truncated)"
+
+
+def check_checkpoint(folder: Path, checksums: bool = True) -> str | None:
+    """None for a complete, undamaged checkpoint; otherwise why it cannot be used. Without
+    `checksums`, only whether it is complete: its marker and every file the marker lists."""
+    try:
+        expected = _listed_files(folder)
+    except CheckpointError as error:
+        return str(error)
+    for name, digest in expected.items():
+        if checksums and _sha256(folder / name) != digest:
+            return _mismatch(folder / name)
     return None
 
 
@@ -263,32 +279,53 @@ def find_resumable(root: str | Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def read_state(folder: str | Path) -> TrainState:
-    """Read a checkpoint folder written by `write_state`, every field of state.json checked
-    (CheckpointError naming the file, key and problem, when it is damaged or tampered with)."""
-    folder = Path(folder)
-    reason = check_checkpoint(folder)
-    if reason is not None:
-        raise CheckpointError(f"{folder}: cannot resume: {reason}")
-    model, metadata = read_weights(folder / MODEL_NAME)
-    if CONFIG_KEY not in metadata:
-        raise CheckpointError(f"{folder / MODEL_NAME}: no {CONFIG_KEY!r} metadata")
-    config_from_metadata(folder / MODEL_NAME, metadata)
-    optimizer_tensors, _ = read_weights(folder / OPTIMIZER_NAME)
-    ema = read_weights(folder / EMA_NAME)[0] if (folder / EMA_NAME).exists() else None
-    state_path = folder / STATE_NAME
-    plain = read_json(state_path)
-    check_plain_state(state_path, plain)
+def _read_checked_json(path: Path, digest: str) -> dict[str, Any]:
+    """A JSON object read through one open, parsed from the bytes whose SHA-256 is checked."""
+    if check_regular_file(path) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: more than the {MAX_JSON_BYTES} bytes a JSON file may have here")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(_mismatch(path))
     try:
-        optimizer = join_optimizer_state(optimizer_tensors, plain["optimizer"])
+        plain = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as cause:
+        raise CheckpointError(f"{path}: invalid JSON: {cause}") from cause
+    if not isinstance(plain, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(plain).__name__}")
+    return plain
+
+
+def read_state(folder: str | Path) -> TrainState:
+    """Read a checkpoint folder written by `write_state`: each file opened once, its checksum taken on
+    the bytes parsed, every field of state.json checked (CheckpointError naming the file, key and
+    problem, when it is damaged or tampered with)."""
+    folder = Path(folder)
+    try:
+        expected = _listed_files(folder)
+        for name in expected.keys() - {MODEL_NAME, EMA_NAME, OPTIMIZER_NAME, STATE_NAME}:
+            if _sha256(folder / name) != expected[name]:
+                raise CheckpointError(_mismatch(folder / name))
+        weights = {
+            name: read_checkpoint(folder / name, layout="vitkit", sha256=expected[name])
+            for name in (MODEL_NAME, EMA_NAME, OPTIMIZER_NAME)
+            if name in expected
+        }
+        plain = _read_checked_json(folder / STATE_NAME, expected[STATE_NAME])
+    except CheckpointError as error:
+        raise CheckpointError(f"{folder}: cannot resume: {error}") from error
+    if weights[MODEL_NAME].config is None:
+        raise CheckpointError(f"{folder / MODEL_NAME}: no {CONFIG_KEY!r} metadata")
+    check_plain_state(folder / STATE_NAME, plain)
+    try:
+        optimizer = join_optimizer_state(dict(weights[OPTIMIZER_NAME].tensors()), plain["optimizer"])
     except ValueError as error:
         raise CheckpointError(f"{folder / OPTIMIZER_NAME}: not an optimiser state ({error})") from error
     return TrainState(
-        model=model,
+        model=dict(weights[MODEL_NAME].tensors()),
         optimizer=optimizer,
         progress=Progress(**plain["progress"]),
         rng=plain["rng"],
-        ema=ema,
+        ema=dict(weights[EMA_NAME].tensors()) if EMA_NAME in weights else None,
         scaler=plain["scaler"],
         evaluation_due=plain.get("evaluation_due", False),
     )
