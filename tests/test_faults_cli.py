@@ -340,7 +340,7 @@ def tiny_config_file(tmp_path: Path, data: dict | None = None, **train) -> Path:
     from test_train_loop import tiny_experiment
 
     config = tmp_path / "config.json"
-    experiment = tiny_experiment(tmp_path / "run", epochs=2, data=data, **train)
+    experiment = tiny_experiment(tmp_path / "run", data=data, **{"epochs": 2, **train})
     config.write_text(json.dumps(experiment.to_dict()))
     return config
 
@@ -401,3 +401,15 @@ def test_training_on_one_class_is_refused(run, tmp_path):
     reply = run("train on a folder of one class", "train", "--config", config)
     refused(reply, "vitkit train: error:", f"{tmp_path / 'data' / 'train'}: one class, 'cat'", "2 classes")
     assert not list((tmp_path / "run").rglob("*.safetensors"))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: no thread count to choose")
+def test_default_thread_count_is_measured_before_training(run, tmp_path):
+    # 2 steps an epoch, 50 steps: long enough to repay the measurement.
+    config = tiny_config_file(tmp_path, epochs=25, num_threads=0)
+    reply = run("train with train.num_threads=0 (measured)", "train", "--config", config)
+    completed(reply, "thread count measured on throwaway passes, chosen and logged")
+    lines = [line for line in reply["stderr"].splitlines() if "measured passes/s by thread count" in line]
+    assert len(lines) == 1, reply["stderr"]
+    RESULTS[-1]["outcome"] += f" ({lines[0]})"
+    assert json.loads(reply["stdout"])["steps"] == 50

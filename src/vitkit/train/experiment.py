@@ -75,9 +75,10 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     deterministic: bool = False
-    # CPU threads of this process (0: the cores free to it, os.sched_getaffinity, shared among the
-    # node's processes). Small models run faster on one thread: the
-    # per-op overhead of splitting work across cores outweighs the arithmetic they share.
+    # CPU threads of this process (0: measured; the cores free to it, os.sched_getaffinity, shared
+    # among the node's processes, unless throwaway passes before the first step run faster on half
+    # of them or one, as on a busy machine; the run logs the figures). Small models run faster on one
+    # thread: the per-op overhead of splitting work across cores outweighs the arithmetic they share.
     num_threads: int = 0
     log_every: int = 10
     # A resumable checkpoint every N steps (0: only at epoch ends); keep the newest `keep_last`.
