@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -35,9 +36,14 @@ RESULTS: list[dict] = []
 CLASSES = ["a", "b"]
 
 
-def vitkit(*argv: str, timeout_s: float = 120, env: dict | None = None) -> dict:
+def vitkit(*argv: str, timeout_s: float = 120, env: dict | None = None, max_file_bytes: int = 0) -> dict:
     """Run `python -m vitkit argv` in its own process, killed at `timeout_s`: exit code, output, wall
-    time and the process's own peak RSS (from `wait4`)."""
+    time and the process's own peak RSS (from `wait4`). `max_file_bytes` (RLIMIT_FSIZE) makes a
+    write past that size fail with EFBIG, as a full disk fails (Python ignores SIGXFSZ)."""
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     killed = threading.Event()
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
@@ -48,6 +54,7 @@ def vitkit(*argv: str, timeout_s: float = 120, env: dict | None = None) -> dict:
             stderr=stderr,
             text=True,
             env={**environment, **(env or {})},
+            preexec_fn=limit_file_size if max_file_bytes else None,
         )
         timer = threading.Timer(timeout_s, lambda: (killed.set(), process.kill()))
         timer.start()
@@ -305,3 +312,104 @@ def test_train_split_smaller_than_a_batch_names_the_sizes(run, tmp_path):
     config.write_text(json.dumps(tiny_experiment(tmp_path / "run", epochs=1, data=data).to_dict()))
     reply = run("train: 10 images at batch 64", "train", "--config", config)
     refused(reply, "vitkit train: error:", "10 images", "batch_size 64", "drop_last")
+
+
+def config_file(path: Path, *lines: str) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "lines", "needle"),
+    [
+        ("a syntax error", ["x = 1", "def experiment(:", "    pass"], ":2: SyntaxError: "),
+        (
+            "an exception",
+            ["from vitkit.train import Experiment", "", "", "def experiment():", "    return 1 / 0"],
+            ":5: ZeroDivisionError: division by zero while running experiment() of the config",
+        ),
+        ("a failing import", ["import vitkit_no_such_module"], ":1: ModuleNotFoundError: "),
+    ],
+)
+def test_config_file_that_fails_names_its_line(run, tmp_path, case, lines, needle):
+    path = config_file(tmp_path / "my.py", *lines)
+    refused(run(f"train --config my.py with {case}", "train", "--config", path), f"{path}{needle}")
+
+
+def tiny_config_file(tmp_path: Path, data: dict | None = None, **train) -> Path:
+    from test_train_loop import tiny_experiment
+
+    config = tmp_path / "config.json"
+    experiment = tiny_experiment(tmp_path / "run", data=data, **{"epochs": 2, **train})
+    config.write_text(json.dumps(experiment.to_dict()))
+    return config
+
+
+def stopped(reply: dict, *needles: str) -> str:
+    """A training that stopped part-way: its progress lines, then one line of error (no traceback)."""
+    assert not reply["timed_out"], f"hung until killed: {reply}"
+    assert "Traceback" not in reply["stderr"], reply["stderr"]
+    assert reply["rc"] == 2, reply
+    line = reply["stderr"].strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in line, line
+    message = re.sub(r"/\S*/pytest-\d+/[^/\s]+/", "", line.split("error: ", 1)[-1])
+    RESULTS[-1]["outcome"] = f"exit 2: {message[:150]}"
+    return line
+
+
+def test_full_disk_during_a_checkpoint_write_leaves_the_run_resumable(run, tmp_path):
+    config = tiny_config_file(tmp_path)
+    folder = tmp_path / "run"
+    # Two steps an epoch: a complete checkpoint at step 2 first.
+    completed(run("train to step 2", "train", "--config", config, "--set", "train.max_steps=2"), "step 2")
+    # 150 kB lets a checkpoint's model (100 kB) through and stops its optimiser state (200 kB).
+    reply = run("train on to step 4, the disk full", "train", "--config", config, max_file_bytes=150_000)
+    written = folder / "checkpoints" / "step-00000004" / "optimizer.safetensors"
+    stopped(reply, f"vitkit train: error: {written}: File too large")
+    assert not list(folder.rglob("*.tmp")), "a temporary file was left behind"
+    assert not (folder / "checkpoints" / "step-00000004" / "COMPLETE").exists()
+    reply = run("the same command with space again", "train", "--config", config)
+    completed(reply, "resumed from step 2 and finished")
+    assert f"resumed from {folder / 'checkpoints' / 'step-00000002'} at step 2" in reply["stderr"]
+    assert json.loads(reply["stdout"])["steps"] == 4
+
+
+def test_explicit_set_wins_over_the_environment(run, tmp_path):
+    environment = {"VITKIT_SET": "train.epochs=7 train.seed=5"}
+    argv = ["train", "--config", "digits_vit", "--set", "train.epochs=3", "--print-config"]
+    reply = run("train --set epochs=3 under VITKIT_SET epochs=7", *argv, env=environment)
+    printed = json.loads(completed(reply, "--set wins: epochs 3; seed 5 from VITKIT_SET"))
+    assert printed["train"]["epochs"] == 3 and printed["train"]["seed"] == 5
+    assert reply["stderr"].count("VITKIT_SET") == 1 and "wins" in reply["stderr"]
+
+
+def test_finetune_announces_the_environment_once(run, tmp_path, checkpoint):
+    argv = ["finetune", checkpoint, "--print-config", "--set", f"data.root={tmp_path}"]
+    reply = run("finetune under VITKIT_SET", *argv, env={"VITKIT_SET": "train.epochs=1"})
+    printed = json.loads(completed(reply, "VITKIT_SET announced once"))
+    assert printed["train"]["epochs"] == 1
+    assert reply["stderr"].count("VITKIT_SET") == 1, reply["stderr"]
+
+
+def test_training_on_one_class_is_refused(run, tmp_path):
+    for index in range(8):
+        write_jpeg(tmp_path / "data" / "train" / "cat" / f"{index}.jpg", seed=index)
+        write_jpeg(tmp_path / "data" / "test" / "cat" / f"{index}.jpg", seed=index)
+    data = {"dataset": "imagefolder", "root": str(tmp_path / "data"), "batch_size": 4}
+    config = tiny_config_file(tmp_path, data=data)
+    reply = run("train on a folder of one class", "train", "--config", config)
+    refused(reply, "vitkit train: error:", f"{tmp_path / 'data' / 'train'}: one class, 'cat'", "2 classes")
+    assert not list((tmp_path / "run").rglob("*.safetensors"))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: no thread count to choose")
+def test_default_thread_count_is_measured_before_training(run, tmp_path):
+    # 2 steps an epoch, 50 steps: long enough to repay the measurement.
+    config = tiny_config_file(tmp_path, epochs=25, num_threads=0)
+    reply = run("train with train.num_threads=0 (measured)", "train", "--config", config)
+    completed(reply, "thread count measured on throwaway passes, chosen and logged")
+    lines = [line for line in reply["stderr"].splitlines() if "measured passes/s by thread count" in line]
+    assert len(lines) == 1, reply["stderr"]
+    RESULTS[-1]["outcome"] += f" ({lines[0]})"
+    assert json.loads(reply["stdout"])["steps"] == 50

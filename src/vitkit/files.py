@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import stat
 import tempfile
 import zipfile
@@ -115,21 +116,38 @@ def parse_metadata(path: str | os.PathLike, metadata: dict[str, str], key: str, 
 
 
 # Writing ---------------------------------------------------------------------------------------------
+# How safetensors' Rust writer reports an OS error under its own exception type.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_error(error: Exception, path: Path) -> Exception:
+    """A writer's failure of the OS as an OSError naming `path` (the file meant, not the temporary
+    one) and its errno: safetensors reports a full disk as `SafetensorError: ... No space left on
+    device (os error 28)`, and Python's own writes name no file. Other errors are returned as they are."""
+    if isinstance(error, OSError):
+        return OSError(error.errno, error.strerror or str(error), str(path))
+    match = _RUST_OS_ERROR.search(str(error))
+    if match is None:
+        return error
+    return OSError(int(match[1]), os.strerror(int(match[1])), str(path))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    Any failure (a full disk, a file-size limit, the writer's own error) leaves `path` as it was,
+    removes the temporary file and raises an OSError naming `path` with the OS's errno."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
-        # mkstemp creates the file as 0600; give it the mode a plain open() would (0666 less umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _write_and_sync(tmp, path, write)
+    except (OSError, SafetensorError) as error:
+        converted = write_error(error, path)
+        if converted is error:
+            raise
+        raise converted from error
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -138,6 +156,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _write_and_sync(tmp: str, path: Path, write: Callable[[str], None]) -> None:
+    write(tmp)
+    # mkstemp creates the file as 0600; give it the mode a plain open() would (0666 less umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 # Reading ---------------------------------------------------------------------------------------------

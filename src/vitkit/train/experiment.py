@@ -2,7 +2,7 @@
 
 An experiment is a dataclass tree, `Experiment(model, data, optim, train, eval)`, produced by a Python
 function in `configs/` and changed from the CLI with type-checked `--set a.b=value` overrides (and
-from $VITKIT_SET, after the command line's). `load_experiment` finds a config by name or path, parses
+from $VITKIT_SET, before the command line's, which win). `load_experiment` finds a config by name or path, parses
 it and applies the overrides; the checks here name bad values before training starts.
 """
 
@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -74,9 +75,10 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     deterministic: bool = False
-    # CPU threads of this process (0: the cores free to it, os.sched_getaffinity, shared among the
-    # node's processes). Small models run faster on one thread: the
-    # per-op overhead of splitting work across cores outweighs the arithmetic they share.
+    # CPU threads of this process (0: measured; the cores free to it, os.sched_getaffinity, shared
+    # among the node's processes, unless throwaway passes before the first step run faster on half
+    # of them or one, as on a busy machine; the run logs the figures). Small models run faster on one
+    # thread: the per-op overhead of splitting work across cores outweighs the arithmetic they share.
     num_threads: int = 0
     log_every: int = 10
     # A resumable checkpoint every N steps (0: only at epoch ends); keep the newest `keep_last`.
@@ -199,15 +201,39 @@ class UnknownKeyError(ValueError, TypeError):
     TypeError of the dataclass it would be passed to)."""
 
 
+class ConfigFileError(ValueError):
+    """A config file that does not run: `file:line: error` in one line, as a compiler reports."""
+
+
+def _config_failure(path: Path, error: Exception, doing: str) -> ConfigFileError:
+    """`error`, raised while Python compiled or ran the config at `path`, as one line naming the
+    config's line: the syntax error's, or the deepest frame of the config's own code."""
+    if isinstance(error, SyntaxError):
+        return ConfigFileError(f"{path}:{error.lineno}: {type(error).__name__}: {error.msg}")
+    line = None
+    for frame, number in traceback.walk_tb(error.__traceback__):
+        if Path(frame.f_code.co_filename).resolve() == path.resolve():
+            line = number
+    where = f"{path}:{line}" if line is not None else str(path)
+    message = str(error).strip() or type(error).__name__
+    return ConfigFileError(f"{where}: {type(error).__name__}: {message} while {doing} the config")
+
+
 def _experiment_from_file(path: Path, kind: type) -> Any:
     if path.suffix == ".json":
         return _parse({"experiment": read_json(path, error=ValueError)}, path, kind)
     spec = importlib.util.spec_from_file_location(f"vitkit_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # the config's own code: whatever it raises is the user's to fix
+        raise _config_failure(path, error, "running") from error
     if not callable(getattr(module, "experiment", None)):
         raise ValueError(f"{path}: a config file must define `experiment() -> {kind.__name__}`")
-    result = module.experiment()
+    try:
+        result = module.experiment()
+    except Exception as error:
+        raise _config_failure(path, error, "running experiment() of") from error
     if not isinstance(result, kind):
         raise TypeError(f"{path}: experiment() returned {type(result).__name__}, expected {kind.__name__}")
     return result
@@ -264,7 +290,11 @@ def load_experiment(config: str | Any, overrides: list[str] = (), kind: type = E
         base = _with_root(_experiment_from_file(path, kind), path.parent)
     else:
         base, kind = config, type(config)
-    overrides = [*overrides, *environment_overrides()]
+    # The environment's overrides are defaults of this shell; the command line's --set, explicit, win.
+    from_environment = environment_overrides()
+    if from_environment:
+        log.warning("%s sets %s (a --set of the same key wins)", OVERRIDES_ENV, " ".join(from_environment))
+    overrides = [*from_environment, *overrides]
     data = base.to_dict()
     known = _known_keys(kind)
     flags = []
@@ -319,16 +349,12 @@ OVERRIDES_ENV = "VITKIT_SET"
 
 
 def environment_overrides() -> list[str]:
-    """`key=value` overrides from $VITKIT_SET (space-separated, shell quoting), applied after the
-    command line's: e.g. VITKIT_SET="train.epochs=1 train.max_steps=2" for a smoke run of any
-    command that trains."""
+    """`key=value` overrides from $VITKIT_SET (space-separated, shell quoting), applied before the
+    command line's, which win: e.g. VITKIT_SET="train.epochs=1 train.max_steps=2" for a smoke run of
+    any command that trains. `load_experiment` applies and announces them; this only reads them."""
     import shlex
 
-    text = os.environ.get(OVERRIDES_ENV, "")
-    items = shlex.split(text)
-    if items:
-        log.warning("%s adds the overrides %s", OVERRIDES_ENV, " ".join(items))
-    return items
+    return shlex.split(os.environ.get(OVERRIDES_ENV, ""))
 
 
 def check_top_k(top_k: tuple[int, ...], num_classes: int) -> None:

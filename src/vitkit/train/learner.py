@@ -9,6 +9,7 @@ model as DDP/FSDP wrapped it, the optimiser, the grad scaler, the progress and t
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from .experiment import TrainConfig
 from .precision import Arithmetic
 from .state import MODEL_NAME, OPTIMIZER_NAME, Progress, TrainState, capture_rng, restore_rng
 from .state_checks import check_optimizer, check_tensors
-from .task import Task, seed_everything
+from .task import Batch, Objective, Task, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +113,56 @@ class Learner:
                 self.env.world_size,
             )
             seed_everything(derive_seed("resume", self.seed, self.env.rank, self.progress.step))
+
+    # Throwaway passes ----------------------------------------------------------------------------------
+    def measure_threads(
+        self, objective: Objective, batch: Batch, arithmetic: Arithmetic, num_passes: int = 2
+    ) -> dict[int, float]:
+        """Forward and backward passes per second of `batch` at each thread count of
+        `thread_candidates`, each after one warm-up pass. The passes are thrown away: the gradients,
+        the buffers (batch-norm statistics) and the RNG streams are put back as they were, so the run
+        that follows is the one it would have been."""
+        default = torch.get_num_threads()
+        rng = capture_rng(self.env.device)
+        buffers = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
+        rates = {}
+        try:
+            for threads in thread_candidates(default):
+                torch.set_num_threads(threads)
+                self._throwaway_pass(objective, batch, arithmetic)
+                started = time.perf_counter()
+                for _ in range(num_passes):
+                    self._throwaway_pass(objective, batch, arithmetic)
+                rates[threads] = num_passes / (time.perf_counter() - started)
+        finally:
+            torch.set_num_threads(default)
+            with torch.no_grad():
+                for name, buffer in self.model.named_buffers():
+                    buffer.copy_(buffers[name])
+            self.optimizer.zero_grad(set_to_none=True)
+            restore_rng(rng, self.env.device)
+        return rates
+
+    def _throwaway_pass(self, objective: Objective, batch: Batch, arithmetic: Arithmetic) -> None:
+        with arithmetic.autocast():
+            loss, _ = objective(self.wrapped, batch, self.progress.step, 0)
+        loss.backward()
+        for parameter in self.trainable:
+            parameter.grad = None
+
+
+def thread_candidates(default: int) -> list[int]:
+    """The thread counts tried when train.num_threads is 0: the default (every core free to the
+    process), half of it and one, most first."""
+    return sorted({default, max(1, default // 2), 1}, reverse=True)
+
+
+def choose_thread_count(rates: dict[int, float], default: int, margin: float = 1.1) -> tuple[int, str]:
+    """The thread count to train with, from the passes per second measured at each count (`rates`),
+    and a line saying the choice and its figures. The default stays unless another count ran
+    `margin` times faster: closer figures are within the noise of a few passes."""
+    fastest = max(rates, key=lambda threads: (rates[threads], threads))
+    chosen = fastest if rates[fastest] >= margin * rates[default] else default
+    figures = ", ".join(f"{threads}: {rates[threads]:.2f}" for threads in sorted(rates, reverse=True))
+    why = "the default" if chosen == default else f"faster than the default {default}"
+    return chosen, f"cpu threads: {chosen}, {why} (measured passes/s by thread count: {figures})"

@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from ..data import build_loader
 from ..eval.classification import ClassificationResult
+from ..models.vit import VisionTransformer
 from . import distributed, run_folder
 from .evaluator import read_evaluated, write_evaluated
 from .experiment import Experiment, check_model_config
-from .learner import Learner
+from .learner import Learner, choose_thread_count
 from .metrics import MetricsLog, plot_curves
 from .optim import learning_rate, set_lr
 from .precision import setup_arithmetic
@@ -45,6 +46,8 @@ from .task import Batch, Task, build_model, classification_task
 __all__ = ["NonFiniteLossError", "build_model", "run_config", "train"]
 
 MakeTask = Callable[[Any, distributed.Env, Any], Task]
+# Measuring the thread count costs ~3 passes per count tried: runs shorter than this keep the default.
+MIN_STEPS_TO_MEASURE = 50
 
 
 class NonFiniteLossError(RuntimeError):
@@ -171,6 +174,8 @@ class Run:
         folder.record_start(resumed_step, self.env.world_size, self.train_loader.class_to_idx)
         if self.env.main_process:
             print("\n".join(self.arithmetic.notes), file=sys.stderr)
+        if self.threads_to_measure():
+            self.choose_threads()
         metrics = MetricsLog(self.out_dir, self.env.main_process, resumed_step)
         wrapped = torch.compile(self.learner.wrapped) if self.exp.train.compile else self.learner.wrapped
         wrapped.train()
@@ -181,6 +186,41 @@ class Run:
             self.run_epoch(wrapped, metrics)
         metrics.close()
         return self.finish(folder)
+
+    def threads_to_measure(self) -> bool:
+        """Whether the run measures its CPU thread count: train.num_threads left at 0 on a CPU, one
+        process, no compilation (its first passes compile), more than one thread to choose from, and
+        enough steps left to repay the few passes measured (a smoke run keeps the default)."""
+        cfg = self.exp.train
+        steps_left = min(self.total_steps, self.last_step) - self.progress.step
+        return (
+            self.env.device.type == "cpu"
+            and cfg.num_threads == 0
+            and not cfg.compile
+            and self.env.world_size == 1
+            and torch.get_num_threads() > 1
+            and steps_left >= MIN_STEPS_TO_MEASURE
+            and self.limit_reached() is None
+        )
+
+    def choose_threads(self) -> None:
+        """Measure, never assume: a busy machine can make every free core slower than one. Throwaway
+        passes of one random batch at each candidate count, before the first step, so the steps
+        themselves are those of the count chosen."""
+        data = self.exp.data
+        in_chans = next(
+            m.config.in_chans for m in self.learner.model.modules() if isinstance(m, VisionTransformer)
+        )
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(data.batch_size, in_chans, data.img_size, data.img_size, generator=generator)
+        batch = (
+            images.to(self.env.device),
+            torch.zeros(data.batch_size, dtype=torch.long, device=self.env.device),
+        )
+        rates = self.learner.measure_threads(self.task.objective, batch, self.arithmetic)
+        threads, line = choose_thread_count(rates, torch.get_num_threads())
+        torch.set_num_threads(threads)
+        print(line, file=sys.stderr)
 
     def budget_spent(self) -> float:
         """The fraction of train.time_budget_minutes spent on training steps (0 without a budget); the

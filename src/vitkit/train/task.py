@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import DataConfig
 from ..io import load as load_model
 from ..models.vit import VisionTransformer
 from ..registry import create_model
@@ -71,8 +72,25 @@ def build_model(cfg: ModelConfig, img_size: int, num_classes: int) -> VisionTran
     return model
 
 
+def check_classes(data: DataConfig, classes: list[str]) -> None:
+    """A classifier needs two classes at least to learn anything: with one, every loss is 0 and every
+    prediction right from the first step. (Pre-training reads one unlabelled folder; it has no such need.)"""
+    if len(classes) >= 2:
+        return
+    where = (
+        Path(data.root) / "train"
+        if data.dataset in ("imagefolder", "shards")
+        else f"data.dataset={data.dataset!r}"
+    )
+    found = f"one class, {classes[0]!r}" if classes else "no class"
+    raise ValueError(
+        f"{where}: {found}; classification needs 2 classes at least (one sub-folder of images per class)"
+    )
+
+
 def classification_task(experiment: Experiment, env, train_loader) -> Task:
     """Supervised classification: the configured objective, evaluated on eval.split, `last.safetensors`."""
+    check_classes(experiment.data, train_loader.classes)
     objective = get_objective(experiment.train.objective)
     evaluator = Evaluator.build(experiment, env, train_loader.classes)
     # The same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
