@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The CPU build of torch; an unpinned torch would pull the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Test files run on this many pytest-xdist workers (a file's tests stay together, sharing their
+# module fixtures); most tests wait on one core (a subprocess starting, one thread), so two workers
+# use a 2-core machine's second core.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-slow bench lint clean
 
@@ -21,10 +25,10 @@ demo: $(STAMP)
 	$(BIN)/python -m vitkit demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
