@@ -42,6 +42,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="largest image accepted, width x height (default: 25,000,000)",
     )
     parser.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body, in MiB")
+    parser.add_argument(
+        "--api-key-env",
+        default=None,
+        metavar="NAME",
+        help="ask every request but /health and /ready for 'Authorization: Bearer <key>', the key read "
+        "from this environment variable (default: none, no key asked)",
+    )
 
 
 def listening_socket(host: str, port: int):
@@ -57,6 +64,18 @@ def listening_socket(host: str, port: int):
         sock.close()
         raise OSError(error.errno, f"--host {host} --port {port}: {error.strerror}") from error
     return sock
+
+
+def api_key(name: str | None) -> str | None:
+    """The key in environment variable `name` (never a command-line value: others could read it)."""
+    if name is None:
+        return None
+    import os
+
+    key = os.environ.get(name, "")
+    if not key.strip():
+        raise ValueError(f"--api-key-env {name}: the environment variable {name} is unset or empty")
+    return key
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -77,6 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
     if args.batch_timeout_ms < 0 or args.max_body_mb <= 0 or max_pixels < 1:
         raise ValueError("--batch-timeout-ms must be >= 0, --max-body-mb and --max-pixels positive")
+    key = api_key(args.api_key_env)
     tasks = TaskSet(args.checkpoint, parse_task_specs(args.task), backend=args.backend, max_pixels=max_pixels)
     sock = listening_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
@@ -92,7 +112,14 @@ def run_serve(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         on_ready=ready,
+        api_key=key,
     )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.ready = False  # /ready answers 503 from the first signal on
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
     return 0

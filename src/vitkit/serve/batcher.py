@@ -35,6 +35,7 @@ class TaskBatcher(Generic[Key]):
         max_batch: int = 32,
         timeout_s: float = 0.005,
         num_workers: int = 1,
+        on_batch: Callable[[Key, list[float]], None] | None = None,
     ) -> None:
         if max_batch < 1 or num_workers < 1 or timeout_s < 0:
             raise ValueError(
@@ -45,6 +46,7 @@ class TaskBatcher(Generic[Key]):
         self.max_batch = max_batch
         self.timeout_s = timeout_s
         self.num_workers = num_workers
+        self.on_batch = on_batch  # (key, seconds each request waited in the queue) as a batch starts
         self.batch_sizes: Counter[int] = Counter()  # size -> how many batches ran at that size
         self._queues: dict[Key, asyncio.Queue] = {}
         self._collectors: list[asyncio.Task] = []
@@ -59,8 +61,9 @@ class TaskBatcher(Generic[Key]):
         if key not in self._queues:
             self._queues[key] = asyncio.Queue()
             self._collectors.append(asyncio.create_task(self._collect(key)))
-        future = asyncio.get_running_loop().create_future()
-        await self._queues[key].put((item, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        await self._queues[key].put((item, future, loop.time()))
         return await future
 
     async def _collect(self, key: Key) -> None:
@@ -81,10 +84,14 @@ class TaskBatcher(Generic[Key]):
             # Whatever arrived while the workers were busy joins this batch.
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
-            batch = [(item, future) for item, future in batch if not future.cancelled()]
-            if not batch:
+            waiting = [entry for entry in batch if not entry[1].cancelled()]
+            if not waiting:
                 self._slots.release()
                 continue
+            if self.on_batch is not None:
+                started = loop.time()
+                self.on_batch(key, [started - queued for _, _, queued in waiting])
+            batch = [(item, future) for item, future, _ in waiting]
             running = asyncio.create_task(self._run_batch(key, batch))
             self._running.add(running)
             running.add_done_callback(self._running.discard)

@@ -16,6 +16,7 @@ PyTorch) and run by onnxruntime; a graph holds all its weights, so there every t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -60,6 +61,7 @@ class Task:
     num_params: int  # parameters this task holds beyond the trunk (the whole model for the base)
     preprocessing: str = ""
     model: VisionTransformer | None = field(default=None, repr=False)
+    sha256: str = ""  # of the file the task came from (the base checkpoint, or its delta)
 
 
 def parse_task_specs(specs: list[str]) -> dict[str, str]:
@@ -78,6 +80,21 @@ def parse_task_specs(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"--task {spec!r}: the task name {name!r} is taken")
         tasks[name] = path
     return tasks
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes; of a folder (a model folder), of its regular files' names and
+    bytes in name order."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def delta_classes(delta: Delta) -> list[str]:
@@ -108,23 +125,28 @@ class TaskSet:
         self.max_pixels = max_pixels
         self.checkpoint = str(resolve_checkpoint(checkpoint))
         base, classes, _ = load_classifier(checkpoint)
+        self.sha256 = file_sha256(self.checkpoint)
+        self.base = base
+        self.base_transform = eval_transform(base)
         self.trunk = MultiTaskModel(base)
         self.tasks: dict[str, Task] = {}
         self._onnx_folder = tempfile.TemporaryDirectory(prefix="vitkit-serve-") if backend == "onnx" else None
         if base.config.num_classes > 0:
-            self._add(BASE_TASK, base, classes, self.checkpoint, base.num_params())
+            self._add(BASE_TASK, base, classes, self.checkpoint, base.num_params(), self.sha256)
         trunk_ids = {id(p) for p in base.parameters()}
         for name, path in (deltas or {}).items():
             delta = read_delta(path)
             model = self.trunk.add_task(name, delta)
             check_finite(model, path)
             own = sum(p.numel() for p in model.parameters() if id(p) not in trunk_ids)
-            self._add(name, model, delta_classes(delta), str(path), own)
+            self._add(name, model, delta_classes(delta), str(path), own, file_sha256(path))
         if not self.tasks:
             raise ValueError(f"{checkpoint}: the base has no classification head and no --task was given")
         log.info("serving %s", ", ".join(f"{t.name} ({t.source})" for t in self.tasks.values()))
 
-    def _add(self, name: str, model: VisionTransformer, classes: list[str], source: str, own: int) -> None:
+    def _add(
+        self, name: str, model: VisionTransformer, classes: list[str], source: str, own: int, sha256: str
+    ) -> None:
         apply_fast_paths(model, "cpu", "fp32")
         preprocessing = preprocessing_of(model)
         self.tasks[name] = Task(
@@ -137,6 +159,7 @@ class TaskSet:
             num_params=own,
             preprocessing=preprocessing.describe(),
             model=model,
+            sha256=sha256,
         )
 
     def _forward(self, name: str, model: VisionTransformer) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -174,13 +197,49 @@ class TaskSet:
             raise UnknownTaskError(f"unknown task {name!r}; served: {', '.join(self.tasks)}")
         return self.tasks[name]
 
+    def decode(self, data: bytes, name: str = "<upload>") -> torch.Tensor:
+        """Upload bytes -> uint8 (3, H, W); BadImageError / ImageTooLargeError."""
+        return decode_image_bytes(data, name, self.max_pixels)
+
     def prepare(self, task: Task, data: bytes, name: str = "<upload>") -> torch.Tensor:
         """Upload bytes -> the task's model input (3, *img_size); BadImageError / ImageTooLargeError."""
-        return task.transform(decode_image_bytes(data, name, self.max_pixels), None)
+        return task.transform(self.decode(data, name), None)
 
     def run(self, task: Task, images: torch.Tensor) -> torch.Tensor:
         """A batch (B, 3, H, W) of one task -> class probabilities (B, classes), float32."""
         return task.forward(images).float().softmax(dim=-1)
+
+    def embedding_model(self, name: str | None) -> tuple[VisionTransformer, Callable]:
+        """(model, eval transform) whose pooled features `embed` gives: the base (None), or a task's."""
+        if name is None or (name == BASE_TASK and BASE_TASK not in self.tasks):
+            return self.base, self.base_transform
+        task = self.task(name)
+        return task.model, task.transform
+
+    def embed(self, model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+        """A batch (B, 3, H, W) -> the pooled features (B, D) the head would see, float32."""
+        with torch.no_grad():
+            return model.forward_head(model.forward_features(images), pre_logits=True).float()
+
+    def describe_models(self) -> dict[str, Any]:
+        """What /v1/models shows: the base and every task, with the SHA-256 of their files."""
+        return {
+            "object": "list",
+            "base": {"checkpoint": self.checkpoint, "sha256": self.sha256},
+            "data": [
+                {
+                    "id": task.name,
+                    "object": "model",
+                    "source": task.source,
+                    "base_sha256": self.sha256,
+                    "delta_sha256": None if task.name == BASE_TASK else task.sha256,
+                    "preprocessing": task.preprocessing,
+                    "img_size": list(task.img_size),
+                    "classes": task.classes,
+                }
+                for task in self.tasks.values()
+            ],
+        }
 
     def describe(self) -> dict[str, Any]:
         """What /health shows: the checkpoint, backend and every task's model."""
