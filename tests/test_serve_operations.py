@@ -1,0 +1,200 @@
+"""What operators ask of `vitkit serve`, against a server subprocess: readiness, Prometheus metrics
+that move with requests, the OpenAPI pages, the model list with the files' SHA-256, OpenAI-shaped
+embeddings equal to the Python API, and the optional API key; the app in process for readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+
+import pytest
+import torch
+
+import vitkit
+from serve_helpers import make_checkpoints, start_server, stop_server
+from vitkit.data import decode_image, eval_transform
+
+httpx = pytest.importorskip(
+    "httpx", reason="the serving tests need the serve extra: pip install 'vitkit[serve]'"
+)
+pytest.importorskip("fastapi", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
+pytest.importorskip("prometheus_client", reason="/metrics needs the serve extra: pip install 'vitkit[serve]'")
+
+API_KEY = "test-key-3141"
+KEY_ENV = "VITKIT_TEST_SERVE_KEY"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("serve_ops"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, monkeypatch_module):
+    monkeypatch_module.setenv(KEY_ENV, API_KEY)
+    tasks = [f"--task={name}={path}" for name, path in checkpoints.deltas.items()]
+    process, url = start_server(str(checkpoints.base), *tasks, "--api-key-env", KEY_ENV)
+    yield url
+    stderr = stop_server(process)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert API_KEY not in stderr
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text `text`, 0 if absent."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def encoded(path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_health_and_ready_need_no_key_the_rest_does(server):
+    assert httpx.get(f"{server}/health").status_code == 200
+    ready = httpx.get(f"{server}/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    for path in ("/v1/models", "/metrics", "/docs", "/openapi.json"):
+        refused = httpx.get(f"{server}{path}")
+        assert refused.status_code == 401 and "API key" in refused.json()["error"], path
+        assert httpx.get(f"{server}{path}", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{server}{path}", headers=AUTH).status_code == 200, path
+
+
+def test_docs_and_openapi_list_the_routes(server):
+    assert "swagger" in httpx.get(f"{server}/docs", headers=AUTH).text.lower()
+    paths = httpx.get(f"{server}/openapi.json", headers=AUTH).json()["paths"]
+    assert {"/predict", "/v1/embeddings", "/v1/models", "/ready", "/metrics"} <= set(paths)
+
+
+def test_models_give_the_sha256_of_the_files(server, checkpoints):
+    listing = httpx.get(f"{server}/v1/models", headers=AUTH).json()
+    base_sha = hashlib.sha256(checkpoints.base.read_bytes()).hexdigest()
+    assert listing["base"]["sha256"] == base_sha
+    models = {entry["id"]: entry for entry in listing["data"]}
+    assert set(models) == {"base", "pets", "wide"}
+    for name, path in checkpoints.deltas.items():
+        assert models[name]["base_sha256"] == base_sha
+        assert models[name]["delta_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert models["base"]["delta_sha256"] is None
+    assert models["pets"]["classes"] == ["tabby", "terrier", "goldfish"]
+    assert "crop 32x32" in models["base"]["preprocessing"] and models["wide"]["img_size"] == [48, 48]
+
+
+@pytest.mark.parametrize("task", [None, "wide"])
+def test_embeddings_equal_the_python_api(server, checkpoints, task):
+    images = list(checkpoints.images.values())
+    body = {"input": [encoded(path) for path in images], **({"model": task} if task else {})}
+    response = httpx.post(f"{server}/v1/embeddings", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["object"] == "list" and answer["model"] == (task or "base")
+    assert [item["index"] for item in answer["data"]] == list(range(len(images)))
+    assert all(item["object"] == "embedding" for item in answer["data"])
+    delta = checkpoints.deltas[task] if task else None
+    model = vitkit.load(checkpoints.base, delta=delta).eval()
+    transform = eval_transform(model)
+    inputs = torch.stack([transform(decode_image(path), None) for path in images])
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(inputs), pre_logits=True)
+    got = torch.tensor([item["embedding"] for item in answer["data"]])
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body, content_type, status",
+    [
+        ('{"input": ["!!not base64!!"]}', "application/json", 400),
+        ('{"input": ["' + base64.b64encode(b"not an image").decode() + '"]}', "application/json", 400),
+        ("{not json", "application/json", 400),
+        ('{"input": []}', "application/json", 422),
+        ('{"input": [3]}', "application/json", 422),
+        ('["a"]', "application/json", 422),
+        ('{"input": ["aGk="], "model": "nope"}', "application/json", 404),
+        ('{"input": ["aGk="]}', "text/plain", 415),
+    ],
+)
+def test_bad_embedding_requests_get_their_4xx(server, body, content_type, status):
+    response = httpx.post(
+        f"{server}/v1/embeddings", content=body, headers={**AUTH, "content-type": content_type}
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+
+
+def test_metrics_move_with_requests(server, checkpoints):
+    def scrape() -> str:
+        response = httpx.get(f"{server}/metrics", headers=AUTH)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        return response.text
+
+    before = scrape()
+    image = checkpoints.images["wide"].read_bytes()
+    for _ in range(3):
+        headers = {**AUTH, "content-type": "image/png"}
+        ok = httpx.post(f"{server}/predict", params={"task": "pets"}, content=image, headers=headers)
+        assert ok.status_code == 200
+    bad = httpx.post(
+        f"{server}/predict",
+        params={"task": "pets"},
+        content=b"x",
+        headers={**AUTH, "content-type": "text/plain"},
+    )
+    assert bad.status_code == 415
+    assert (
+        httpx.post(f"{server}/predict", content=image, headers={"content-type": "image/png"}).status_code
+        == 401
+    )
+    after = scrape()
+    ok_labels = {"endpoint": "/predict", "task": "pets", "status": "200"}
+    assert (
+        metric(after, "vitkit_requests_total", **ok_labels)
+        - metric(before, "vitkit_requests_total", **ok_labels)
+        == 3
+    )
+    bad_labels = {**ok_labels, "status": "415"}
+    assert (
+        metric(after, "vitkit_requests_total", **bad_labels)
+        - metric(before, "vitkit_requests_total", **bad_labels)
+        == 1
+    )
+    assert metric(after, "vitkit_requests_total", endpoint="/predict", task="", status="401") >= 1
+    assert (
+        metric(after, "vitkit_batch_size_count", task="pets")
+        - metric(before, "vitkit_batch_size_count", task="pets")
+        == 3
+    )
+    assert metric(after, "vitkit_queue_seconds_count", task="pets") >= 3
+    assert metric(after, "vitkit_request_seconds_count", endpoint="/predict") >= 5
+    assert metric(after, "vitkit_requests_in_flight") == 1  # the scrape itself
+
+
+def test_ready_is_503_before_the_warm_up(checkpoints):
+    from vitkit.serve.app import create_app
+    from vitkit.serve.tasks import TaskSet
+
+    app = create_app(TaskSet(checkpoints.base))
+
+    async def ask() -> tuple[int, int]:
+        transport = httpx.ASGITransport(app=app)  # no lifespan: the app has not warmed up
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            before = (await client.get("/ready")).status_code
+            async with app.router.lifespan_context(app):
+                during = (await client.get("/ready")).status_code
+            after = (await client.get("/ready")).status_code
+        return before, during, after
+
+    assert asyncio.run(ask()) == (503, 200, 503)
