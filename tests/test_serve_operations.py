@@ -198,3 +198,22 @@ def test_ready_is_503_before_the_warm_up(checkpoints):
         return before, during, after
 
     assert asyncio.run(ask()) == (503, 200, 503)
+
+
+def test_apps_keep_their_own_metrics(checkpoints):
+    from vitkit.serve.app import create_app
+    from vitkit.serve.tasks import TaskSet
+
+    tasks = TaskSet(checkpoints.base)
+    first, second = create_app(tasks), create_app(tasks)
+    first.state.metrics.observe_request("/predict", "base", 200, 0.01)
+    assert "vitkit_requests_total" in first.state.metrics.render().decode()
+    assert metric(second.state.metrics.render().decode(), "vitkit_requests_total") == 0
+
+
+def test_api_key_env_must_name_a_set_variable(checkpoints, capsys, monkeypatch):
+    from vitkit.cli import main
+
+    monkeypatch.delenv("VITKIT_TEST_UNSET_KEY", raising=False)
+    assert main(["serve", str(checkpoints.base), "--api-key-env", "VITKIT_TEST_UNSET_KEY"]) == 2
+    assert "VITKIT_TEST_UNSET_KEY is unset or empty" in capsys.readouterr().err
