@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from ..models.vit import VisionTransformer
 FEATURE_SUFFIX = ".npy"
 
 
-def pooled_features(model: VisionTransformer):
+def pooled_features(model: VisionTransformer) -> Callable[[torch.Tensor], torch.Tensor]:
     """images (B, C, H, W) -> the pooled features (B, D) the model's head would read."""
 
     def features(images: torch.Tensor) -> torch.Tensor:
