@@ -2,6 +2,7 @@
 the command line on a tiny checkpoint with class names."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,22 @@ def test_embed_refuses_an_out_suffix_it_cannot_write(checkpoint, images, tmp_pat
     result = vitkit_cli("embed", str(checkpoint), str(images), "--out", str(tmp_path / "features.csv"))
     assert_one_line_error(result, "features.csv", ".npy")
     assert not list(tmp_path.iterdir())
+
+
+def test_expand_images_lists_each_real_folder_once_and_keeps_special_files_with_their_reason(
+    images, tmp_path
+):
+    from vitkit.eval.images import expand_images
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((images / "a.png").read_bytes())
+    os.mkfifo(folder / "b.png")
+    (folder / "loop").symlink_to(folder)
+    listed = expand_images([str(folder)])
+    assert [(Path(item.path).name, item.reason) for item in listed] == [
+        ("a.png", None),
+        ("b.png", "is a FIFO, not a regular file"),
+    ]
+    recursive = expand_images([str(images / "**" / "*.png")])
+    assert [item.path for item in recursive] == sorted(str(path) for path in images.rglob("*.png"))
