@@ -2,7 +2,7 @@
 
 Commands register themselves in COMMANDS with a function that adds its arguments and a function that
 runs it, so `vitkit --help` lists them all. They live by what they do: models.py (info, zoo, draw),
-training.py (train, demo, finetune, pretrain), evaluation.py (eval, predict, fewshot, plot) and
+training.py (train, demo, finetune, pretrain), evaluation.py (eval, predict, embed, fewshot, plot) and
 files.py (convert, export), serve.py (serve); this file parses the command line and turns errors into one line.
 """
 
@@ -20,10 +20,12 @@ from .. import __version__
 from ..runtime import keep_freed_memory
 from .common import Command, DefaultsHelpFormatter
 from .evaluation import (
+    add_embed_args,
     add_eval_args,
     add_fewshot_args,
     add_plot_args,
     add_predict_args,
+    run_embed,
     run_eval,
     run_fewshot,
     run_plot,
@@ -50,6 +52,7 @@ COMMANDS: list[Command] = [
     ("train", add_train_args, run_train),
     ("eval", add_eval_args, run_eval),
     ("predict", add_predict_args, run_predict),
+    ("embed", add_embed_args, run_embed),
     ("plot", add_plot_args, run_plot),
     ("draw", add_draw_args, run_draw),
     ("convert", add_convert_args, run_convert),

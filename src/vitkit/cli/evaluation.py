@@ -1,4 +1,4 @@
-"""Commands that measure or show a trained checkpoint: eval, predict, fewshot, plot."""
+"""Commands that measure or show a trained checkpoint: eval, predict, embed, fewshot, plot."""
 
 from __future__ import annotations
 
@@ -119,23 +119,41 @@ def eval_data_config(args: argparse.Namespace, path: Path, model: Any, data: dic
 
 
 # vitkit predict -----------------------------------------------------------------------------------
+def add_images_args(parser: argparse.ArgumentParser) -> None:
+    """The image arguments of `predict` and `embed`, and their batch size."""
+    parser.add_argument(
+        "images",
+        nargs="+",
+        help="JPEG, PNG, WebP or BMP files, folders (their image files, sorted) or glob patterns ('**' included)",
+    )
+    parser.add_argument("--batch-size", type=POSITIVE, default=32, help="images per forward pass")
+
+
 def add_predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run folder or a .safetensors training checkpoint")
-    parser.add_argument("images", nargs="+", help="JPEG, PNG, WebP or BMP files")
+    add_images_args(parser)
     parser.add_argument(
         "--top-k",
         type=int,
         default=None,
         help="classes shown per image, 1..classes (default: 5, or all if fewer)",
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per image and line: {"path", "top_k": [{"label", "index", "probability"}]}, '
+        'or {"path", "error"} for a file that cannot be read',
+    )
     add_preprocessing_args(parser, img_size=False)
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """The top-k class names and probabilities of each image."""
-    from ..data import decode_image, eval_transform
-    from ..data.datasets import BadImageError
-    from ..eval.classification import load_classifier, predict_images
+    """The top-k class names and probabilities of each image; exit 1 if any file could not be read."""
+    import json
+
+    from ..data import eval_transform
+    from ..eval.classification import load_classifier
+    from ..eval.images import expand_images, run_images
     from ..fast import apply_fast_paths
 
     model, classes, _ = load_classifier(args.checkpoint)
@@ -145,17 +163,80 @@ def run_predict(args: argparse.Namespace) -> int:
     if not 1 <= args.top_k <= len(classes):
         raise ValueError(f"--top-k {args.top_k}: expected 1..{len(classes)} (the checkpoint's classes)")
     transform = eval_transform(model, **preprocessing_overrides(args))
+    inputs = expand_images(args.images)
+
+    def probabilities(images: Any) -> Any:
+        return model(images).float().softmax(dim=-1)
+
     failed = 0
-    for path in args.images:
-        try:
-            image = transform(decode_image(path), None)
-        except BadImageError as error:
-            print(f"{path}: skipped: {error.reason}", file=sys.stderr)
+    for result in run_images(probabilities, inputs, transform, args.batch_size, desc="predict"):
+        if result.error is not None:
             failed += 1
+            if args.json:
+                print(json.dumps({"path": result.path, "error": result.error}), flush=True)
+            else:
+                print(f"{result.path}: skipped: {result.error}", file=sys.stderr)
             continue
-        ranked = predict_images(model, classes, image[None], args.top_k)[0]
-        print(f"{path}: " + ", ".join(f"{name} {probability:.3f}" for name, probability in ranked))
+        values, indices = result.output.topk(args.top_k)
+        ranked = [
+            (classes[index], index, value)
+            for value, index in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+        if args.json:
+            top_k = [{"label": name, "index": index, "probability": value} for name, index, value in ranked]
+            print(json.dumps({"path": result.path, "top_k": top_k}), flush=True)
+        else:
+            print(f"{result.path}: " + ", ".join(f"{name} {value:.3f}" for name, _, value in ranked))
+    if failed and args.json:
+        print(f"{failed} of {len(inputs)} files could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+# vitkit embed -------------------------------------------------------------------------------------
+def add_embed_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="any checkpoint `vitkit.load` reads, or a run folder")
+    add_images_args(parser)
+    parser.add_argument(
+        "--out",
+        default="features.npy",
+        help="float32 N x D .npy of the pooled features; the image paths, in order, go to a .json beside it",
+    )
+    add_preprocessing_args(parser, img_size=False)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """The pooled features (what the head reads) of each image; exit 1 if any file could not be read."""
+    import numpy as np
+    import torch
+
+    from ..data import eval_transform
+    from ..eval.classification import check_finite, resolve_checkpoint
+    from ..eval.embed import check_features_path, pooled_features, write_features
+    from ..eval.images import expand_images, run_images
+    from ..fast import apply_fast_paths
+    from ..io import load
+
+    out = check_features_path(args.out)
+    path = resolve_checkpoint(args.checkpoint)
+    model = load(path).eval()
+    check_finite(model, path)
+    apply_fast_paths(model, "cpu", "fp32")
+    transform = eval_transform(model, **preprocessing_overrides(args))
+    inputs = expand_images(args.images)
+    rows, names = [], []
+    for result in run_images(pooled_features(model), inputs, transform, args.batch_size, desc="embed"):
+        if result.error is not None:
+            print(f"{result.path}: skipped: {result.error}", file=sys.stderr)
+            continue
+        rows.append(result.output)
+        names.append(result.path)
+    if not rows:
+        raise ValueError(f"none of the {len(inputs)} files given could be read as an image")
+    features = torch.stack(rows).numpy().astype(np.float32)
+    features_file, names_file = write_features(out, features, names)
+    print(f"{len(names)} images, {features.shape[1]} features each")
+    print(f"wrote {features_file}\nwrote {names_file}")
+    return 1 if len(names) < len(inputs) else 0
 
 
 # vitkit fewshot -----------------------------------------------------------------------------------
