@@ -264,10 +264,10 @@ class ImageFolder(Dataset):
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
         # Each real folder is listed once: the root and the class folders first, so that a link back
         # to any of them (a symlink loop, or one class linking another) is not followed.
-        visited = {_folder_key(self.root), *(_folder_key(self.root / name) for name in self.classes)}
+        visited = {folder_key(self.root), *(folder_key(self.root / name) for name in self.classes)}
         samples, special = [], []
         for name, index in self.class_to_idx.items():
-            files, not_regular = _image_files(self.root / name, visited)
+            files, not_regular = list_image_files(self.root / name, visited)
             samples += [(path, index) for path in files]
             special += not_regular
         empty = sorted(set(self.classes) - {self.classes[label] for _, label in samples})
@@ -331,13 +331,13 @@ class ImageFolder(Dataset):
         self._bad_paths.add(path)
 
 
-def _folder_key(folder: str | os.PathLike) -> tuple[int, int]:
+def folder_key(folder: str | os.PathLike) -> tuple[int, int]:
     """A real folder's identity, whatever path (symlink) leads to it."""
     info = os.stat(folder)
     return info.st_dev, info.st_ino
 
 
-def _image_files(folder: Path, visited: set[tuple[int, int]]) -> tuple[list[str], list[tuple[str, str]]]:
+def list_image_files(folder: Path, visited: set[tuple[int, int]]) -> tuple[list[str], list[tuple[str, str]]]:
     """(regular image files, (path, reason) of special ones) under `folder`, by extension, in
     depth-first order of sorted names (files of a folder before those of its subfolders).
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..data.datasets import BadImageError, _folder_key, _image_files, decode_image
+from ..data.datasets import BadImageError, decode_image, folder_key, list_image_files
 
 GLOB_CHARACTERS = "*?["
 
@@ -60,11 +60,11 @@ def expand_images(arguments: Sequence[str]) -> list[ImageInput]:
 
 
 def _folder_images(folder: str, visited: set[tuple[int, int]]) -> list[ImageInput]:
-    key = _folder_key(folder)
+    key = folder_key(folder)
     if key in visited:
         return []
     visited.add(key)
-    found, special = _image_files(Path(folder), visited)
+    found, special = list_image_files(Path(folder), visited)
     if not found and not special:
         raise ValueError(f"{folder}: no JPEG, PNG, WebP or BMP file inside")
     reasons = dict(special)
