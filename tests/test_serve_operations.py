@@ -217,3 +217,18 @@ def test_api_key_env_must_name_a_set_variable(checkpoints, capsys, monkeypatch):
     monkeypatch.delenv("VITKIT_TEST_UNSET_KEY", raising=False)
     assert main(["serve", str(checkpoints.base), "--api-key-env", "VITKIT_TEST_UNSET_KEY"]) == 2
     assert "VITKIT_TEST_UNSET_KEY is unset or empty" in capsys.readouterr().err
+
+
+def test_a_file_changed_on_disk_after_loading_has_no_checksum(tmp_path):
+    """The checksum is of what is served: taken when first asked for, from the file as it was at
+    load; a file rewritten since gets none."""
+    from serve_helpers import make_checkpoints
+    from vitkit.serve.tasks import TaskSet
+
+    checkpoints = make_checkpoints(tmp_path)
+    tasks = TaskSet(checkpoints.base, dict(checkpoints.deltas))
+    name, path = next(iter(checkpoints.deltas.items()))
+    path.write_bytes(path.read_bytes() + b" ")
+    models = {entry["id"]: entry for entry in tasks.describe_models()["data"]}
+    assert models[name]["delta_sha256"] is None
+    assert models[name]["base_sha256"] == hashlib.sha256(checkpoints.base.read_bytes()).hexdigest()

@@ -61,7 +61,6 @@ class Task:
     num_params: int  # parameters this task holds beyond the trunk (the whole model for the base)
     preprocessing: str = ""
     model: VisionTransformer | None = field(default=None, repr=False)
-    sha256: str = ""  # of the file the task came from (the base checkpoint, or its delta)
 
 
 def parse_task_specs(specs: list[str]) -> dict[str, str]:
@@ -80,6 +79,18 @@ def parse_task_specs(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"--task {spec!r}: the task name {name!r} is taken")
         tasks[name] = path
     return tasks
+
+
+def file_signature(path: str | os.PathLike) -> tuple:
+    """What identifies a file's (or a model folder's files') content without reading it: names,
+    sizes, modification times and inodes, from `os.stat`."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    signature = []
+    for file in files:
+        info = file.stat()
+        signature.append((file.name, info.st_size, info.st_mtime_ns, info.st_ino))
+    return tuple(signature)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -124,29 +135,31 @@ class TaskSet:
         self.backend = backend
         self.max_pixels = max_pixels
         self.checkpoint = str(resolve_checkpoint(checkpoint))
+        # Loading opens each file once; a file's SHA-256 is taken when first asked for (`checksum`),
+        # from the file as `os.stat` saw it at load, or reported as changed since.
+        self._signatures = {self.checkpoint: file_signature(self.checkpoint)}
+        self._checksums: dict[str, str | None] = {}
         base, classes, _ = load_classifier(checkpoint)
-        self.sha256 = file_sha256(self.checkpoint)
         self.base = base
         self.base_transform = eval_transform(base)
         self.trunk = MultiTaskModel(base)
         self.tasks: dict[str, Task] = {}
         self._onnx_folder = tempfile.TemporaryDirectory(prefix="vitkit-serve-") if backend == "onnx" else None
         if base.config.num_classes > 0:
-            self._add(BASE_TASK, base, classes, self.checkpoint, base.num_params(), self.sha256)
+            self._add(BASE_TASK, base, classes, self.checkpoint, base.num_params())
         trunk_ids = {id(p) for p in base.parameters()}
         for name, path in (deltas or {}).items():
+            self._signatures[str(path)] = file_signature(path)
             delta = read_delta(path)
             model = self.trunk.add_task(name, delta)
             check_finite(model, path)
             own = sum(p.numel() for p in model.parameters() if id(p) not in trunk_ids)
-            self._add(name, model, delta_classes(delta), str(path), own, file_sha256(path))
+            self._add(name, model, delta_classes(delta), str(path), own)
         if not self.tasks:
             raise ValueError(f"{checkpoint}: the base has no classification head and no --task was given")
         log.info("serving %s", ", ".join(f"{t.name} ({t.source})" for t in self.tasks.values()))
 
-    def _add(
-        self, name: str, model: VisionTransformer, classes: list[str], source: str, own: int, sha256: str
-    ) -> None:
+    def _add(self, name: str, model: VisionTransformer, classes: list[str], source: str, own: int) -> None:
         apply_fast_paths(model, "cpu", "fp32")
         preprocessing = preprocessing_of(model)
         self.tasks[name] = Task(
@@ -159,7 +172,6 @@ class TaskSet:
             num_params=own,
             preprocessing=preprocessing.describe(),
             model=model,
-            sha256=sha256,
         )
 
     def _forward(self, name: str, model: VisionTransformer) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -221,18 +233,29 @@ class TaskSet:
         with torch.no_grad():
             return model.forward_head(model.forward_features(images), pre_logits=True).float()
 
+    def checksum(self, path: str) -> str | None:
+        """The SHA-256 of a served file, computed once when first asked for; None when the file
+        changed on disk since it was loaded (its bytes are no longer the ones served)."""
+        if path not in self._checksums:
+            unchanged = file_signature(path) == self._signatures[path]
+            self._checksums[path] = file_sha256(path) if unchanged else None
+            if not unchanged:
+                log.warning("%s changed on disk since it was loaded: no checksum of what is served", path)
+        return self._checksums[path]
+
     def describe_models(self) -> dict[str, Any]:
         """What /v1/models shows: the base and every task, with the SHA-256 of their files."""
+        base = self.checksum(self.checkpoint)
         return {
             "object": "list",
-            "base": {"checkpoint": self.checkpoint, "sha256": self.sha256},
+            "base": {"checkpoint": self.checkpoint, "sha256": base},
             "data": [
                 {
                     "id": task.name,
                     "object": "model",
                     "source": task.source,
-                    "base_sha256": self.sha256,
-                    "delta_sha256": None if task.name == BASE_TASK else task.sha256,
+                    "base_sha256": base,
+                    "delta_sha256": None if task.name == BASE_TASK else self.checksum(task.source),
                     "preprocessing": task.preprocessing,
                     "img_size": list(task.img_size),
                     "classes": task.classes,
