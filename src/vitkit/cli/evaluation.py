@@ -272,12 +272,11 @@ def run_fewshot(args: argparse.Namespace) -> int:
     """Few-shot linear evaluation of frozen features (ViT paper): 1/5/10/25 shots, and a linear probe."""
     import json
 
-    import torch
-
     from ..data import DataConfig, data_root, resolve_preprocessing
     from ..data.loader import open_dataset
     from ..data.model_transform import transform_of
     from ..eval.classification import resolve_checkpoint
+    from ..eval.embed import pooled_features
     from ..eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, evenly_spaced, format_table
     from ..fast import apply_fast_paths
     from ..io import atomic_write, load
@@ -302,10 +301,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
         probe_samples_per_class=args.probe_per_class,
     )
 
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        return model.forward_head(model.forward_features(images), pre_logits=True)
-
-    metrics = evaluate_fewshot(predict, train_set, test_set, config)
+    metrics = evaluate_fewshot(pooled_features(model), train_set, test_set, config)
     print(format_table(metrics, config.shots))
     if args.out:
         text = json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=1) + "\n"

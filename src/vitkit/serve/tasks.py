@@ -32,6 +32,7 @@ from ..data.datasets import decode_image_bytes
 from ..data.model_transform import eval_transform, preprocessing_of
 from ..delta import Delta, MultiTaskModel, read_delta
 from ..eval.classification import CLASSES_KEY, check_finite, load_classifier, resolve_checkpoint
+from ..eval.embed import pooled_features
 from ..fast import apply_fast_paths
 from ..files import CheckpointError
 from ..models.vit import VisionTransformer
@@ -231,7 +232,7 @@ class TaskSet:
     def embed(self, model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
         """A batch (B, 3, H, W) -> the pooled features (B, D) the head would see, float32."""
         with torch.no_grad():
-            return model.forward_head(model.forward_features(images), pre_logits=True).float()
+            return pooled_features(model)(images)
 
     def checksum(self, path: str) -> str | None:
         """The SHA-256 of a served file, computed once when first asked for; None when the file
