@@ -46,6 +46,7 @@ def parse_data_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5, per-class accuracy and a confusion matrix PNG of a checkpoint on a split."""
+    from ..convert import read_checkpoint
     from ..data import build_loader
     from ..eval.classification import (
         describe_count,
@@ -54,13 +55,13 @@ def run_eval(args: argparse.Namespace) -> int:
         flip_averaged,
         load_classifier,
         plot_confusion_matrix,
-        resolve_checkpoint,
         write_results,
     )
     from ..fast import apply_fast_paths
 
-    path = resolve_checkpoint(args.checkpoint)
-    model, classes, data = load_classifier(path)
+    checkpoint = read_checkpoint(args.checkpoint)  # every file opened once, here
+    path = checkpoint.path
+    model, classes, data = load_classifier(checkpoint)
     apply_fast_paths(model, "cpu", "fp32")
     config = eval_data_config(args, path, model, data)
     loader = build_loader(config, args.split, augment=False)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..convert import checkpoint_path, read_checkpoint
+from ..convert import CheckpointFile, checkpoint_path, read_checkpoint
 from ..convert.names import CLASSES_KEY, DATA_KEY
 from ..io import CheckpointError, atomic_write, load
 from ..models.vit import VisionTransformer
@@ -207,12 +207,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return checkpoint_path(path)
 
 
-def load_classifier(path: str | os.PathLike) -> tuple[VisionTransformer, list[str], dict[str, Any]]:
-    """(model in eval mode, class names, the training run's data config as a dict) of a checkpoint,
-    its files read once. Weights without class names get "0", "1", ... and an empty data config."""
+def load_classifier(
+    path: str | os.PathLike | CheckpointFile,
+) -> tuple[VisionTransformer, list[str], dict[str, Any]]:
+    """(model in eval mode, class names, the training run's data config as a dict) of a checkpoint
+    (or its `CheckpointFile`, already read), its files read once. Weights without class names get
+    "0", "1", ... and an empty data config."""
     from ..data.loader import DataConfig  # the data package imports the models, not eval
 
-    checkpoint = read_checkpoint(path)
+    checkpoint = path if isinstance(path, CheckpointFile) else read_checkpoint(path)
     path = checkpoint.path
     data = dict(checkpoint.data or {})
     try:

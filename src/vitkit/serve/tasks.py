@@ -31,10 +31,11 @@ import torch
 from ..data.datasets import decode_image_bytes
 from ..data.model_transform import eval_transform, preprocessing_of
 from ..delta import Delta, MultiTaskModel, read_delta
-from ..eval.classification import CLASSES_KEY, check_finite, load_classifier, resolve_checkpoint
+from ..eval.classification import CLASSES_KEY, check_finite, load_classifier
 from ..eval.embed import pooled_features
 from ..fast import apply_fast_paths
 from ..files import CheckpointError
+from ..io import read_checkpoint
 from ..models.vit import VisionTransformer
 
 Backend = Literal["torch", "onnx"]
@@ -135,12 +136,13 @@ class TaskSet:
             raise ValueError(f"backend {backend!r}: expected 'torch' or 'onnx'")
         self.backend = backend
         self.max_pixels = max_pixels
-        self.checkpoint = str(resolve_checkpoint(checkpoint))
+        read = read_checkpoint(checkpoint)  # every file opened once, here
+        self.checkpoint = str(read.path)
         # Loading opens each file once; a file's SHA-256 is taken when first asked for (`checksum`),
         # from the file as `os.stat` saw it at load, or reported as changed since.
         self._signatures = {self.checkpoint: file_signature(self.checkpoint)}
         self._checksums: dict[str, str | None] = {}
-        base, classes, _ = load_classifier(checkpoint)
+        base, classes, _ = load_classifier(read)
         self.base = base
         self.base_transform = eval_transform(base)
         self.trunk = MultiTaskModel(base)
