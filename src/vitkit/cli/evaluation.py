@@ -211,15 +211,16 @@ def run_embed(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import eval_transform
-    from ..eval.classification import check_finite, resolve_checkpoint
+    from ..eval.classification import check_finite
     from ..eval.embed import check_features_path, pooled_features, write_features
     from ..eval.images import expand_images, run_images
     from ..fast import apply_fast_paths
-    from ..io import load
+    from ..io import load, read_checkpoint
 
     out = check_features_path(args.out)
-    path = resolve_checkpoint(args.checkpoint)
-    model = load(path).eval()
+    checkpoint = read_checkpoint(args.checkpoint)  # every file opened once, here
+    path = checkpoint.path
+    model = load(checkpoint).eval()
     check_finite(model, path)
     apply_fast_paths(model, "cpu", "fp32")
     transform = eval_transform(model, **preprocessing_overrides(args))
@@ -276,13 +277,12 @@ def run_fewshot(args: argparse.Namespace) -> int:
     from ..data import DataConfig, data_root, resolve_preprocessing
     from ..data.loader import open_dataset
     from ..data.model_transform import transform_of
-    from ..eval.classification import resolve_checkpoint
     from ..eval.embed import pooled_features
     from ..eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, evenly_spaced, format_table
     from ..fast import apply_fast_paths
     from ..io import atomic_write, load
 
-    model = apply_fast_paths(load(resolve_checkpoint(args.checkpoint)).eval(), "cpu", "fp32")
+    model = apply_fast_paths(load(args.checkpoint).eval(), "cpu", "fp32")
     overrides = preprocessing_overrides(args)
     if args.img_size is not None:
         overrides["img_size"] = args.img_size

@@ -107,13 +107,12 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export a checkpoint to ONNX (dynamic batch), checked against PyTorch with onnxruntime."""
-    from ..eval.classification import resolve_checkpoint
     from ..export import export_onnx
     from ..fast import apply_fast_paths
     from ..io import load
 
     overrides = {} if args.img_size is None else {"img_size": args.img_size}
-    model = apply_fast_paths(load(resolve_checkpoint(args.checkpoint), **overrides), "cpu", "fp32")
+    model = apply_fast_paths(load(args.checkpoint, **overrides), "cpu", "fp32")
     check = export_onnx(model, args.output, check=not args.no_check)
     size = "x".join(map(str, model.config.img_size))
     classes = model.config.num_classes
