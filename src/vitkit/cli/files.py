@@ -102,26 +102,53 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--img-size", type=int, default=None, help="resolution of the graph (default: the checkpoint's)"
     )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--dynamic-size",
+        dest="dynamic_size",
+        action="store_true",
+        default=True,
+        help="height and width any multiple of the stride, where the model allows it (the default)",
+    )
+    size.add_argument(
+        "--static-size",
+        dest="dynamic_size",
+        action="store_false",
+        help="fix height and width to the checkpoint's (or --img-size)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Export a checkpoint to ONNX (dynamic batch), checked against PyTorch with onnxruntime."""
+    """Export a checkpoint to ONNX (dynamic batch and size, class names and preprocessing in its
+    metadata), checked against PyTorch with onnxruntime."""
     from ..export import export_onnx
     from ..fast import apply_fast_paths
-    from ..io import load
+    from ..io import load, read_checkpoint
 
+    checkpoint = read_checkpoint(args.checkpoint)
     overrides = {} if args.img_size is None else {"img_size": args.img_size}
-    model = apply_fast_paths(load(args.checkpoint, **overrides), "cpu", "fp32")
-    check = export_onnx(model, args.output, check=not args.no_check)
-    size = "x".join(map(str, model.config.img_size))
-    classes = model.config.num_classes
-    print(
-        f"wrote {args.output}: images (batch, {model.config.in_chans}, {size}) -> logits (batch, {classes}), dynamic batch"
+    model = apply_fast_paths(load(checkpoint, **overrides), "cpu", "fp32")
+    export = export_onnx(
+        model,
+        args.output,
+        check=not args.no_check,
+        dynamic_size=args.dynamic_size,
+        classes=checkpoint.classes,
     )
-    if check is not None:
-        print(
-            f"onnxruntime vs PyTorch on a batch of {check.batch_size}: max |error| {check.max_abs_error:.2e} "
-            f"(logits up to {check.max_abs_logit:.2f})"
-        )
+    metadata = export.metadata
+    size = "x".join(map(str, model.config.img_size))
+    channels, outputs = model.config.in_chans, metadata["output"]["shape"][1]
+    if export.dynamic_size:
+        shape = f"(batch, {channels}, height, width)"
+        sizes = f"dynamic batch and size (multiples of {model.config.stride}; exported at {size})"
+    else:
+        shape = f"(batch, {channels}, {size})"
+        sizes = f"dynamic batch, fixed size: {export.static_reason}"
+    print(f"wrote {args.output}: images {shape} -> logits (batch, {outputs}), {sizes}")
+    classes = f"{len(metadata['classes'])} class names" if "classes" in metadata else "no class names"
+    preprocessing = "preprocessing" if "preprocessing" in metadata else "no preprocessing"
+    print(f"metadata: {classes}, {preprocessing}, input layout NCHW, vitkit {metadata['version']}")
+    if export.check is not None:
+        print(export.check.describe())
     return 0
