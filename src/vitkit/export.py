@@ -31,6 +31,7 @@ model has one), `input` (name, layout, channels, export size, dynamic or the rea
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import logging
@@ -165,9 +166,9 @@ def export_onnx(
     example = torch.randn(2, config.in_chans, *trace_size)
     axes = {0: "batch"} if reason else {0: "batch", 2: "height", 3: "width"}
 
-    def write(tmp: str) -> None:
-        import onnx
+    onnx = _import_extra("onnx", "exporting to ONNX")
 
+    def write(tmp: str) -> None:
         # The tracer warns that the size checks are constants: shapes that reach tensors stay traced.
         # torch flags the TorchScript exporter as deprecated; its successor needs onnxscript.
         with warnings.catch_warnings(), torch.no_grad():
@@ -235,10 +236,7 @@ def onnx_metadata(
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The `vitkit.*` metadata of an exported file, each value decoded from JSON, keyed without the
     prefix: version, model, config, input, output, and classes and preprocessing where recorded."""
-    try:
-        import onnx
-    except ImportError as error:
-        raise ImportError("reading ONNX metadata needs onnx: pip install 'vitkit[export]'") from error
+    onnx = _import_extra("onnx", "reading ONNX metadata")
     proto = onnx.load(str(path), load_external_data=False)
     metadata = {}
     for entry in proto.metadata_props:
@@ -260,12 +258,7 @@ def check_onnx(
     """Compare onnxruntime's logits with the PyTorch model's on a batch of 3 (not the trace's 2) at
     each of `sizes`: by default the model's own size and, when the graph's height and width are
     dynamic, a non-square second one (two strides taller, one wider: 48x40 for 32 px at patch 8)."""
-    try:
-        import onnxruntime
-    except ImportError as error:
-        raise ImportError(
-            "checking an ONNX export needs onnxruntime: pip install 'vitkit[export]'"
-        ) from error
+    onnxruntime = _import_extra("onnxruntime", "checking an ONNX export")
     path = Path(path)
     config = model.config
     model = model.float().eval()
@@ -305,6 +298,14 @@ def _num_outputs(model: VisionTransformer) -> int:
     if config.num_classes > 0:
         return config.num_classes
     return config.representation_size or config.embed_dim
+
+
+def _import_extra(name: str, purpose: str) -> Any:
+    """A module of the `export` extra, or an ImportError saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ImportError(f"{purpose} needs {name}: pip install 'vitkit[export]'") from error
 
 
 def _size_text(size: Sequence[int]) -> str:
