@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -92,6 +93,16 @@ def embeddings_reference(checkpoints: Checkpoints, task: str | None, images: lis
     inputs = torch.stack([transform(decode_image(path), None) for path in images])
     with torch.no_grad():
         return pooled_features(model)(inputs)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text `text`, 0 if absent."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
 
 
 def png_header(width: int, height: int) -> bytes:

@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import re
 
 import pytest
 import torch
 
-from serve_helpers import embeddings_reference, make_checkpoints, start_server, stop_server
+from serve_helpers import embeddings_reference, make_checkpoints, metric, start_server, stop_server
 
 httpx = pytest.importorskip(
     "httpx", reason="the serving tests need the serve extra: pip install 'vitkit[serve]'"
@@ -48,16 +47,6 @@ def server(checkpoints, monkeypatch_module):
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
         yield patch
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of the Prometheus text `text`, 0 if absent."""
-    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
-        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
-            return float(match.group(2))
-    return 0.0
 
 
 def encoded(path) -> str:

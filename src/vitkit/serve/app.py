@@ -366,7 +366,8 @@ def add_routes(app: FastAPI, service: Service, batching: dict[str, Any], server:
     @app.get("/health")
     async def health():
         sizes = {str(size): count for size, count in sorted(batcher.batch_sizes.items())}
-        return service.health({"server": server, "batching": {**batching, "batch_sizes": sizes}})
+        state = {**batching, "batch_sizes": sizes, "pending": batcher.num_pending}
+        return service.health({"server": server, "batching": state})
 
     @app.get("/ready")
     async def ready():

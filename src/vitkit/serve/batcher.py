@@ -65,6 +65,11 @@ class TaskBatcher(Generic[Key]):
         self._pending: set[asyncio.Future] = set()  # submitted and not yet answered
         self._closing = False
 
+    @property
+    def num_pending(self) -> int:
+        """Images submitted and not yet answered: queued, or in a running batch."""
+        return len(self._pending)
+
     async def submit(self, key: Key, item: torch.Tensor) -> torch.Tensor:
         if self._closing:
             raise BatcherClosedError("shutting down: no new requests are taken")
