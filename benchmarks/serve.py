@@ -24,12 +24,36 @@ tasks as full checkpoints.
 Targets, as ratios within one run: dynamic batching >= 2x the requests/s of batch 1 at 64 clients;
 the RSS of 5 tasks on one trunk <= 0.5x that of 5 full models.
 
-Measured (2-core AMD EPYC, no AMX, quiet machine, torch 2.13, ViT-S/16 at 224): 5 tasks on one trunk
-587 MB RSS (1 task 471, 2 tasks 501) against 5 x 444 = 2221 MB for five full-model servers, 0.26x:
-met. At 64 clients dynamic batching 15.8 requests/s (p50 3.9 s, p99 5.3 s) against 12.8 for batch 1
-(p99 5.2 s), 1.23x: not the 2x asked, and not reachable on this CPU, where the model itself computes
-batch 32 only 1.21x faster per image than batch 1 (17.4 against 14.4 images/s, printed by the same
-run): the server reaches the model's own batching ceiling.
+Measured on CPU, a shared machine, busy: 2-core AMD EPYC (avx512_bf16, no AMX), load average 8 to 13
+from other jobs during the run; torch 2.13, ViT-S/16 at 224, random weights; `benchmarks/serve.py
+--requests-per-client 1 --threads 1` (one torch thread per process: with two, the other jobs stall
+every parallel region; ViT-Ti/16 at batch 1 took 1.36 s with two threads, 75 ms with one, timed by
+hand beside this run), 5 minutes. Figures from a busy machine:
+ratios within the run, not absolute speeds, are what it shows.
+
+| endpoint | serving | clients | requests | requests/s | p50 ms | p99 ms |
+|---|---|---|---|---|---|---|
+| classification | batch 1 | 1 | 4 | 4.29 | 248 | 252 |
+| classification | batch 1 | 8 | 8 | 4.52 | 1150 | 1770 |
+| classification | batch 1 | 64 | 64 | 4.57 | 7566 | 13954 |
+| classification | dynamic | 1 | 4 | 4.46 | 237 | 253 |
+| classification | dynamic | 8 | 8 | 4.45 | 1576 | 1781 |
+| classification | dynamic | 64 | 64 | 4.12 | 15448 | 15512 |
+| embeddings | batch 1 | 1 | 4 | 5.03 | 201 | 207 |
+| embeddings | batch 1 | 8 | 8 | 4.52 | 1161 | 1764 |
+| embeddings | batch 1 | 64 | 64 | 4.47 | 7582 | 14252 |
+| embeddings | dynamic | 1 | 4 | 3.30 | 322 | 342 |
+| embeddings | dynamic | 8 | 8 | 3.96 | 1999 | 2009 |
+| embeddings | dynamic | 64 | 64 | 4.01 | 15798 | 15964 |
+
+The model alone, in the same run: 3.43 images/s at batch 1, 3.63 at batch 32, a ceiling of 1.06x.
+At 64 clients dynamic batching gives 0.90x the requests/s of batch 1 for classification and 0.90x
+for embeddings (0.85 of that ceiling; the dynamic server's batches over both endpoints: 13 of 1,
+one of 7, one of 8, four of 32): the 2x target is not reachable where the model gains nothing from a batch, and a batch
+of 32 answers all its requests at once, so the median waits for the whole batch (p50 15.4 s against
+7.6 s). Memory: 5 tasks on one trunk 663 MB RSS (1 task 551, 2 tasks 580) against 5 x 522 = 2613 MB
+for five full-model servers, 0.25x: met. (An earlier run on a quiet machine with two threads: a
+ceiling of 1.21x, dynamic batching 1.23x batch 1 for classification.)
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@
     serve.run(deployment("base.safetensors", {"pets": "pets_delta.safetensors"}, max_batch=32))
     # POST http://127.0.0.1:8000/predict, /v1/embeddings; GET /health, /ready, /metrics, /v1/models, /docs
 
-Each replica builds the app once it starts (`@serve.ingress` with a builder function, Ray >= 2.47):
-the TaskSet (the trunk once, every task's delta), the routes, limits, errors, API key and metrics of
-`create_app`, and its `TaskBatcher`, which batches each task's predictions and embeddings inside the
-replica. Ray runs the app's lifespan: the replica warms up before /ready answers 200 and drains its
+Each replica builds the app once it starts (`@serve.ingress` of a builder function: Ray 2.47 or
+newer, ray-project/ray#52892): the TaskSet (the trunk once, every task's delta), the routes, limits,
+errors, API key and metrics of `create_app`, and its `TaskBatcher`, which batches each task's
+predictions and embeddings inside the replica. Ray runs the app's lifespan: the replica warms up before /ready answers 200 and drains its
 batcher when it stops. Scale out with `deployment(..., num_replicas=4)` or Ray's autoscaling options,
 passed through to `serve.deployment`; each replica's /metrics counts its own requests.
 """
