@@ -24,7 +24,7 @@ httpx = pytest.importorskip(
 pytest.importorskip("fastapi", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
 pytest.importorskip("prometheus_client", reason="/metrics needs the serve extra: pip install 'vitkit[serve]'")
 
-NUM_REQUESTS = 12
+NUM_REQUESTS = 16
 EXIT_BOUND_S = 60  # from the signal to the exit, on a busy 2-core machine
 
 
