@@ -1,5 +1,6 @@
-"""Serving: throughput and latency of dynamic batching against one-request-at-a-time serving, and the
-resident memory of many attention-only tasks on one trunk against separate full models.
+"""Serving: throughput and latency of dynamic batching against one-request-at-a-time serving, for
+classification (`/predict`) and embeddings (`/v1/embeddings`), against the model's own batching
+ceiling; and the resident memory of many attention-only tasks on one trunk against separate full models.
 
     .venv/bin/python benchmarks/serve.py                  # ViT-S/16 at 224, random weights
     .venv/bin/python benchmarks/serve.py --model vit_base_patch16_224 --requests-per-client 2
@@ -12,7 +13,10 @@ tasks as full checkpoints.
 
 1. Throughput: one task served with `--max-batch 1` (batch 1) and with `--max-batch 32` (dynamic
    batching); requests/s, p50 and p99 latency at 1, 8 and 64 concurrent clients, each sending
-   `--requests-per-client` JPEG uploads.
+   `--requests-per-client` requests of one 256x256 JPEG: classification (`/predict`, the image as
+   the body) and embeddings (`/v1/embeddings`, the image base64 in JSON). Then the model alone in
+   the benchmark's process, with the server's fast paths: its images/s at batch 32 over batch 1 is
+   the most dynamic batching can gain on this machine, printed beside each endpoint's gain.
 2. Memory: the resident set (RSS) of `vitkit serve` with 1, 2 and 5 tasks after one request per
    task, and of five separate servers of one full model each (summed), the deployment without a
    shared trunk.
@@ -20,18 +24,43 @@ tasks as full checkpoints.
 Targets, as ratios within one run: dynamic batching >= 2x the requests/s of batch 1 at 64 clients;
 the RSS of 5 tasks on one trunk <= 0.5x that of 5 full models.
 
-Measured (2-core AMD EPYC, no AMX, quiet machine, torch 2.13, ViT-S/16 at 224): 5 tasks on one trunk
-587 MB RSS (1 task 471, 2 tasks 501) against 5 x 444 = 2221 MB for five full-model servers, 0.26x:
-met. At 64 clients dynamic batching 15.8 requests/s (p50 3.9 s, p99 5.3 s) against 12.8 for batch 1
-(p99 5.2 s), 1.23x: not the 2x asked, and not reachable on this CPU, where the model itself computes
-batch 32 only 1.21x faster per image than batch 1 (17.4 against 14.4 images/s, printed by the same
-run): the server reaches the model's own batching ceiling.
+Measured on CPU, a shared machine, busy: 2-core AMD EPYC (avx512_bf16, no AMX), load average 8 to 13
+from other jobs during the run; torch 2.13, ViT-S/16 at 224, random weights; `benchmarks/serve.py
+--requests-per-client 1 --threads 1` (one torch thread per process: with two, the other jobs stall
+every parallel region; ViT-Ti/16 at batch 1 took 1.36 s with two threads, 75 ms with one, timed by
+hand beside this run), 5 minutes. Figures from a busy machine:
+ratios within the run, not absolute speeds, are what it shows.
+
+| endpoint | serving | clients | requests | requests/s | p50 ms | p99 ms |
+|---|---|---|---|---|---|---|
+| classification | batch 1 | 1 | 4 | 4.29 | 248 | 252 |
+| classification | batch 1 | 8 | 8 | 4.52 | 1150 | 1770 |
+| classification | batch 1 | 64 | 64 | 4.57 | 7566 | 13954 |
+| classification | dynamic | 1 | 4 | 4.46 | 237 | 253 |
+| classification | dynamic | 8 | 8 | 4.45 | 1576 | 1781 |
+| classification | dynamic | 64 | 64 | 4.12 | 15448 | 15512 |
+| embeddings | batch 1 | 1 | 4 | 5.03 | 201 | 207 |
+| embeddings | batch 1 | 8 | 8 | 4.52 | 1161 | 1764 |
+| embeddings | batch 1 | 64 | 64 | 4.47 | 7582 | 14252 |
+| embeddings | dynamic | 1 | 4 | 3.30 | 322 | 342 |
+| embeddings | dynamic | 8 | 8 | 3.96 | 1999 | 2009 |
+| embeddings | dynamic | 64 | 64 | 4.01 | 15798 | 15964 |
+
+The model alone, in the same run: 3.43 images/s at batch 1, 3.63 at batch 32, a ceiling of 1.06x.
+At 64 clients dynamic batching gives 0.90x the requests/s of batch 1 for classification and 0.90x
+for embeddings (0.85 of that ceiling; the dynamic server's batches over both endpoints: 13 of 1,
+one of 7, one of 8, four of 32): the 2x target is not reachable where the model gains nothing from a batch, and a batch
+of 32 answers all its requests at once, so the median waits for the whole batch (p50 15.4 s against
+7.6 s). Memory: 5 tasks on one trunk 663 MB RSS (1 task 551, 2 tasks 580) against 5 x 522 = 2613 MB
+for five full-model servers, 0.25x: met. (An earlier run on a quiet machine with two threads: a
+ceiling of 1.21x, dynamic batching 1.23x batch 1 for classification.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
 import json
 import os
@@ -49,11 +78,14 @@ from PIL import Image
 
 import vitkit
 from vitkit.delta import finetune_model, save_delta
+from vitkit.fast import apply_fast_paths
 from vitkit.runtime import keep_freed_memory
 from vitkit.train.precision import machine_summary
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_TASKS = 5
+CLIENTS = (1, 8, 64)
+ENDPOINTS = ("classification", "embeddings")
 
 
 def make_checkpoints(folder: Path, model_name: str) -> tuple[Path, list[Path], list[Path]]:
@@ -116,8 +148,22 @@ def jpeg(size: int = 256) -> bytes:
     return buffer.getvalue()
 
 
-async def load_test(url: str, task: str, body: bytes, clients: int, per_client: int, limit_s: float) -> dict:
+def request_of(endpoint: str, task: str, image: bytes) -> tuple[str, dict]:
+    """(path, httpx keyword arguments) of one request of `endpoint` for `task` with `image`."""
+    if endpoint == "classification":
+        return "/predict", {
+            "params": {"task": task},
+            "content": image,
+            "headers": {"content-type": "image/jpeg"},
+        }
+    return "/v1/embeddings", {"json": {"input": [base64.b64encode(image).decode()], "model": task}}
+
+
+async def load_test(
+    url: str, request: tuple[str, dict], clients: int, per_client: int, limit_s: float
+) -> dict:
     """`clients` concurrent clients, each sending `per_client` requests one after another."""
+    path, arguments = request
     latencies: list[float] = []
     failures = 0
     deadline = time.perf_counter() + limit_s
@@ -129,12 +175,7 @@ async def load_test(url: str, task: str, body: bytes, clients: int, per_client: 
                 if time.perf_counter() > deadline:
                     return
                 start = time.perf_counter()
-                response = await client.post(
-                    f"{url}/predict",
-                    params={"task": task},
-                    content=body,
-                    headers={"content-type": "image/jpeg"},
-                )
+                response = await client.post(f"{url}{path}", **arguments)
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - start)
                 else:
@@ -159,30 +200,38 @@ async def load_test(url: str, task: str, body: bytes, clients: int, per_client: 
     }
 
 
-def throughput(trunk: Path, delta: Path, args: argparse.Namespace) -> dict[str, dict[int, dict]]:
-    body = jpeg()
-    results: dict[str, dict[int, dict]] = {}
+def throughput(trunk: Path, delta: Path, args: argparse.Namespace) -> dict[tuple[str, str], dict[int, dict]]:
+    """(serving mode, endpoint) -> clients -> requests, requests/s, p50 and p99 latency."""
+    image = jpeg()
+    results: dict[tuple[str, str], dict[int, dict]] = {}
     for mode, max_batch in (("batch 1", 1), ("dynamic", 32)):
         options = ("--max-batch", str(max_batch), "--batch-timeout-ms", str(args.batch_timeout_ms))
         with Server(trunk, [delta], *options) as server:
-            asyncio.run(load_test(server.url, "task0", body, 1, 2, args.limit_s))  # warm-up
-            results[mode] = {}
-            for clients in (1, 8, 64):
-                per_client = args.requests_per_client if clients > 1 else max(4, args.requests_per_client * 4)
-                result = asyncio.run(load_test(server.url, "task0", body, clients, per_client, args.limit_s))
-                results[mode][clients] = result
-                print(f"  {mode:8s} {clients:2d} clients: {json.dumps(result)}", flush=True)
+            for endpoint in ENDPOINTS:
+                request = request_of(endpoint, "task0", image)
+                asyncio.run(load_test(server.url, request, 1, 2, args.limit_s))  # warm-up
+                results[mode, endpoint] = {}
+                for clients in CLIENTS:
+                    per_client = (
+                        args.requests_per_client if clients > 1 else max(4, args.requests_per_client * 4)
+                    )
+                    result = asyncio.run(load_test(server.url, request, clients, per_client, args.limit_s))
+                    results[mode, endpoint][clients] = result
+                    print(
+                        f"  {mode:8s} {endpoint:14s} {clients:2d} clients: {json.dumps(result)}", flush=True
+                    )
             health = httpx.get(f"{server.url}/health").json()
-            print(f"  {mode} batch sizes: {health['batching']['batch_sizes']}", flush=True)
+            print(f"  {mode} batch sizes (both endpoints): {health['batching']['batch_sizes']}", flush=True)
     return results
 
 
 @torch.no_grad()
 def model_ceiling(model_name: str, rounds: int = 3, batch: int = 32) -> dict[int, float]:
-    """Images/s of the model alone at batch 1 and at `batch`, timed in alternation (`batch` single
-    images, then one batch, per round; medians): the most that batching can gain over batch 1 on
-    this machine, before HTTP and decoding."""
+    """Images/s of the model alone at batch 1 and at `batch`, with the fast paths `vitkit serve`
+    applies, timed in alternation (`batch` single images, then one batch, per round; medians): the
+    most that batching can gain over batch 1 on this machine, before HTTP and decoding."""
     model = vitkit.create_model(model_name, num_classes=10).eval()
+    apply_fast_paths(model, "cpu", "fp32")
     single, batched = torch.randn(1, 3, *model.config.img_size), torch.randn(batch, 3, *model.config.img_size)
     model(single), model(batched)  # warm-up
     times: dict[int, list[float]] = {1: [], batch: []}
@@ -234,10 +283,20 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=2, help="requests per client at 8 and 64")
     parser.add_argument("--batch-timeout-ms", type=float, default=10.0)
     parser.add_argument("--limit-s", type=float, default=180.0, help="time limit of one measurement")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the servers (OMP_NUM_THREADS) and of the model-alone timing (default: "
+        "torch's); on a shared machine, 1 keeps other processes from stalling every parallel region",
+    )
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     keep_freed_memory()  # as `vitkit serve` does
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every server subprocess
+        torch.set_num_threads(args.threads)
     print(f"# {machine_summary()}; load average {os.getloadavg()[0]:.1f}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}, random weights")
     with tempfile.TemporaryDirectory(prefix="vitkit-bench-serve-") as tmp:
@@ -248,20 +307,28 @@ def main() -> None:
         if not args.skip_throughput:
             print("throughput (one task, JPEG 256x256 uploads):")
             speed = throughput(trunk, deltas[0], args)
-            print(
-                "\n| serving | clients | requests | requests/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|"
-            )
-            for mode, rows in speed.items():
-                for clients, row in rows.items():
-                    print(f"| {mode} | {clients} | {row['requests']} | {row['requests_per_s']:.2f} | "
-                          f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} |")  # fmt: skip
-            ratio = speed["dynamic"][64]["requests_per_s"] / speed["batch 1"][64]["requests_per_s"]
-            print(f"\ndynamic / batch 1 at 64 clients: {ratio:.2f}x requests/s (target >= 2x)")
             rates = model_ceiling(args.model)
+            ceiling = rates[32] / rates[1]
             print(
-                f"the model alone, in this process: {rates[1]:.2f} images/s at batch 1, {rates[32]:.2f} at "
-                f"batch 32 ({rates[32] / rates[1]:.2f}x: the ceiling of batching's gain here)"
+                "\n| endpoint | serving | clients | requests | requests/s | p50 ms | p99 ms |\n"
+                "|---|---|---|---|---|---|---|"
             )
+            for endpoint in ENDPOINTS:
+                for mode in ("batch 1", "dynamic"):
+                    for clients, row in speed[mode, endpoint].items():
+                        print(f"| {endpoint} | {mode} | {clients} | {row['requests']} | {row['requests_per_s']:.2f} | "
+                              f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} |")  # fmt: skip
+            print(
+                f"\nthe model alone, in this process: {rates[1]:.2f} images/s at batch 1, {rates[32]:.2f} at "
+                f"batch 32: {ceiling:.2f}x, the ceiling of batching's gain here"
+            )
+            for endpoint in ENDPOINTS:
+                gain = (
+                    speed["dynamic", endpoint][64]["requests_per_s"]
+                    / speed["batch 1", endpoint][64]["requests_per_s"]
+                )
+                print(f"{endpoint}: dynamic / batch 1 at 64 clients {gain:.2f}x requests/s (target >= 2x); "
+                      f"{gain / ceiling:.2f} of the model's own ceiling {ceiling:.2f}x")  # fmt: skip
         if not args.skip_memory:
             print("memory (RSS of the server processes after one request per task):")
             rss = memory(trunk, deltas, fulls)

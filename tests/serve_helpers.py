@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from test_delta import attention_only_finetune
 from vitkit.data import DataConfig, decode_image, eval_transform
 from vitkit.delta import save_delta
 from vitkit.eval.classification import CLASSES_KEY, load_classifier
+from vitkit.eval.embed import pooled_features
 from vitkit.files import read_weights
 from vitkit.models.vit import VisionTransformer
 from vitkit.train.state import model_metadata, write_weights
@@ -81,6 +83,26 @@ def reference(checkpoints: Checkpoints, task: str, image: Path, k: int) -> list[
         probabilities = model(inputs).float().softmax(dim=-1)[0]
     values, indices = probabilities.topk(k)
     return [(classes[i], v) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def embeddings_reference(checkpoints: Checkpoints, task: str | None, images: list[Path]) -> torch.Tensor:
+    """The Python API's pooled features of `images` (N, D): `vitkit.load` (with the task's delta; None:
+    the base), its eval transform, `pooled_features`."""
+    model = vitkit.load(checkpoints.base, delta=checkpoints.deltas[task] if task else None).eval()
+    transform = eval_transform(model)
+    inputs = torch.stack([transform(decode_image(path), None) for path in images])
+    with torch.no_grad():
+        return pooled_features(model)(inputs)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text `text`, 0 if absent."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
 
 
 def png_header(width: int, height: int) -> bytes:

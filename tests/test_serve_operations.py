@@ -1,20 +1,18 @@
 """What operators ask of `vitkit serve`, against a server subprocess: readiness, Prometheus metrics
 that move with requests, the OpenAPI pages, the model list with the files' SHA-256, OpenAI-shaped
-embeddings equal to the Python API, and the optional API key; the app in process for readiness."""
+embeddings equal to the Python API and batched across requests, and the optional API key; the app
+in process for readiness."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import hashlib
-import re
 
 import pytest
 import torch
 
-import vitkit
-from serve_helpers import make_checkpoints, start_server, stop_server
-from vitkit.data import decode_image, eval_transform
+from serve_helpers import embeddings_reference, make_checkpoints, metric, start_server, stop_server
 
 httpx = pytest.importorskip(
     "httpx", reason="the serving tests need the serve extra: pip install 'vitkit[serve]'"
@@ -36,7 +34,9 @@ def checkpoints(tmp_path_factory):
 def server(checkpoints, monkeypatch_module):
     monkeypatch_module.setenv(KEY_ENV, API_KEY)
     tasks = [f"--task={name}={path}" for name, path in checkpoints.deltas.items()]
-    process, url = start_server(str(checkpoints.base), *tasks, "--api-key-env", KEY_ENV)
+    process, url = start_server(
+        str(checkpoints.base), *tasks, "--api-key-env", KEY_ENV, "--batch-timeout-ms", "20"
+    )
     yield url
     stderr = stop_server(process)
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -47,16 +47,6 @@ def server(checkpoints, monkeypatch_module):
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
         yield patch
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of the Prometheus text `text`, 0 if absent."""
-    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
-        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
-            return float(match.group(2))
-    return 0.0
 
 
 def encoded(path) -> str:
@@ -104,14 +94,54 @@ def test_embeddings_equal_the_python_api(server, checkpoints, task):
     assert answer["object"] == "list" and answer["model"] == (task or "base")
     assert [item["index"] for item in answer["data"]] == list(range(len(images)))
     assert all(item["object"] == "embedding" for item in answer["data"])
-    delta = checkpoints.deltas[task] if task else None
-    model = vitkit.load(checkpoints.base, delta=delta).eval()
-    transform = eval_transform(model)
-    inputs = torch.stack([transform(decode_image(path), None) for path in images])
-    with torch.no_grad():
-        expected = model.forward_head(model.forward_features(inputs), pre_logits=True)
+    expected = embeddings_reference(checkpoints, task, images)
     got = torch.tensor([item["embedding"] for item in answer["data"]])
     assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+
+
+def test_concurrent_embeddings_are_batched_across_requests(server, checkpoints):
+    """24 requests at once, of three models, one image each (every eighth all three): each answer
+    equals the Python API, and the embeddings' batches (counted per task, kind "embed") held images
+    of several requests."""
+    images = list(checkpoints.images.values())
+    models = [None, "wide", "pets"]
+    expected = {task: embeddings_reference(checkpoints, task, images) for task in models}
+    before = httpx.get(f"{server}/metrics", headers=AUTH).text
+
+    async def send_all():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=24)) as client:
+
+            async def one(n: int):
+                task = models[n % 3]
+                indices = [0, 1, 2] if n % 8 == 0 else [n % 3]
+                body = {"input": [encoded(images[i]) for i in indices], **({"model": task} if task else {})}
+                response = await client.post(f"{server}/v1/embeddings", json=body, headers=AUTH)
+                return task, indices, response
+
+            return await asyncio.gather(*(one(n) for n in range(24)))
+
+    answers = asyncio.run(send_all())
+    for task, indices, response in answers:
+        assert response.status_code == 200, response.text
+        got = torch.tensor([item["embedding"] for item in response.json()["data"]])
+        assert torch.allclose(got, expected[task][indices], atol=1e-5), (task, indices)
+    after = httpx.get(f"{server}/metrics", headers=AUTH).text
+
+    def moved(name: str, task: str) -> float:
+        labels = {"task": task, "kind": "embed"}
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    images_sent = {task or "base": 0 for task in models}
+    for task, indices, _ in answers:
+        images_sent[task or "base"] += len(indices)
+    for task, count in images_sent.items():
+        assert moved("vitkit_batch_size_sum", task) == count, task  # every image went through a batch
+        assert moved("vitkit_queue_seconds_count", task) == count, task
+    batches = sum(moved("vitkit_batch_size_count", task) for task in images_sent)
+    assert batches < len(answers)  # fewer batches than requests: requests shared batches
+    assert metric(after, "vitkit_batch_size_count", task="pets", kind="predict") == metric(
+        before, "vitkit_batch_size_count", task="pets", kind="predict"
+    )  # embeddings are counted apart from predictions
 
 
 @pytest.mark.parametrize(
@@ -173,11 +203,11 @@ def test_metrics_move_with_requests(server, checkpoints):
     )
     assert metric(after, "vitkit_requests_total", endpoint="/predict", task="", status="401") >= 1
     assert (
-        metric(after, "vitkit_batch_size_count", task="pets")
-        - metric(before, "vitkit_batch_size_count", task="pets")
+        metric(after, "vitkit_batch_size_count", task="pets", kind="predict")
+        - metric(before, "vitkit_batch_size_count", task="pets", kind="predict")
         == 3
     )
-    assert metric(after, "vitkit_queue_seconds_count", task="pets") >= 3
+    assert metric(after, "vitkit_queue_seconds_count", task="pets", kind="predict") >= 3
     assert metric(after, "vitkit_request_seconds_count", endpoint="/predict") >= 5
     assert metric(after, "vitkit_requests_in_flight") == 1  # the scrape itself
 

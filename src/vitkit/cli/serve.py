@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 
 from .common import PORT, POSITIVE
 
@@ -42,6 +43,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="largest image accepted, width x height (default: 25,000,000)",
     )
     parser.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body, in MiB")
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="at SIGTERM or SIGINT, how long in-flight requests may take to finish before they are "
+        "cancelled (default: 30)",
+    )
     parser.add_argument(
         "--api-key-env",
         default=None,
@@ -94,8 +103,10 @@ def run_serve(args: argparse.Namespace) -> int:
         if value < low:
             raise ValueError(f"{flag} {value}: expected >= {low}")
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
-    if args.batch_timeout_ms < 0 or args.max_body_mb <= 0 or max_pixels < 1:
-        raise ValueError("--batch-timeout-ms must be >= 0, --max-body-mb and --max-pixels positive")
+    if args.batch_timeout_ms < 0 or args.shutdown_timeout < 0 or args.max_body_mb <= 0 or max_pixels < 1:
+        raise ValueError(
+            "--batch-timeout-ms and --shutdown-timeout must be >= 0, --max-body-mb and --max-pixels positive"
+        )
     key = api_key(args.api_key_env)
     tasks = TaskSet(args.checkpoint, parse_task_specs(args.task), backend=args.backend, max_pixels=max_pixels)
     sock = listening_socket(args.host, args.port)
@@ -113,13 +124,22 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         on_ready=ready,
         api_key=key,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            app.state.ready = False  # /ready answers 503 from the first signal on
-            super().handle_exit(sig, frame)
+        """uvicorn's graceful shutdown (stop accepting, let in-flight requests finish, then the app's
+        lifespan drains the batcher), ending in exit status 0: uvicorn would raise the signal
+        again once shut down, and a SIGTERM so raised kills the process with status -15."""
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        def handle_exit(self, sig: int, frame) -> None:
+            app.state.ready = False  # /ready answers 503 from the first signal on
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for in-flight requests
+            self.should_exit = True
+
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, timeout_graceful_shutdown=args.shutdown_timeout
+    )
     Server(config).run(sockets=[sock])
     return 0

@@ -13,19 +13,23 @@ every class if fewer; 1..classes). It answers `{"task": ..., "predictions": [{"l
 
 `/v1/embeddings` takes OpenAI's shape, `{"input": [base64 image, ...], "model": task name (default: the
 base)}`, and answers `{"object": "list", "data": [{"object": "embedding", "index": i, "embedding":
-[...]}], "model": ...}`: the pooled features the head would see, in that model's preprocessing; 415
+[...]}], "model": ...}`: the pooled features the head would see, in that model's preprocessing, each
+input image batched with those of other requests for the same model; 415
 for a body that is not JSON, 400 for bad JSON, base64 or image bytes, 422 for a badly shaped body.
 `/v1/models` lists the tasks with the SHA-256 of the base and delta files, preprocessing and classes.
 
 `/ready` answers 503 until every task has run a warm-up batch, and again once shutdown begins; with an
 API key, every request but `/health` and `/ready` needs `Authorization: Bearer <key>` (else 401).
 
-`Service` holds the request handling (limits, decoding, errors) apart from batching: `create_app`
-puts a `TaskBatcher` behind it; the Ray Serve deployment (`vitkit.serve.ray_serve`) its `@serve.batch`.
+`Service` holds the request handling (limits, decoding, errors); `create_app` puts one `TaskBatcher`
+behind it, keyed by (kind, task): `/predict` and `/v1/embeddings` are both batched. At shutdown the
+app's lifespan drains the batcher (every submitted image answered, new ones refused with 503); the
+Ray Serve deployment (`vitkit.serve.ray_serve`) serves this same app.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -45,18 +49,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..data.datasets import BadImageError, ImageTooLargeError
-from .batcher import TaskBatcher
+from .batcher import BatcherClosedError, TaskBatcher
 from .metrics import ServeMetrics
-from .tasks import BASE_TASK, TaskSet, UnknownTaskError, top_k
+from .tasks import BASE_TASK, EMBED, PREDICT, Kind, TaskSet, UnknownTaskError, top_k
 
 DEFAULT_MAX_BODY_BYTES = 20 << 20
 DEFAULT_TOP_K = 5
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 MAX_EMBEDDING_INPUTS = 64
 OPEN_PATHS = frozenset({"/health", "/ready"})  # answered without the API key
 TASK_SCOPE_KEY = "vitkit.task"  # the request's task, for the metrics' label
 log = logging.getLogger(__name__)
 
-Submit = Callable[[str, torch.Tensor], Awaitable[torch.Tensor]]
+BatchKey = tuple[Kind, str]  # (what the batch computes, the task's name)
+Submit = Callable[[BatchKey, torch.Tensor], Awaitable[torch.Tensor]]
 
 
 class RequestError(Exception):
@@ -98,7 +104,7 @@ def _replay(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
 
 
 class Service:
-    """Request handling over a TaskSet; `submit(task_name, image)` runs one prepared image."""
+    """Request handling over a TaskSet; `submit((kind, task_name), image)` runs one prepared image."""
 
     def __init__(self, tasks: TaskSet, submit: Submit, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.tasks = tasks
@@ -125,6 +131,8 @@ class Service:
             return error_response(413, f"image over the pixel limit: {error.reason}")
         except BadImageError as error:
             return error_response(400, f"not a decodable image: {error.reason}")
+        except BatcherClosedError as error:
+            return error_response(503, str(error))
 
     async def _predict(self, request: Request) -> JSONResponse:
         self._check_length(request)
@@ -133,28 +141,30 @@ class Service:
         k = parse_top_k(request.query_params.get("top_k"), len(task.classes))
         data = await self._image_bytes(request)
         image = await run_in_threadpool(self.tasks.prepare, task, data)
-        probabilities = await self.submit(task.name, image)
+        probabilities = await self.submit((PREDICT, task.name), image)
         return JSONResponse({"task": task.name, "predictions": top_k(task, probabilities, k)})
 
     async def _embeddings(self, request: Request) -> JSONResponse:
         self._check_length(request)
         inputs, name = await self._embedding_request(request)
-        model, transform = self.tasks.embedding_model(name)
-        request.scope[TASK_SCOPE_KEY] = name or BASE_TASK
+        name = name or BASE_TASK
+        _, transform = self.tasks.embedding_model(name)
+        request.scope[TASK_SCOPE_KEY] = name
 
-        def run() -> torch.Tensor:
-            images = [
+        def prepare() -> list[torch.Tensor]:
+            return [
                 transform(self.tasks.decode(data, f"input[{index}]"), None)
                 for index, data in enumerate(inputs)
             ]
-            return self.tasks.embed(model, torch.stack(images))
 
-        features = await run_in_threadpool(run)
+        # Every input is decoded before any is submitted: a bad one fails the request alone.
+        images = await run_in_threadpool(prepare)
+        features = await asyncio.gather(*(self.submit((EMBED, name), image) for image in images))
         data = [
-            {"object": "embedding", "index": index, "embedding": row}
-            for index, row in enumerate(features.tolist())
+            {"object": "embedding", "index": index, "embedding": row.tolist()}
+            for index, row in enumerate(features)
         ]
-        return JSONResponse({"object": "list", "data": data, "model": name or BASE_TASK})
+        return JSONResponse({"object": "list", "data": data, "model": name})
 
     async def _embedding_request(self, request: Request) -> tuple[list[bytes], str | None]:
         """The JSON body -> (the decoded base64 inputs, the model's name or None)."""
@@ -297,12 +307,16 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_ready: Callable[[], None] | None = None,
     api_key: str | None = None,
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+    server: str = "vitkit serve",
 ) -> FastAPI:
-    """The FastAPI app of `tasks`, each task's requests batched dynamically (`max_batch=1`: none);
-    with `api_key`, requests but /health and /ready need `Authorization: Bearer <api_key>`."""
+    """The FastAPI app of `tasks`, each task's predictions and embeddings batched dynamically
+    (`max_batch=1`: none); with `api_key`, requests but /health and /ready need `Authorization:
+    Bearer <api_key>`. At shutdown /ready turns 503 and the batcher answers what it holds, waiting
+    at most `shutdown_timeout_s`; `server` names what runs the app in /health."""
     metrics = ServeMetrics()
-    batcher: TaskBatcher[str] = TaskBatcher(
-        lambda name, images: tasks.run(tasks.tasks[name], images),
+    batcher: TaskBatcher[BatchKey] = TaskBatcher(
+        lambda key, images: tasks.compute(*key, images),
         max_batch=max_batch,
         timeout_s=batch_timeout_ms / 1000,
         num_workers=num_workers,
@@ -318,7 +332,7 @@ def create_app(
             on_ready()
         yield
         app.state.ready = False
-        await batcher.close()
+        await batcher.close(shutdown_timeout_s)
 
     app = FastAPI(title="vitkit serve", lifespan=lifespan)
     app.state.ready = False  # set by the lifespan once warm, cleared (also by the server) at shutdown
@@ -326,14 +340,14 @@ def create_app(
     app.state.batcher = batcher
     app.state.metrics = metrics
     batching = {"max_batch": max_batch, "batch_timeout_ms": batch_timeout_ms, "workers": num_workers}
-    add_routes(app, service, batching)
+    add_routes(app, service, batching, server)
     add_error_handlers(app)
     endpoints = frozenset(route.path for route in app.routes)
     app.add_middleware(Observed, metrics=metrics, endpoints=endpoints, api_key=api_key)
     return app
 
 
-def add_routes(app: FastAPI, service: Service, batching: dict[str, Any]) -> None:
+def add_routes(app: FastAPI, service: Service, batching: dict[str, Any], server: str) -> None:
     batcher: TaskBatcher = app.state.batcher
     metrics: ServeMetrics = app.state.metrics
 
@@ -352,7 +366,8 @@ def add_routes(app: FastAPI, service: Service, batching: dict[str, Any]) -> None
     @app.get("/health")
     async def health():
         sizes = {str(size): count for size, count in sorted(batcher.batch_sizes.items())}
-        return service.health({"batching": {**batching, "batch_sizes": sizes}})
+        state = {**batching, "batch_sizes": sizes, "pending": batcher.num_pending}
+        return service.health({"server": server, "batching": state})
 
     @app.get("/ready")
     async def ready():

@@ -6,9 +6,14 @@ to `max_batch`, then hands the batch to one of `num_workers` threads. While ever
 queue keeps filling, so the batch grows with the load: one request alone waits `timeout_s` at most,
 64 at once run in a few large batches. `max_batch=1` is plain one-request-at-a-time serving.
 
+A key names what a queue's batches compute: the server's keys are (kind, task), so a task's
+predictions and its embeddings queue apart (one computes probabilities, the other pooled features).
 Only prepared inputs are submitted (decoding and the eval transform run before, in the request's
 own handler), so a bad upload never reaches a batch; if a batch still fails, its requests run one by
 one, and only the one that fails gets the error.
+
+`close()` drains: from its call on, `submit` refuses (`BatcherClosedError`), while every request
+already submitted, queued or in a running batch, is answered before the workers stop.
 """
 
 from __future__ import annotations
@@ -26,8 +31,12 @@ Key = TypeVar("Key")
 log = logging.getLogger(__name__)
 
 
+class BatcherClosedError(RuntimeError):
+    """A request submitted after `close()` began: the server is shutting down."""
+
+
 class TaskBatcher(Generic[Key]):
-    """`await batcher.submit(task, image)` -> that image's row of `run(task, images)`."""
+    """`await batcher.submit(key, image)` -> that image's row of `run(key, images)`."""
 
     def __init__(
         self,
@@ -53,8 +62,17 @@ class TaskBatcher(Generic[Key]):
         self._running: set[asyncio.Task] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._pending: set[asyncio.Future] = set()  # submitted and not yet answered
+        self._closing = False
+
+    @property
+    def num_pending(self) -> int:
+        """Images submitted and not yet answered: queued, or in a running batch."""
+        return len(self._pending)
 
     async def submit(self, key: Key, item: torch.Tensor) -> torch.Tensor:
+        if self._closing:
+            raise BatcherClosedError("shutting down: no new requests are taken")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="vitkit-batch")
             self._slots = asyncio.Semaphore(self.num_workers)
@@ -63,6 +81,8 @@ class TaskBatcher(Generic[Key]):
             self._collectors.append(asyncio.create_task(self._collect(key)))
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
         await self._queues[key].put((item, future, loop.time()))
         return await future
 
@@ -133,7 +153,18 @@ class TaskBatcher(Generic[Key]):
         except Exception as error:
             return error
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Refuse new requests, answer every submitted one (waiting at most `timeout_s`; the rest are
+        cancelled), then stop the collectors and the worker threads."""
+        self._closing = True
+        if self._pending:
+            _, unanswered = await asyncio.wait(set(self._pending), timeout=timeout_s)
+            if unanswered:
+                log.warning(
+                    "shutdown: %d requests unanswered after %s s, cancelled", len(unanswered), timeout_s
+                )
+            for future in unanswered:
+                future.cancel()
         for collector in self._collectors:
             collector.cancel()
         await asyncio.gather(*self._collectors, *self._running, return_exceptions=True)

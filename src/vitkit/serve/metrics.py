@@ -5,8 +5,9 @@ process-wide one), so several apps in one process, and tests, keep their own cou
   or "" (a request that names none or an unknown one), `endpoint` a route of the app or "other";
 - `vitkit_request_seconds{endpoint}`: latency, from the request's arrival to its answer;
 - `vitkit_requests_in_flight`: requests being answered now;
-- `vitkit_batch_size{task}` and `vitkit_queue_seconds{task}`: the batcher's batches and how long each
-  request waited in its task's queue before its batch ran.
+- `vitkit_batch_size{task, kind}` and `vitkit_queue_seconds{task, kind}`: the batcher's batches (images
+  per batch) and how long each image waited in its queue before its batch ran; `kind` is "predict"
+  (`/predict`) or "embed" (`/v1/embeddings`, one queue entry per input image).
 """
 
 from __future__ import annotations
@@ -42,12 +43,16 @@ class ServeMetrics:
         )
         self.in_flight = Gauge("vitkit_requests_in_flight", "Requests being answered", registry=self.registry)
         self.batch_size = Histogram(
-            "vitkit_batch_size", "Images per batch", ("task",), buckets=BATCH_BUCKETS, registry=self.registry
+            "vitkit_batch_size",
+            "Images per batch",
+            ("task", "kind"),
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.queue_seconds = Histogram(
             "vitkit_queue_seconds",
-            "Time a request waited in its task's queue before its batch ran",
-            ("task",),
+            "Time an image waited in its queue (task and kind) before its batch ran",
+            ("task", "kind"),
             buckets=QUEUE_BUCKETS,
             registry=self.registry,
         )
@@ -56,11 +61,13 @@ class ServeMetrics:
         self.requests.labels(endpoint, task, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 
-    def observe_batch(self, task: str, queue_seconds: list[float]) -> None:
-        """A batch of `len(queue_seconds)` requests of `task` starts; each waited that long."""
-        self.batch_size.labels(task).observe(len(queue_seconds))
+    def observe_batch(self, key: tuple[str, str], queue_seconds: list[float]) -> None:
+        """A batch of `len(queue_seconds)` images of key (kind, task) starts; each waited that long."""
+        kind, task = key
+        self.batch_size.labels(task, kind).observe(len(queue_seconds))
+        waited = self.queue_seconds.labels(task, kind)
         for seconds in queue_seconds:
-            self.queue_seconds.labels(task).observe(seconds)
+            waited.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

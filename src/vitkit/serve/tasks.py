@@ -39,6 +39,9 @@ from ..io import read_checkpoint
 from ..models.vit import VisionTransformer
 
 Backend = Literal["torch", "onnx"]
+Kind = Literal["predict", "embed"]  # what a batch computes: class probabilities or pooled features
+PREDICT: Kind = "predict"
+EMBED: Kind = "embed"
 BASE_TASK = "base"
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_MAX_PIXELS = 25_000_000  # a 5000 x 5000 photograph; decoded, 75 MB of RGB
@@ -224,9 +227,10 @@ class TaskSet:
         """A batch (B, 3, H, W) of one task -> class probabilities (B, classes), float32."""
         return task.forward(images).float().softmax(dim=-1)
 
-    def embedding_model(self, name: str | None) -> tuple[VisionTransformer, Callable]:
-        """(model, eval transform) whose pooled features `embed` gives: the base (None), or a task's."""
-        if name is None or (name == BASE_TASK and BASE_TASK not in self.tasks):
+    def embedding_model(self, name: str) -> tuple[VisionTransformer, Callable]:
+        """(model, eval transform) whose pooled features `embed` gives: the base ("base", also when
+        the base has no head and so is no task), or a task's."""
+        if name == BASE_TASK and BASE_TASK not in self.tasks:
             return self.base, self.base_transform
         task = self.task(name)
         return task.model, task.transform
@@ -235,6 +239,14 @@ class TaskSet:
         """A batch (B, 3, H, W) -> the pooled features (B, D) the head would see, float32."""
         with torch.no_grad():
             return pooled_features(model)(images)
+
+    def compute(self, kind: Kind, name: str, images: torch.Tensor) -> torch.Tensor:
+        """A batch (B, 3, H, W) for task `name` -> its class probabilities (kind "predict") or its
+        model's pooled features (kind "embed"): what one batch of the batcher runs."""
+        if kind == PREDICT:
+            return self.run(self.tasks[name], images)
+        model, _ = self.embedding_model(name)
+        return self.embed(model, images)
 
     def checksum(self, path: str) -> str | None:
         """The SHA-256 of a served file, computed once when first asked for; None when the file
