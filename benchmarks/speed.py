@@ -53,19 +53,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import _torchvision_standin  # timm imports torchvision, whose wheels need CUDA: a stand-in, here only
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from vitkit import create_model
 from vitkit.analysis.flops import count
-from vitkit.fast import apply_fast_paths
+from vitkit.fast import apply_fast_paths, calibration, choose_precision
 from vitkit.models.config import ViTConfig
 from vitkit.models.vit import VisionTransformer
 from vitkit.runtime import keep_freed_memory
 from vitkit.train.precision import machine_summary
 
+_torchvision_standin.install()
 INFERENCE_MODELS = {"Ti/16": 32, "S/16": 32, "B/16": 16}
+# (work, candidate, precision, speed, MFU) of every timed row, for the peer table at the end.
+ROWS: list[tuple[str, str, str, float, float]] = []
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -412,6 +416,11 @@ def bench_inference(args: argparse.Namespace, device: torch.device, notes: list[
                     "" if is_ceiling else megabytes(result.peak_mb),
                 ]
                 rows.append("| " + " | ".join(cells) + " |")
+                if not is_ceiling:
+                    mfu = flops_per_image * batch / result.median / matmul_rate
+                    ROWS.append(
+                        (f"{variant} inference, batch {batch}, img/s", name, dtype_name, images_per_s, mfu)
+                    )
             print("\n".join(rows[-len(throughput) :]), flush=True)
             del modules
             fresh_compiler()
@@ -428,8 +437,9 @@ def train_configs() -> dict[str, tuple[ViTConfig, int]]:
 def training_step(
     module: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype
 ) -> Callable[[], None]:
-    """One step as a training loop runs it: autocast forward (bf16) or fp32, backward, AdamW."""
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6)
+    """One step as a training loop runs it: autocast forward (bf16) or fp32, backward, fused AdamW."""
+    # Fused AdamW for every candidate (vitkit trains with it; a peer's user can ask for it too).
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=True)
 
     def step() -> None:
         with torch.autocast(images.device.type, dtype, enabled=dtype != torch.float32):
@@ -479,6 +489,16 @@ def bench_training(args: argparse.Namespace, device: torch.device, notes: list[s
                     megabytes(result.peak_mb),
                 ]
                 rows.append("| " + " | ".join(cells) + " |")
+                mfu = flops_per_image * batch / result.median / matmul_rate
+                ROWS.append(
+                    (
+                        f"{label} training step, batch {batch}, img/s",
+                        name,
+                        dtype_name,
+                        batch / result.median,
+                        mfu,
+                    )
+                )
             print("\n".join(rows[-len(results) :]), flush=True)
             fresh_compiler()
     return rows
@@ -505,7 +525,8 @@ def parallel_candidates(
 
 
 def bench_parallel(args: argparse.Namespace, device: torch.device) -> list[str]:
-    """ "Three things" #1: ViT-S 18x2 computed fused, branch by branch, and as the sequential 36x1."""
+    """ "Three things" #1: ViT-S 18x2 computed fused, branch by branch, and as the sequential 36x1, at
+    batch 16 (throughput) and batch 1 (latency, inference)."""
     rows = [
         "| model | batch | dtype | mode | candidate | img/s | vs sequential 36x1 |",
         "|---|---:|---|---|---|---:|---:|",
@@ -520,11 +541,11 @@ def bench_parallel(args: argparse.Namespace, device: torch.device) -> list[str]:
         dtype = DTYPES[dtype_name]
         models = parallel_candidates(parallel, sequential, device, dtype_name)
         images = torch.randn(batch, 3, 224, 224, device=device)
-        for mode in ("inference", "training"):
+        for mode, size in (("inference", batch), ("inference", 1), ("training", batch)):
             if mode == "inference":
                 modules = {n: copy.deepcopy(m).to(device, dtype).eval() for n, m in models.items()}
                 runs = {
-                    n: functools.partial(torch.inference_mode()(m), images.to(dtype))
+                    n: functools.partial(torch.inference_mode()(m), images[:size].to(dtype))
                     for n, m in modules.items()
                 }
             else:
@@ -534,11 +555,46 @@ def bench_parallel(args: argparse.Namespace, device: torch.device) -> list[str]:
             reference = results["36x1 sequential"].median
             for name, result in results.items():
                 cells = [
-                    "S/16 36 blocks' parameters", str(batch), dtype_name, mode, name,
-                    f"{batch / result.median:.1f}", f"{reference / result.median:.2f}x",
-                ]  # fmt: skip
+                    "S/16 36 blocks' parameters",
+                    str(size),
+                    dtype_name,
+                    mode,
+                    name,
+                    f"{size / result.median:.1f}",
+                    f"{reference / result.median:.2f}x",
+                ]
                 rows.append("| " + " | ".join(cells) + " |")
             print("\n".join(rows[-len(results) :]), flush=True)
+    return rows
+
+
+def peer_table(device: torch.device) -> list[str]:
+    """Per work: the best peer configuration (any precision, compiled or not), vitkit as it chooses
+    (the measured precision, eager: what its commands run) and its best configuration."""
+    chosen, _ = choose_precision("auto", device)
+    rows = [
+        f"| work | best peer | vitkit as it chooses ({chosen}) | vs best peer | MFU | vitkit best | vs best peer |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for work in dict.fromkeys(row[0] for row in ROWS):
+        entries = [row for row in ROWS if row[0] == work]
+        peers_ = [row for row in entries if not row[1].startswith("vitkit")]
+        ours = [row for row in entries if row[1].startswith("vitkit")]
+        choice = [row for row in ours if row[1] == "vitkit" and row[2] == chosen]
+        if not peers_ or not choice:
+            continue
+        best_peer = max(peers_, key=lambda row: row[3])
+        best_ours = max(ours, key=lambda row: row[3])
+        cells = [
+            work,
+            f"{best_peer[3]:.1f} ({best_peer[1]} {best_peer[2]})",
+            f"{choice[0][3]:.1f}",
+            f"{choice[0][3] / best_peer[3]:.2f}x",
+            f"{100 * choice[0][4]:.0f}%",
+            f"{best_ours[3]:.1f} ({best_ours[1]} {best_ours[2]})",
+            f"{best_ours[3] / best_peer[3]:.2f}x",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
@@ -586,6 +642,10 @@ def main() -> None:
         f"{args.reps} interleaved repetitions (medians), compile={args.compile}, freezing={args.freezing}, "
         f"malloc keeps freed memory={kept}\n# {machine_summary()}\n"
     )
+    measured = calibration() if device.type == "cpu" else None
+    if measured is not None:
+        print(f"# calibration: {measured.describe()}")
+    print(f"# vitkit's choice: {' '.join(choose_precision('auto', device))}\n")
     notes: list[str] = []
     tables = []
     if "inference" not in args.skip:
@@ -599,6 +659,7 @@ def main() -> None:
         tables.append(bench_parallel(args, device))
     for table in tables:
         print("\n" + "\n".join(table))
+    print("\n## vitkit against the best peer\n\n" + "\n".join(peer_table(device)))
     for note in notes:
         print(f"\nnote: {note}")
     print(

@@ -119,7 +119,10 @@ def png_header(width: int, height: int) -> bytes:
 
 
 def start_server(*args: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
-    """`vitkit serve ... --port 0` as a subprocess; returns it and its URL once it listens."""
+    """`vitkit serve ... --port 0` as a subprocess; returns it and its URL once it listens. In fp32
+    unless the arguments say otherwise, so answers compare with the Python API's to float rounding."""
+    if "--precision" not in args:
+        args = (*args, "--precision", "fp32")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, "-m", "vitkit", "serve", *args, "--host", "127.0.0.1", "--port", "0"],

@@ -21,6 +21,7 @@ from helpers import tiny_config
 from vitkit.fast import Kernels, apply_fast_paths, choose_kernels, kernels
 from vitkit.fast.blocks import FastAttention, FastBlock, FastMlp, FusedParallelBlock
 from vitkit.fast.kernels import FastConv2d, FastLinear, attention, linear, linear_chunks
+from vitkit.fast.machine import use_calibration
 from vitkit.models.vit import ParallelBlock, VisionTransformer
 
 BF16 = dict(rtol=2e-2, atol=2e-2)
@@ -29,6 +30,13 @@ BF16 = dict(rtol=2e-2, atol=2e-2)
 FP32 = dict(rtol=1e-5, atol=1e-5)
 FP32_UNITS = Kernels(bf16_gemm_in_fp32=True)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def flag_rules():
+    """The kernels as the flag rules choose them (the calibration's choices: test_calibration.py)."""
+    with use_calibration(None):
+        yield
 
 
 def _fast(module: nn.Module, device: str = "cpu", precision: str = "fp32") -> nn.Module:

@@ -11,6 +11,7 @@ import hashlib
 
 import pytest
 import torch
+from PIL import Image
 
 from serve_helpers import embeddings_reference, make_checkpoints, metric, start_server, stop_server
 
@@ -262,3 +263,26 @@ def test_a_file_changed_on_disk_after_loading_has_no_checksum(tmp_path):
     models = {entry["id"]: entry for entry in tasks.describe_models()["data"]}
     assert models[name]["delta_sha256"] is None
     assert models[name]["base_sha256"] == hashlib.sha256(checkpoints.base.read_bytes()).hexdigest()
+
+
+def test_the_server_computes_in_the_precision_asked_and_says_so(checkpoints):
+    """bf16 serving (what "auto" takes where bf16 measured fastest): the same top class as fp32, the
+    probabilities within bf16 rounding, and /health naming the precision."""
+    import io
+
+    from vitkit.serve.tasks import TaskSet
+
+    image = io.BytesIO()
+    Image.new("RGB", (40, 30), (20, 160, 40)).save(image, format="PNG")
+    answers = {}
+    for precision in ("fp32", "bf16"):
+        tasks = TaskSet(checkpoints.base, precision=precision)
+        assert tasks.describe()["precision"] == precision
+        task = tasks.task(None)
+        batch = tasks.prepare(task, image.getvalue())[None]
+        answers[precision] = tasks.run(task, batch)
+        assert answers[precision].dtype == torch.float32
+    assert answers["bf16"].argmax() == answers["fp32"].argmax()
+    assert (answers["bf16"] - answers["fp32"]).abs().max() < 0.02
+    with pytest.raises(ValueError, match="the onnx backend runs fp32 graphs"):
+        TaskSet(checkpoints.base, backend="onnx", precision="bf16")

@@ -52,6 +52,17 @@ def add_set_arg(parser: argparse.ArgumentParser, text: str) -> None:
     )
 
 
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """`--precision`: the arithmetic of the forward passes of an inference command."""
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto (default): the precision this machine measured fastest (bf16 where its products "
+        "run clearly faster than fp32; cached per CPU and torch version); fp32: the reference arithmetic",
+    )
+
+
 def add_preprocessing_args(parser: argparse.ArgumentParser, img_size: bool = True) -> None:
     """Flags overriding each field of the checkpoint's own preprocessing (`model.preprocessing`)."""
     group = parser.add_argument_group(

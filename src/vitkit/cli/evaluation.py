@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import POSITIVE, add_preprocessing_args, add_set_arg, int_in, preprocessing_overrides
+from .common import (
+    POSITIVE,
+    add_precision_arg,
+    add_preprocessing_args,
+    add_set_arg,
+    int_in,
+    preprocessing_overrides,
+)
 
 
 # vitkit eval --------------------------------------------------------------------------------------
@@ -28,7 +35,20 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hflip-tta", action="store_true", help="average the predictions of each image and its mirror image"
     )
+    add_precision_arg(parser)
     add_preprocessing_args(parser, img_size=False)
+
+
+def inference_precision(model: Any, precision: str) -> str:
+    """Prepare `model` for inference on the CPU in `precision` ("auto": measured) and say which, on stderr."""
+    from ..fast import prepare_inference
+
+    _, chosen = prepare_inference(model, "cpu", precision)
+    print(
+        f"precision: {chosen}" + (" (measured fastest on this CPU)" if precision == "auto" else ""),
+        file=sys.stderr,
+    )
+    return chosen
 
 
 def parse_data_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -57,12 +77,10 @@ def run_eval(args: argparse.Namespace) -> int:
         plot_confusion_matrix,
         write_results,
     )
-    from ..fast import apply_fast_paths
 
     checkpoint = read_checkpoint(args.checkpoint)  # every file opened once, here
     path = checkpoint.path
     model, classes, data = load_classifier(checkpoint)
-    apply_fast_paths(model, "cpu", "fp32")
     config = eval_data_config(args, path, model, data)
     loader = build_loader(config, args.split, augment=False)
     if loader.classes != classes:
@@ -71,6 +89,7 @@ def run_eval(args: argparse.Namespace) -> int:
             f"{args.split!r} of {config.root or config.dataset} has {loader.classes[:10]}"
             f"{' ...' if len(loader.classes) > 10 else ''}"
         )
+    inference_precision(model, args.precision)
     predict = flip_averaged(model) if args.hflip_tta else model
     result = evaluate_classification(predict, loader, classes, progress=True)
     unreadable = loader.unreadable
@@ -128,6 +147,7 @@ def add_images_args(parser: argparse.ArgumentParser) -> None:
         help="JPEG, PNG, WebP or BMP files, folders (their image files, sorted) or glob patterns ('**' included)",
     )
     parser.add_argument("--batch-size", type=POSITIVE, default=32, help="images per forward pass")
+    add_precision_arg(parser)
 
 
 def add_predict_args(parser: argparse.ArgumentParser) -> None:
@@ -155,16 +175,15 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..data import eval_transform
     from ..eval.classification import load_classifier
     from ..eval.images import expand_images, run_images
-    from ..fast import apply_fast_paths
 
     model, classes, _ = load_classifier(args.checkpoint)
-    apply_fast_paths(model, "cpu", "fp32")
     if args.top_k is None:
         args.top_k = min(5, len(classes))
     if not 1 <= args.top_k <= len(classes):
         raise ValueError(f"--top-k {args.top_k}: expected 1..{len(classes)} (the checkpoint's classes)")
     transform = eval_transform(model, **preprocessing_overrides(args))
     inputs = expand_images(args.images)
+    inference_precision(model, args.precision)
 
     def probabilities(images: Any) -> Any:
         return model(images).float().softmax(dim=-1)
@@ -214,7 +233,6 @@ def run_embed(args: argparse.Namespace) -> int:
     from ..eval.classification import check_finite
     from ..eval.embed import check_features_path, pooled_features, write_features
     from ..eval.images import expand_images, run_images
-    from ..fast import apply_fast_paths
     from ..io import load, read_checkpoint
 
     out = check_features_path(args.out)
@@ -222,9 +240,9 @@ def run_embed(args: argparse.Namespace) -> int:
     path = checkpoint.path
     model = load(checkpoint).eval()
     check_finite(model, path)
-    apply_fast_paths(model, "cpu", "fp32")
     transform = eval_transform(model, **preprocessing_overrides(args))
     inputs = expand_images(args.images)
+    inference_precision(model, args.precision)
     rows, names = [], []
     for result in run_images(pooled_features(model), inputs, transform, args.batch_size, desc="embed"):
         if result.error is not None:
@@ -267,6 +285,7 @@ def add_fewshot_args(parser: argparse.ArgumentParser) -> None:
         "--max-test", type=int_in(0), default=0, help="evaluate on the first N test images (0: all)"
     )
     parser.add_argument("--out", default=None, help="write the metrics as JSON here")
+    add_precision_arg(parser)
     add_preprocessing_args(parser)
 
 
@@ -279,10 +298,10 @@ def run_fewshot(args: argparse.Namespace) -> int:
     from ..data.model_transform import transform_of
     from ..eval.embed import pooled_features
     from ..eval.fewshot import FewShotConfig, Transformed, evaluate_fewshot, evenly_spaced, format_table
-    from ..fast import apply_fast_paths
     from ..io import atomic_write, load
 
-    model = apply_fast_paths(load(args.checkpoint).eval(), "cpu", "fp32")
+    model = load(args.checkpoint)
+    inference_precision(model, args.precision)
     overrides = preprocessing_overrides(args)
     if args.img_size is not None:
         overrides["img_size"] = args.img_size

@@ -6,7 +6,7 @@ import argparse
 import json
 import signal
 
-from .common import PORT, POSITIVE
+from .common import PORT, POSITIVE, add_precision_arg
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default="torch",
         help="torch: tasks share the trunk's tensors; onnx: each task an onnxruntime graph (a full model each)",
     )
+    add_precision_arg(parser)
     parser.add_argument("--workers", type=POSITIVE, default=1, help="batches that run at once (threads)")
     parser.add_argument(
         "--max-pixels",
@@ -108,13 +109,29 @@ def run_serve(args: argparse.Namespace) -> int:
             "--batch-timeout-ms and --shutdown-timeout must be >= 0, --max-body-mb and --max-pixels positive"
         )
     key = api_key(args.api_key_env)
-    tasks = TaskSet(args.checkpoint, parse_task_specs(args.task), backend=args.backend, max_pixels=max_pixels)
+    tasks = TaskSet(
+        args.checkpoint,
+        parse_task_specs(args.task),
+        backend=args.backend,
+        max_pixels=max_pixels,
+        precision=args.precision,
+    )
     sock = listening_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def ready() -> None:
-        print(json.dumps({"url": url, "tasks": list(tasks.tasks), "backend": args.backend}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "url": url,
+                    "tasks": list(tasks.tasks),
+                    "backend": args.backend,
+                    "precision": tasks.precision,
+                }
+            ),
+            flush=True,
+        )
 
     app = create_app(
         tasks,

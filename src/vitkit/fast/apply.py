@@ -7,6 +7,11 @@ on fp32 units (`kernels.py`), so do the dense layers of attention and MLPs and t
 The swap is of each module's class, in place: parameters, buffers, names, hooks and the state dict
 stay, so an optimizer, EMA copy or checkpoint of the model is unaffected. Apply before wrapping the
 model in DDP / FSDP or torch.compile.
+
+`prepare_inference(model, device, precision="auto")` is the same for code that only predicts: the
+precision the machine measured fastest (`machine.choose_precision`), the weights stored in it (no cast
+per call, as the peers do in bf16 inference) and the images cast to it where they enter the stem; the
+outputs come in that dtype, so callers take `.float()` before a softmax.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ from ..models.stems import ConvStem, HMLPStem, HybridStem, PatchEmbed
 from ..models.vit import Attention, Block, Mlp, ParallelBlock
 from .blocks import FastAttention, FastBlock, FastMlp, FusedParallelBlock
 from .kernels import FastConv2d, FastLinear, Kernels, choose_kernels
+from .machine import choose_precision
 
 log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STEMS = (PatchEmbed, HMLPStem, ConvStem, HybridStem)
 
 # The plain module classes and their fast classes (a fast class maps to itself: applying again
 # updates the kernels).
@@ -59,7 +68,7 @@ def gemm_modules(model: nn.Module) -> list[nn.Module]:
     for module in model.modules():
         if isinstance(module, (Attention, Mlp)):
             found += [m for m in module.children() if type(m) in (nn.Linear, FastLinear)]
-        elif isinstance(module, (PatchEmbed, HMLPStem, ConvStem)):
+        elif isinstance(module, STEMS[:3]):
             found += [m for m in module.modules() if type(m) in (nn.Conv2d, FastConv2d)]
         elif isinstance(module, HybridStem):
             found.append(module.proj)
@@ -71,3 +80,28 @@ def _swap(module: nn.Module, fast_class: type[nn.Module], kernels: Kernels) -> N
     module.kernels = kernels
     if isinstance(module, FusedParallelBlock):
         module.adopt()
+
+
+def prepare_inference(
+    model: nn.Module, device: torch.device | str = "cpu", precision: str = "auto"
+) -> tuple[nn.Module, str]:
+    """(model, precision): `model` in eval mode on `device` with the fast paths of the precision chosen
+    for it ("auto": measured, see `machine.choose_precision`), its weights stored in that precision and
+    its stems casting the images to it. Returns the same model object and the precision taken."""
+    device = torch.device(device)
+    chosen, reason = choose_precision(precision, device)
+    if chosen == "fp16" and device.type == "cpu":
+        raise ValueError("precision 'fp16' needs a GPU; use 'bf16' or 'fp32' on a CPU")
+    log.info("inference precision %s -> %s: %s", precision, chosen, reason)
+    apply_fast_paths(model.eval(), device, chosen).to(device=device, dtype=DTYPES[chosen])
+    for module in model.modules():
+        if isinstance(module, STEMS) and not getattr(module, "casts_input", False):
+            module.register_forward_pre_hook(_cast_images)
+            module.casts_input = True
+    return model, chosen
+
+
+def _cast_images(stem: nn.Module, args: tuple) -> tuple:
+    """The stem's input (the images) in the dtype of its weights."""
+    dtype = next(stem.parameters()).dtype
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)

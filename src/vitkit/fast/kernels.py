@@ -15,8 +15,13 @@ LayerNorm outputs under autocast) are not rounded to bf16 on the way. `VITKIT_BF
 overrides the choice.
 
 Explicit training attention (`Kernels.explicit_training_attention`, CPU in bf16 or fp16): sequences up
-to `EXPLICIT_TRAINING_ATTENTION_MAX_LEN` tokens take softmax(q k^T) v with autograd in training
-rather than SDPA; it keeps the (B, heads, L, L) probabilities for the backward pass, hence the bound.
+to `Kernels.explicit_attention_max_len` tokens take softmax(q k^T) v with autograd in training rather
+than SDPA; it keeps the (B, heads, L, L) probabilities for the backward pass, hence a bound.
+
+Both choices follow the machine's calibration (`machine.py`): bf16 products go to fp32 units where
+they measured faster there than on torch's native bf16 kernels, and the explicit attention takes the
+sequences up to the longest measured length at which it beat SDPA. Without a calibration the flag
+rules decide: fp32 units on CPUs without AMX, explicit attention up to 640 tokens.
 """
 
 from __future__ import annotations
@@ -28,8 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Sequence lengths up to which low-precision CPU training takes the explicit attention product.
-EXPLICIT_TRAINING_ATTENTION_MAX_LEN = {torch.bfloat16: 640, torch.float16: 640}
+from .machine import EXPLICIT_ATTENTION_MAX_LEN, calibration
 
 BF16_GEMM_CHOICES = ("auto", "native", "fp32")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -48,6 +52,7 @@ class Kernels:
 
     bf16_gemm_in_fp32: bool = False  # bf16 products as fp32 GEMMs of the bf16 operands
     explicit_training_attention: bool = False  # softmax(q k^T) v with autograd for short sequences
+    explicit_attention_max_len: int = EXPLICIT_ATTENTION_MAX_LEN  # the longest such sequence
 
 
 def bf16_gemm_in_fp32(device: torch.device) -> bool:
@@ -57,7 +62,12 @@ def bf16_gemm_in_fp32(device: torch.device) -> bool:
     choice = os.environ.get("VITKIT_BF16_GEMM", "auto")
     if choice not in BF16_GEMM_CHOICES:
         raise ValueError(f"VITKIT_BF16_GEMM={choice!r}: expected one of {', '.join(BF16_GEMM_CHOICES)}")
-    return choice == "fp32" or (choice == "auto" and not _cpu_has_amx())
+    if choice != "auto":
+        return choice == "fp32"
+    measured = calibration()
+    if measured is not None:
+        return measured.bf16_path == "bf16_fp32_units"
+    return not _cpu_has_amx()
 
 
 def choose_kernels(device: torch.device | str, precision: str) -> Kernels:
@@ -65,9 +75,13 @@ def choose_kernels(device: torch.device | str, precision: str) -> Kernels:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
+    low_precision_cpu = device.type == "cpu" and precision != "fp32"
+    measured = calibration() if low_precision_cpu else None
+    max_len = EXPLICIT_ATTENTION_MAX_LEN if measured is None else measured.explicit_attention_max_len()
     return Kernels(
         bf16_gemm_in_fp32=precision == "bf16" and bf16_gemm_in_fp32(device),
-        explicit_training_attention=device.type == "cpu" and precision != "fp32",
+        explicit_training_attention=low_precision_cpu and max_len > 0,
+        explicit_attention_max_len=max_len,
     )
 
 
@@ -181,7 +195,9 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, kernels: Kernels = Kernels()
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, heads, L, head_dim), by the kernel `kernels` chose."""
-    if kernels.explicit_training_attention and _explicit_in_training(q, k, v):
+    if kernels.explicit_training_attention and _explicit_in_training(
+        q, k, v, kernels.explicit_attention_max_len
+    ):
         # In q's dtype even where bf16 GEMMs are slow: at these lengths the batched products run as
         # fast in bf16 as widened to fp32, and the saved probabilities keep their bf16 size.
         return _explicit_attention(q, k, v, dropout_p)
@@ -191,12 +207,13 @@ def attention(
     return _sdpa(q, k, v, dropout_p)
 
 
-def _explicit_in_training(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """In training (gradients wanted) and short enough for this dtype; inference stays on SDPA."""
+def _explicit_in_training(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_len: int) -> bool:
+    """In training (gradients wanted), in a low precision and short enough; inference stays on SDPA."""
     return (
         torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
-        and q.shape[-2] <= EXPLICIT_TRAINING_ATTENTION_MAX_LEN.get(q.dtype, 0)
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.shape[-2] <= max_len
     )
 
 

@@ -33,7 +33,7 @@ from ..data.model_transform import eval_transform, preprocessing_of
 from ..delta import Delta, MultiTaskModel, read_delta
 from ..eval.classification import CLASSES_KEY, check_finite, load_classifier
 from ..eval.embed import pooled_features
-from ..fast import apply_fast_paths
+from ..fast import apply_fast_paths, prepare_inference
 from ..files import CheckpointError
 from ..io import read_checkpoint
 from ..models.vit import VisionTransformer
@@ -134,9 +134,14 @@ class TaskSet:
         deltas: dict[str, str | os.PathLike] | None = None,
         backend: Backend = "torch",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        precision: str = "fp32",
     ) -> None:
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend {backend!r}: expected 'torch' or 'onnx'")
+        if backend == "onnx" and precision == "bf16":
+            raise ValueError(
+                f"precision {precision!r}: the onnx backend runs fp32 graphs; use --precision fp32"
+            )
         self.backend = backend
         self.max_pixels = max_pixels
         read = read_checkpoint(checkpoint)  # every file opened once, here
@@ -146,6 +151,8 @@ class TaskSet:
         self._signatures = {self.checkpoint: file_signature(self.checkpoint)}
         self._checksums: dict[str, str | None] = {}
         base, classes, _ = load_classifier(read)
+        # The torch backend computes in `precision` ("auto": measured fastest here); onnx in fp32 only.
+        self.precision = "fp32" if backend == "onnx" else prepare_inference(base, "cpu", precision)[1]
         self.base = base
         self.base_transform = eval_transform(base)
         self.trunk = MultiTaskModel(base)
@@ -166,7 +173,10 @@ class TaskSet:
         log.info("serving %s", ", ".join(f"{t.name} ({t.source})" for t in self.tasks.values()))
 
     def _add(self, name: str, model: VisionTransformer, classes: list[str], source: str, own: int) -> None:
-        apply_fast_paths(model, "cpu", "fp32")
+        if self.backend == "onnx":
+            apply_fast_paths(model, "cpu", "fp32")
+        else:  # a task's own tensors in the base's precision (the shared ones are already)
+            prepare_inference(model, "cpu", self.precision)
         preprocessing = preprocessing_of(model)
         self.tasks[name] = Task(
             name=name,
@@ -284,6 +294,7 @@ class TaskSet:
         return {
             "checkpoint": self.checkpoint,
             "backend": self.backend,
+            "precision": self.precision,
             "default_task": self.default_task,
             "trunk_params": sum(p.numel() for p in self.trunk.trunk.parameters()),
             "tasks": {
