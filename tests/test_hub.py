@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import vitkit
-from helpers import tiny_config
+from helpers import tiny_config, write_finetune_config
+from vitkit.cli import main
 from vitkit.convert import read_checkpoint, write_layout
 from vitkit.files import CheckpointError
 from vitkit.models.variants import VARIANTS
@@ -124,6 +125,18 @@ def test_timm_repo_loads_by_name_as_the_local_file(hub_cache, tmp_path, caplog):
     local = vitkit.load(tmp_path / "timm-export" / "model.safetensors")
     assert torch.equal(logits(vitkit.load(checkpoint)), logits(local))
     assert torch.equal(logits(vitkit.load("hf-hub:timm/tiny_vit.test")), logits(model))
+
+
+def test_timm_repo_preprocessing_is_its_pretrained_cfg(hub_cache, tmp_path):
+    cache_repo(hub_cache, "timm/tiny_vit.test", timm_files(tiny_model(**TIMM_CONFIG), tmp_path))
+    preprocessing = vitkit.load("hf-hub:timm/tiny_vit.test").preprocessing
+    assert (preprocessing.img_size, preprocessing.eval_resize, preprocessing.crop_pct) == (
+        (32, 32),
+        "crop",
+        0.9,
+    )
+    assert preprocessing.mean == preprocessing.std == (0.5, 0.5, 0.5)
+    assert preprocessing.interpolation == "bicubic" and "pretrained_cfg" in preprocessing.source
 
 
 def test_hf_repo_loads_by_name_as_the_local_folder(hub_cache, tmp_path):
@@ -236,3 +249,19 @@ def test_cli_convert_reads_a_hub_name_offline(hub_cache, tmp_path):
     assert result.returncode == 0, result.stderr
     assert COMMIT in result.stderr
     assert torch.equal(logits(vitkit.load(out)), logits(model))
+
+
+def test_finetune_from_a_hub_name_records_its_source(hub_cache, tmp_path, capsys):
+    files = hf_files(tiny_model(img_size=16, patch_size=4), tmp_path)
+    cache_repo(hub_cache, "org/tiny-hf-vit", files)
+    config = write_finetune_config(tmp_path / "ft.py", tmp_path / "ft", max_steps=2)
+    assert main(["finetune", "hf-hub:org/tiny-hf-vit", "--config", str(config)]) == 0
+    expected = {
+        "repo": "org/tiny-hf-vit",
+        "revision": COMMIT,
+        "requested": None,
+        "sha256": {"model.safetensors": hashlib.sha256(files["model.safetensors"]).hexdigest()},
+    }
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["model"]["init_source"] == expected
+    start = json.loads((tmp_path / "ft" / "history.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["config"]["model"]["init_source"] == expected

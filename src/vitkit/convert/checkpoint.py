@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..files import CheckpointError, check_regular_file, parse_metadata, read_json, read_weights
 from ..models.config import ViTConfig
-from ..models.preprocessing import Preprocessing
+from ..models.preprocessing import Preprocessing, from_timm_config
 from .detect import LAYOUTS, detect_layout
 from .hub import HubSource, download, expected_digests, is_hub_name, log_source
 from .keymap import State
@@ -106,9 +106,18 @@ class CheckpointFile:
     @property
     def preprocessing(self) -> Preprocessing | None:
         """The recorded preprocessing (not a layout's default), parsed from the records read: a
-        training run's data config, vitkit's record, else the processor config. None if none."""
+        training run's data config, vitkit's record, the processor config, else the `pretrained_cfg`
+        of the config.json timm publishes on the Hub. None if none."""
         weights = self.weight_files[0] if self.weight_files else self.path
-        return recorded_preprocessing(weights, self.metadata, self.processor_config)
+        recorded = recorded_preprocessing(weights, self.metadata, self.processor_config)
+        timm_cfg = (self.folder_config or {}).get("pretrained_cfg")
+        if recorded is not None or timm_cfg is None:
+            return recorded
+        source = str(self.path / MODEL_CONFIG_NAME)
+        try:
+            return from_timm_config(timm_cfg, f"{source}: pretrained_cfg")
+        except ValueError as error:
+            raise CheckpointError(str(error)) from error
 
     @property
     def origin(self) -> str:
