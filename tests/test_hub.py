@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vitkit
-from helpers import tiny_config, write_finetune_config
+from helpers import make_image_folder, tiny_config, write_finetune_config
 from vitkit.cli import main
 from vitkit.convert import read_checkpoint, write_layout
 from vitkit.files import CheckpointError
@@ -88,9 +88,9 @@ def timm_files(model: VisionTransformer, tmp_path: Path) -> dict[str, bytes]:
     return {"model.safetensors": weights.read_bytes(), "config.json": json.dumps(config).encode()}
 
 
-def hf_files(model: VisionTransformer, tmp_path: Path) -> dict[str, bytes]:
+def hf_files(model: VisionTransformer, tmp_path: Path, classes: list[str] | None = None) -> dict[str, bytes]:
     """An HF ViTForImageClassification folder as `vitkit convert --to hf` writes it."""
-    folder = write_layout(model, tmp_path / "hf-export", "hf")
+    folder = write_layout(model, tmp_path / "hf-export", "hf", classes=classes)
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
 
 
@@ -167,6 +167,12 @@ def test_a_repo_not_in_the_offline_cache_is_one_line(hub_cache):
     message = str(error.value)
     assert "\n" not in message and "hf-hub:org/absent" in message
     assert "HF_HUB_OFFLINE" in message and str(hub_cache) in message
+
+
+def test_a_missing_repo_is_one_line_in_the_cli(hub_cache, tmp_path, capsys):
+    assert main(["convert", "hf-hub:org/absent", str(tmp_path / "out.safetensors"), "--to", "vitkit"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("vitkit convert: error: hf-hub:org/absent: HF_HUB_OFFLINE")
 
 
 @pytest.mark.parametrize("name", ["hf-hub:", "hf-hub:no-slash", "hf-hub:org/name@", "hf-hub:../x/y"])
@@ -265,3 +271,14 @@ def test_finetune_from_a_hub_name_records_its_source(hub_cache, tmp_path, capsys
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["model"]["init_source"] == expected
     start = json.loads((tmp_path / "ft" / "history.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["config"]["model"]["init_source"] == expected
+
+
+def test_cli_eval_of_a_hub_name_writes_outside_the_cache(hub_cache, tmp_path, monkeypatch, capsys):
+    classes = [f"class{label}" for label in range(10)]
+    cache_repo(hub_cache, "org/tiny-hf-vit", hf_files(tiny_model(num_classes=10), tmp_path, classes))
+    make_image_folder(tmp_path / "data", train_per_class=1, test_per_class=2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "hf-hub:org/tiny-hf-vit", "--root", str(tmp_path / "data")]) == 0
+    results = json.loads((tmp_path / "eval_test" / "org--tiny-hf-vit" / "results.json").read_text())
+    assert results["checkpoint"] == f"hf-hub:org/tiny-hf-vit@{COMMIT}" and results["num_samples"] == 20
+    assert not list(hub_cache.rglob("results.json"))

@@ -1,8 +1,8 @@
 """Checkpoints by name from the Hugging Face Hub: `hf-hub:org/name` or `hf-hub:org/name@revision` -> the
 snapshot folder `huggingface_hub` keeps in its cache, and a `HubSource` saying what it is.
 
-Only the configs and safetensors files are fetched (`ALLOW_PATTERNS`), never a pickle: a repo whose
-weights are `pytorch_model.bin` or `.pth` only is refused. The folder is then read as any local model
+Only the files of a model folder in safetensors are fetched (`ALLOW_PATTERNS`), never a pickle: a repo
+whose weights are `pytorch_model.bin` or `.pth` only is refused. The folder is then read as any local model
 folder (`checkpoint.read_checkpoint`), through the same checks; the revision is resolved to the commit
 the snapshot is of, and the SHA-256 of each weight file is taken on the bytes read (and compared with
 the digest the Hub records for it, which names the file in the cache).
@@ -22,12 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from ..files import CheckpointError
+from .names import MODEL_CONFIG_NAME, PROCESSOR_NAME, SHARD_INDEX_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf-hub:"
-# config.json, preprocessor_config.json, a shard index, the weights; nothing else is downloaded.
-ALLOW_PATTERNS = ("*.json", "*.safetensors")
+# What a model folder is read from (config.json, preprocessor_config.json, model.safetensors or its
+# shards and their index); nothing else of the repo is downloaded (other formats, other toolkits' files).
+ALLOW_PATTERNS = (
+    MODEL_CONFIG_NAME,
+    PROCESSOR_NAME,
+    WEIGHTS_NAME,
+    SHARD_INDEX_NAME,
+    "model-*-of-*.safetensors",
+)
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -136,10 +144,10 @@ def download(name: str) -> tuple[Path, HubSource]:
 
 def _check_weights(name: str, folder: Path) -> None:
     """Refuse a snapshot without safetensors weights, naming the pickles it holds instead."""
-    if any(folder.glob("*.safetensors")):
+    if (folder / WEIGHTS_NAME).is_file() or (folder / SHARD_INDEX_NAME).is_file():
         return
     pickles = sorted(path.name for path in folder.iterdir() if path.suffix.lower() in PICKLE_SUFFIXES)
-    held = f"it holds only {', '.join(pickles)}" if pickles else "it has no .safetensors weights"
+    held = f"it holds only {', '.join(pickles)}" if pickles else f"it has no {WEIGHTS_NAME} or shard index"
     raise CheckpointError(
         f"{name}: {held}; vitkit reads safetensors only (a pickle can run code when it is loaded)"
     )
