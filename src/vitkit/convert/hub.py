@@ -96,16 +96,21 @@ def hub_offline() -> bool:
 def download(name: str) -> tuple[Path, HubSource]:
     """The snapshot folder of `name` (downloaded unless cached) and its source; the digests are not
     taken yet (`expected_digests` gives those the Hub records, `read_checkpoint` checks them)."""
-    import huggingface_hub
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     repo, revision = parse_hub_name(name)
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as error:
+        raise CheckpointError(
+            f"{name}: Hub names need huggingface_hub (pip install huggingface_hub)"
+        ) from error
     offline = hub_offline()
     try:
         folder = huggingface_hub.snapshot_download(
@@ -126,7 +131,7 @@ def download(name: str) -> tuple[Path, HubSource]:
     except RevisionNotFoundError as error:
         raise CheckpointError(f"{name}: the repo has no revision {revision!r}") from error
     except LocalEntryNotFoundError as error:
-        where = hub_cache() or "the default cache (~/.cache/huggingface/hub)"
+        where = hub_cache() or constants.HF_HUB_CACHE
         reason = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
         raise CheckpointError(
             f"{name}: {reason} and {repo}@{revision or 'main'} is not in the cache at {where}; download it "
