@@ -16,6 +16,7 @@ import torch
 
 import vitkit
 from helpers import make_image_folder, tiny_config, write_finetune_config
+from vitkit.analysis.zoo import metafile
 from vitkit.cli import main
 from vitkit.convert import read_checkpoint, write_layout
 from vitkit.files import CheckpointError
@@ -227,7 +228,14 @@ def test_create_model_pretrained_without_a_source_is_one_line():
     with pytest.raises(ValueError) as error:
         vitkit.create_model("vit_small_patch16_224_hmlp", pretrained=True)
     message = str(error.value)
-    assert "\n" not in message and "vitkit zoo" in message and "hf-hub:" in message
+    assert "\n" not in message and "vitkit zoo --metafile" in message and "hf-hub:" in message
+
+
+def test_the_metafile_names_each_hub_source():
+    (entry,) = metafile("vit_base_patch16_224", progress=False)["models"]
+    assert entry["hub"] == "hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    (entry,) = metafile("vit_small_patch16_224_hmlp", progress=False)["models"]
+    assert entry["hub"] is None
 
 
 def test_every_hub_source_names_a_registered_model():

@@ -92,13 +92,15 @@ def create_model(name: str | ViTConfig, pretrained: bool = False, **overrides: A
 
 def _pretrained(name: str | ViTConfig, **overrides: Any) -> VisionTransformer:
     """The published weights of a registered name, checked to have the shapes the name's config gives."""
-    registered = resolve_name(name) if isinstance(name, str) else None
+    if not isinstance(name, str):
+        raise TypeError("create_model(pretrained=True) takes a registered name, not a ViTConfig")
+    registered = resolve_name(name)
     if registered not in HUB_SOURCES:
         known = ", ".join(sorted(HUB_SOURCES)[:3])
         raise ValueError(
-            f"{name if registered is None else registered!r} has no published weights vitkit knows of; "
-            f"`vitkit zoo` lists the {len(HUB_SOURCES)} names that have one ({known}, ...) under `hub`, "
-            "and vitkit.load('hf-hub:org/name') reads any Hub repo"
+            f"{registered!r} has no published weights vitkit knows of; "
+            f"{len(HUB_SOURCES)} names have one ({known}, ...): vitkit.registry.HUB_SOURCES, or `hub` in "
+            "`vitkit zoo --metafile`; vitkit.load('hf-hub:org/name') reads any Hub repo"
         )
     model = load(HUB_SOURCES[registered], **overrides)
     config = get_config(registered, **overrides)
