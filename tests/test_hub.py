@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,15 @@ def test_a_weight_file_damaged_in_the_cache_is_refused(hub_cache, tmp_path):
     blob.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="damaged in the cache"):
         read_checkpoint("hf-hub:org/tiny-hf-vit")
+
+
+def test_a_hostile_weight_file_is_refused_as_a_local_one(hub_cache, tmp_path):
+    files = hf_files(tiny_model(), tmp_path)
+    # Named by its own digest, as the cache names it: the header, claiming 1 TB, is what is refused.
+    files["model.safetensors"] = struct.pack("<Q", 1 << 40) + b"{}" + bytes(1 << 10)
+    cache_repo(hub_cache, "org/hostile", files)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        read_checkpoint("hf-hub:org/hostile")
 
 
 def test_create_model_pretrained_loads_the_hub_source(hub_cache, tmp_path, monkeypatch):

@@ -30,7 +30,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..files import CheckpointError, check_regular_file, parse_metadata, read_json, read_weights
+from ..files import (
+    MAX_JSON_BYTES,
+    CheckpointError,
+    check_regular_file,
+    parse_metadata,
+    read_json,
+    read_weights,
+)
 from ..models.config import ViTConfig
 from ..models.preprocessing import Preprocessing, from_timm_config
 from .detect import LAYOUTS, detect_layout
@@ -307,7 +314,7 @@ def _tensor_views(data: mmap.mmap) -> tuple[State, dict[str, str]]:
     must hold exactly its shape, and `torch.frombuffer` refuses a range beyond the bytes."""
     (header_size,) = struct.unpack_from("<Q", data)
     start = 8 + header_size
-    if start > len(data):
+    if start > len(data) or header_size > MAX_JSON_BYTES:  # a header is JSON, bounded as any other
         raise ValueError(f"a header of {header_size} bytes in a file of {len(data)}")
     header = json.loads(data[8:start])
     metadata = header.pop("__metadata__", None) or {}
