@@ -32,6 +32,8 @@ SKIPPED = {
     "make test": "the test suite itself",
     "source .venv/bin/activate": "the venv's bin folder is put on the PATH instead",
     "python benchmarks/reproduce.py": "a benchmark of about an hour (its --quick run is tests/test_reproduce.py)",
+    "vitkit predict hf-hub:": "downloads from the Hugging Face Hub (tests/test_hub.py reads hf-hub: from an offline cache)",
+    "vitkit convert hf-hub:": "downloads from the Hugging Face Hub (tests/test_hub.py runs it on an offline cache)",
 }
 # README lines run as another command: `make demo` sets up .venv (this test runs in it), then runs this.
 REPLACED = {"make demo": "python -m vitkit demo"}

@@ -66,8 +66,9 @@ def load(
     Checkpoints of other toolkits (vit_jax/big_vision .npz, timm, HF folders, mmpretrain, DeiT) are
     detected and converted (`vitkit.convert.build_model`); `layout=` forces a layout, and its
     options (num_heads=, keep_source_numerics=, pre_logits=) pass through. `path` is anything a
-    command takes: a file, a model folder, a training run's folder, or a `CheckpointFile` already
-    read by `vitkit.convert.read_checkpoint`."""
+    command takes: a file, a model folder, a training run's folder, a Hub name
+    (`hf-hub:org/name[@revision]`), or a `CheckpointFile` already read by
+    `vitkit.convert.read_checkpoint`."""
     if delta is not None and overrides:
         raise TypeError(f"load(delta=...) takes its config from the delta; got overrides {sorted(overrides)}")
     checkpoint = path if isinstance(path, CheckpointFile) else read_checkpoint(path, layout)

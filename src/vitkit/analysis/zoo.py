@@ -1,8 +1,9 @@
 """The zoo metafile, generated from code: every registered name with its counts, and known checkpoints.
 
-For every name: parameters, MACs and FLOPs at its resolution (`analysis.flops.count`). For the
-published checkpoints of a name: the accuracy, where it is published, and where the weights came
-from. Only numbers copied from a named source are listed; `KNOWN_CHECKPOINTS` is the one place to add
+For every name: parameters, MACs and FLOPs at its resolution (`analysis.flops.count`), and `hub`, the
+Hugging Face Hub name of its published weights (`registry.HUB_SOURCES`; what
+`create_model(name, pretrained=True)` loads), or null. For the published checkpoints of a name: the
+accuracy, where it is published, and where the weights came from. Only numbers copied from a named source are listed; `KNOWN_CHECKPOINTS` is the one place to add
 more. `markdown_table` gives the columns of MMClassification's ViT table (model, pretrain,
 resolution, params, FLOPs, top-1, top-5), with FLOPs in a counting convention of
 `analysis.conventions`; `mmcls_0x_page` reprints the MMClassification 0.x ViT page in its own.
@@ -22,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..files import atomic_write
-from ..registry import get_config, list_models
+from ..registry import HUB_SOURCES, get_config, list_models
 from .conventions import CONVENTIONS, count_in, get_convention, num_params, undefined_for
 from .flops import count
 
@@ -107,6 +108,9 @@ def metafile(pattern: str = "*", progress: bool = True) -> dict[str, Any]:
     unknown = sorted({c.model for c in KNOWN_CHECKPOINTS} - set(list_models()))
     if unknown:
         raise KeyError(f"KNOWN_CHECKPOINTS name unregistered models: {unknown}")
+    unknown = sorted(set(HUB_SOURCES) - set(list_models()))
+    if unknown:
+        raise KeyError(f"HUB_SOURCES name unregistered models: {unknown}")
     models = []
     for name in tqdm(list_models(pattern), desc="counting", disable=not progress):
         config = get_config(name)
@@ -125,6 +129,7 @@ def metafile(pattern: str = "*", progress: bool = True) -> dict[str, Any]:
                 "params": counts.params,
                 "macs": counts.macs,
                 "flops": counts.flops,
+                "hub": HUB_SOURCES.get(name),
                 "checkpoints": [
                     {key: value for key, value in asdict(c).items() if key != "model"}
                     for c in checkpoints_of(name)

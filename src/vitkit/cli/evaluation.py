@@ -31,7 +31,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     add_set_arg(
         parser, "override the data config stored with the checkpoint, e.g. root=/data/cifar10 batch_size=256"
     )
-    parser.add_argument("--out", default=None, help="folder for results.json and the confusion matrix PNG")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for results.json and the confusion matrix PNG (default: eval_<split> beside the weights; "
+        "for an hf-hub: name, eval_<split>/<org>--<name> here)",
+    )
     parser.add_argument(
         "--hflip-tta", action="store_true", help="average the predictions of each image and its mirror image"
     )
@@ -97,11 +102,13 @@ def run_eval(args: argparse.Namespace) -> int:
         skipped = f" ({describe_count(0, unreadable)})" if unreadable else ""
         raise ValueError(f"split {args.split!r} of {config.root or config.dataset} has no images{skipped}")
     out = Path(args.out) if args.out else eval_folder(path, args.split)
+    if checkpoint.hub is not None and not args.out:  # never into the Hub's cache
+        out = Path(f"eval_{args.split}") / checkpoint.hub.repo.replace("/", "--")
     unreadable_fields = [{"path": file, "reason": reason} for file, reason in unreadable]
     results = write_results(
         result,
         out / "results.json",
-        checkpoint=str(path),
+        checkpoint=checkpoint.hub.name if checkpoint.hub else str(path),
         split=args.split,
         hflip_tta=args.hflip_tta,
         unreadable=unreadable_fields,

@@ -177,14 +177,14 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     from ..data.loader import open_dataset
     from ..delta import finetune_model, format_freezing_report, freezing_report, save_delta
-    from ..eval.classification import resolve_checkpoint
-    from ..io import load, save
+    from ..io import load, read_checkpoint, save
     from ..train import load_experiment, train
     from ..train.experiment import environment_overrides
 
-    checkpoint = str(resolve_checkpoint(args.checkpoint))
+    source = read_checkpoint(args.checkpoint)  # every file opened once, here; hf-hub: names resolved
+    checkpoint = str(source.path)
     experiment = load_experiment(args.config, args.overrides)
-    base = load(checkpoint)
+    base = load(source)
     data = experiment.data.replace(
         **checkpoint_preprocessing(base, [*args.overrides, *environment_overrides()])
     )
@@ -209,7 +209,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     experiment = dataclasses.replace(
         experiment,
         data=data,
-        model=dataclasses.replace(experiment.model, init_from=str(start), overrides={}, freeze=freeze),
+        model=dataclasses.replace(
+            experiment.model,
+            init_from=str(start),
+            init_source=source.hub.as_dict() if source.hub else {},
+            overrides={},
+            freeze=freeze,
+        ),
     )
     summary = train(experiment)
     if "last" in summary and freeze != "none":

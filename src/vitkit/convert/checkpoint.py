@@ -14,6 +14,7 @@ and the tensors are views of them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,10 +30,18 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..files import CheckpointError, check_regular_file, parse_metadata, read_json, read_weights
+from ..files import (
+    MAX_JSON_BYTES,
+    CheckpointError,
+    check_regular_file,
+    parse_metadata,
+    read_json,
+    read_weights,
+)
 from ..models.config import ViTConfig
-from ..models.preprocessing import Preprocessing
+from ..models.preprocessing import Preprocessing, from_timm_config
 from .detect import LAYOUTS, detect_layout
+from .hub import HubSource, download, expected_digests, is_hub_name, log_source
 from .keymap import State
 from .names import (
     CLASSES_KEY,
@@ -91,6 +100,7 @@ class CheckpointFile:
     data: Mapping[str, Any] | None = None  # a training run's data config
     delta: Mapping[str, Any] | None = None  # a task delta's record
     source: _Tensors = field(default_factory=lambda: _Tensors({}, {}), repr=False, compare=False)
+    hub: HubSource | None = None  # the Hub repo, commit and weight digests of an `hf-hub:` name
 
     @classmethod
     def from_state(
@@ -103,9 +113,18 @@ class CheckpointFile:
     @property
     def preprocessing(self) -> Preprocessing | None:
         """The recorded preprocessing (not a layout's default), parsed from the records read: a
-        training run's data config, vitkit's record, else the processor config. None if none."""
+        training run's data config, vitkit's record, the processor config, else the `pretrained_cfg`
+        of the config.json timm publishes on the Hub. None if none."""
         weights = self.weight_files[0] if self.weight_files else self.path
-        return recorded_preprocessing(weights, self.metadata, self.processor_config)
+        recorded = recorded_preprocessing(weights, self.metadata, self.processor_config)
+        timm_cfg = (self.folder_config or {}).get("pretrained_cfg")
+        if recorded is not None or timm_cfg is None:
+            return recorded
+        source = str(self.path / MODEL_CONFIG_NAME)
+        try:
+            return from_timm_config(timm_cfg, f"{source}: pretrained_cfg")
+        except ValueError as error:
+            raise CheckpointError(str(error)) from error
 
     @property
     def origin(self) -> str:
@@ -164,7 +183,10 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
     """What a checkpoint argument names: a run folder's best (else last) weights, a pre-training run's
-    encoder, the model folder of `folder/model.safetensors`; any other folder or file as it is."""
+    encoder, the model folder of `folder/model.safetensors`, the snapshot folder of an `hf-hub:` name;
+    any other folder or file as it is."""
+    if is_hub_name(path):
+        path = download(str(path))[0]
     return _resolve(path)[0]
 
 
@@ -241,19 +263,50 @@ def _read_checked(path: Path, sha256: str) -> tuple[_Tensors, dict[str, tuple[in
     """A safetensors file through one open (a training checkpoint's file, listed in its marker): mapped
     copy-on-write, its SHA-256 checked on the mapped bytes, its tensors views of those very bytes (no
     copy in memory; an in-place update of a tensor never reaches the file)."""
+    tensors, shapes, metadata, digest = _read_mapped(path)
+    if digest != sha256:
+        raise CheckpointError(f"{path}: checksum mismatch (damaged or truncated)")
+    return tensors, shapes, metadata
+
+
+def _read_mapped(path: Path) -> tuple[_Tensors, dict[str, tuple[int, ...]], dict[str, str], str]:
+    """(tensors, shapes, metadata, SHA-256) of a safetensors file mapped once, copy-on-write: the digest
+    is taken on the mapped bytes and the tensors are views of them."""
     if path.suffix.lower() != ".safetensors" or check_regular_file(path) == 0:
         raise CheckpointError(f"{path}: not a safetensors file, or empty")
     with open(path, "rb") as handle:
         data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise CheckpointError(f"{path}: checksum mismatch (damaged or truncated)")
+    digest = hashlib.sha256(data).hexdigest()
     try:
         state, metadata = _tensor_views(data)
     except (AttributeError, KeyError, TypeError, ValueError, struct.error) as error:
         raise CheckpointError(
             f"{path}: not a readable safetensors file (truncated or corrupt?): {error!r}"
         ) from error
-    return _Tensors({}, state), {key: tuple(value.shape) for key, value in state.items()}, metadata
+    return _Tensors({}, state), {key: tuple(value.shape) for key, value in state.items()}, metadata, digest
+
+
+def _read_hub_files(
+    files: tuple[Path, ...], source: HubSource
+) -> tuple[_Tensors, dict[str, tuple[int, ...]], dict[str, str], HubSource]:
+    """A Hub snapshot's weight files, each mapped once: its SHA-256 taken on the bytes read and compared
+    with the digest the Hub records for it (the name of its blob in the cache)."""
+    state: State = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    metadata: dict[str, str] | None = None
+    digests: dict[str, str] = {}
+    for path, expected in expected_digests(files).items():
+        tensors, file_shapes, file_metadata, digest = _read_mapped(path)
+        if expected is not None and digest != expected:
+            raise CheckpointError(
+                f"{source.name}: {path.name} is damaged in the cache (sha256 {digest}, the Hub records "
+                f"{expected}); delete {os.path.realpath(path)} and load again"
+            )
+        state.update(tensors.read())
+        shapes.update(file_shapes)
+        metadata = file_metadata if metadata is None else metadata
+        digests[path.name] = digest
+    return _Tensors({}, state), shapes, metadata or {}, dataclasses.replace(source, sha256=digests)
 
 
 def _tensor_views(data: mmap.mmap) -> tuple[State, dict[str, str]]:
@@ -261,7 +314,7 @@ def _tensor_views(data: mmap.mmap) -> tuple[State, dict[str, str]]:
     must hold exactly its shape, and `torch.frombuffer` refuses a range beyond the bytes."""
     (header_size,) = struct.unpack_from("<Q", data)
     start = 8 + header_size
-    if start > len(data):
+    if start > len(data) or header_size > MAX_JSON_BYTES:  # a header is JSON, bounded as any other
         raise ValueError(f"a header of {header_size} bytes in a file of {len(data)}")
     header = json.loads(data[8:start])
     metadata = header.pop("__metadata__", None) or {}
@@ -296,16 +349,24 @@ def read_checkpoint(
     path: str | os.PathLike, layout: str | None = None, sha256: str | None = None
 ) -> CheckpointFile:
     """Resolve `path`, open each of its files once and parse what they say (`layout=` forces one).
-    With `sha256`, `path` is one safetensors file read whole and checked against that digest."""
+    With `sha256`, `path` is one safetensors file read whole and checked against that digest.
+    `hf-hub:org/name[@revision]` names a Hub repo: its snapshot folder is read, and `hub` says which
+    commit it is of and the SHA-256 of each weight file (`convert/hub.py`)."""
     if layout is not None and layout != "vitkit" and layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; known: vitkit, {', '.join(LAYOUTS)}")
+    hub = None
+    if is_hub_name(path):
+        path, hub = download(str(path))
     path, folder_config = _resolve(path)
     if path.is_dir():
         folder_config = _folder_config(path, folder_config)
         files = _weight_files(path)
     else:
         files = (path,)
-    if sha256 is None:
+    if hub is not None:
+        tensors, shapes, metadata, hub = _read_hub_files(files, hub)
+        log_source(hub)
+    elif sha256 is None:
         tensors, shapes, metadata = _read_weight_files(files)
     else:
         tensors, shapes, metadata = _read_checked(path, sha256)
@@ -320,7 +381,9 @@ def read_checkpoint(
         # Another toolkit's file: vitkit's records beside it (a checked file's records are its metadata).
         metadata = {**metadata, **read_sidecar(path)}
     records = _records(path, files, metadata, folder_config)
-    return CheckpointFile(path, layout, files, shapes, metadata, folder_config, **records, source=tensors)
+    return CheckpointFile(
+        path, layout, files, shapes, metadata, folder_config, **records, source=tensors, hub=hub
+    )
 
 
 # What the files record -------------------------------------------------------------------------------

@@ -130,6 +130,35 @@ def from_record(record: Any, source: str) -> Preprocessing:
     return Preprocessing(**values, source=source)
 
 
+def from_timm_config(pretrained_cfg: Any, source: str = "config.json: pretrained_cfg") -> Preprocessing:
+    """timm's `pretrained_cfg` (the config.json timm publishes beside its weights on the Hub) ->
+    Preprocessing: input_size, crop_mode ("center" crops, "squash" resizes both sides), crop_pct,
+    interpolation, mean, std. What vitkit cannot compute the same way is refused, naming the key."""
+    if not isinstance(pretrained_cfg, dict):
+        raise ValueError(f"{source}: expected a JSON object, found {type(pretrained_cfg).__name__}")
+    input_size = pretrained_cfg.get("input_size", [3, 224, 224])
+    if not (isinstance(input_size, list) and len(input_size) == 3):
+        raise ValueError(f"{source}: input_size={input_size!r}: expected [channels, height, width]")
+    crop_mode = pretrained_cfg.get("crop_mode", "center")
+    if crop_mode not in ("center", "squash"):
+        raise ValueError(f"{source}: crop_mode={crop_mode!r}: vitkit crops the centre or squashes only")
+    interpolation = pretrained_cfg.get("interpolation", "bicubic")
+    if interpolation not in get_args(Interpolation):
+        raise ValueError(
+            f"{source}: interpolation={interpolation!r}: vitkit resizes bilinear or bicubic only"
+        )
+    crop_pct = _hf_number(pretrained_cfg.get("crop_pct", 0.875), "crop_pct", source)
+    return Preprocessing(
+        tuple(input_size[1:]),
+        "crop" if crop_mode == "center" else "squash",
+        min(crop_pct, 1.0),
+        interpolation,
+        _hf_triple(pretrained_cfg.get("mean", IMAGENET_MEAN), "mean", source),
+        _hf_triple(pretrained_cfg.get("std", IMAGENET_STD), "std", source),
+        source=source,
+    )
+
+
 def from_hf_processor(processor: Any, source: str = "preprocessor_config.json") -> Preprocessing:
     """An HF image processor config (ViTImageProcessor, BitImageProcessor, CLIPImageProcessor,
     SiglipImageProcessor, DeiTImageProcessor, ...) -> Preprocessing. What vitkit cannot compute the

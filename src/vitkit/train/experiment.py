@@ -45,6 +45,9 @@ class ModelConfig:
     name: str = "vit_tiny_patch16_224"
     overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str = ""
+    # Where init_from's weights came from, as the run records it: a Hub checkpoint's repo, revision
+    # (commit) and weight digests (`vitkit finetune hf-hub:...`); {} for a local one.
+    init_source: dict[str, Any] = field(default_factory=dict)
     freeze: FreezeRule = "none"
 
 

@@ -56,7 +56,8 @@ SCHEDULE_KEYS = (
     *("data.cache_dir", "data.shuffle_buffer"),
 )
 SCHEDULE_SECTIONS = ("eval.",)
-NOT_COMPARED = ("train.out_dir", "train.resume")
+# model.init_source records what init_from (compared) was made from; runs before it have none.
+NOT_COMPARED = ("train.out_dir", "train.resume", "model.init_source")
 
 
 class RunFolderError(ValueError):
