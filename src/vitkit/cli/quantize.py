@@ -64,6 +64,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     print(report.describe())
     print(
         f"wrote {report.path}: {report.int8_bytes / 1e6:.1f} MB (fp32 graph {report.fp32_bytes / 1e6:.1f} MB), "
-        f"{report.settings['weights']} weights, {report.settings['activations']} activations"
+        f"weights {report.settings['weights']}; activations {report.settings['activations']}"
     )
     return 0
