@@ -12,7 +12,7 @@ import torch
 
 from helpers import make_image_folder, tiny_config
 from vitkit.cli import main
-from vitkit.convert.names import CLASSES_KEY
+from vitkit.convert.names import CLASSES_KEY, DATA_KEY
 from vitkit.data.datasets import ImageFolder
 from vitkit.data.model_transform import eval_transform
 from vitkit.export import read_onnx_metadata
@@ -111,6 +111,19 @@ def test_max_samples_takes_a_class_balanced_subset(tmp_path, trained):
     data, checkpoint, _ = trained
     report = quantize_int8(checkpoint, tmp_path / "m.onnx", root=data, max_samples=20)
     assert report.num_samples == 20
+
+
+def test_without_root_the_checkpoint_s_own_training_data_is_used(tmp_path, trained):
+    """A run's data config (here a cached, batch-augmented one, as configs/cifar10_vit.py trains)
+    names the data set and its eval preprocessing; no --root is needed."""
+    data, _, model = trained
+    trained_on = {"dataset": "imagefolder", "root": str(data), "img_size": 32, "mean": [0.5] * 3}
+    trained_on |= {"std": [0.25] * 3, "cache": True, "cache_dir": str(tmp_path / "cache")}
+    trained_on |= {"train_crop": "pad", "batch_augment": True}
+    metadata = {CLASSES_KEY: json.dumps(CLASSES), DATA_KEY: json.dumps(trained_on)}
+    checkpoint = save(model, tmp_path / "run.safetensors", metadata=metadata)
+    report = quantize_int8(checkpoint, tmp_path / "m.onnx", max_samples=30)
+    assert report.data == str(data) and report.num_samples == 30 and report.fp32_top1 >= 0.9
 
 
 def test_a_drop_beyond_the_bound_is_refused_and_writes_nothing(tmp_path, trained):

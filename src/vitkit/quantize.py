@@ -23,7 +23,8 @@ int8 weights about 1.8x faster than uint8 ones (VNNI multiplies u8 x s8); `reduc
 weights) is for CPUs without VNNI, whose 16-bit intermediate sums can saturate, and is left off.
 Dynamic quantization needs no calibration set; onnxruntime writes it as QOperator nodes (its QDQ
 format is for static, calibrated quantization). On the demo model's digits test split every
-combination of per-channel and reduce_range gave the fp32 top-1 exactly.
+combination of per-channel and reduce_range gave the fp32 top-1 exactly; on the 10000 CIFAR-10 test
+images a briefly trained `cifar10_vit` model lost 0.02 points (40.41% -> 40.39%).
 
 The int8 file keeps the export's metadata (class names, preprocessing, config, input layout;
 `export.read_onnx_metadata`) and adds `vitkit.quantization`: the method and its settings, and the
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from .convert import CheckpointFile, read_checkpoint
 from .data import DataConfig
@@ -297,7 +298,7 @@ def _split_config(
     model: VisionTransformer, data: dict[str, Any], root: str | os.PathLike | None, dataset: str | None
 ) -> DataConfig:
     """The evaluation's DataConfig: the checkpoint's training data config (else its preprocessing),
-    with `root` (an ImageFolder unless `dataset` says otherwise) or `dataset`; read in this process."""
+    with `root` (an ImageFolder unless `dataset` says otherwise) or `dataset`."""
     if not data and root is None and dataset is None:
         raise ValueError(
             "the model names no data set (it carries no training data config); pass --root FOLDER "
@@ -308,16 +309,17 @@ def _split_config(
         fields.update(root=str(root), dataset=dataset or "imagefolder")
     elif dataset is not None:
         fields["dataset"] = dataset
-    return DataConfig.from_dict(fields).replace(num_workers=0, cache=False)
+    return DataConfig.from_dict(fields)
 
 
 def _split_images(
     config: DataConfig, split: str, classes: list[str], max_samples: int, batch_size: int
 ) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """A function giving the split's (images, labels) batches, the same images in the same order on
-    each call: the eval transform is deterministic."""
+    each call: the eval transform is deterministic. An unreadable image stops the measurement
+    (`BadImageError`, naming the file) rather than leaving a hole in it."""
     dataset = open_dataset(config, split)
-    names = list(getattr(dataset, "classes", None) or getattr(dataset.dataset, "classes", []))
+    names = list((dataset.dataset if isinstance(dataset, Subset) else dataset).classes)
     if names != classes:
         more = " ..." if len(classes) > 10 else ""
         raise ValueError(
