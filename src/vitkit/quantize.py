@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 
 OP_TYPES = ("MatMul", "Gemm")  # the linear layers; the convolution of the patch stem stays fp32
 QUANTIZATION_KEY = "quantization"  # metadata key (under `vitkit.`) of the int8 file's record
-Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
 class QuantizationRefused(ValueError):
@@ -101,8 +100,8 @@ class QuantizeReport:
     def describe(self) -> str:
         return (
             f"top-1 on {self.split} of {self.data} ({self.num_samples} images): fp32 {self.fp32_top1:.2%}, "
-            f"int8 {self.int8_top1:.2%} (a drop of {self.top1_drop:.2f} points; bound "
-            f"{self.max_top1_drop:.2f})"
+            f"int8 {self.int8_top1:.2%} (a drop of {self.top1_drop:.2f} points; "
+            f"{'within' if self.accepted else 'over'} the bound {self.max_top1_drop:.2f})"
         )
 
     def record(self) -> dict[str, Any]:
@@ -184,7 +183,7 @@ def quantize_int8(
     images = _split_images(config, split, classes, max_samples, batch_size)
     settings = quantization_settings(per_channel, reduce_range)
 
-    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out_path.parent) as folder:
+    with tempfile.TemporaryDirectory(prefix="vitkit-quantize-") as folder:
         fp32 = export_onnx(model, Path(folder) / "fp32.onnx", dynamic_size=dynamic_size, classes=classes)
         int8_file = Path(folder) / "int8.onnx"
         quantize_linear_layers(fp32.path, int8_file, per_channel=per_channel, reduce_range=reduce_range)
@@ -208,7 +207,7 @@ def quantize_int8(
         if not report.accepted:
             refused = replace(report, path=None)
             raise QuantizationRefused(
-                f"int8 refused, nothing written to {out_path}: {refused.describe()} exceeds the bound",
+                f"int8 refused, nothing written to {out_path}: {refused.describe()}",
                 refused,
             )
         write_quantized(int8_file, out_path, fp32.metadata, report.record())
