@@ -3,7 +3,7 @@
 Commands register themselves in COMMANDS with a function that adds its arguments and a function that
 runs it, so `vitkit --help` lists them all. They live by what they do: models.py (info, zoo, draw),
 training.py (train, demo, finetune, pretrain), evaluation.py (eval, predict, embed, fewshot, plot) and
-files.py (convert, export), serve.py (serve); this file parses the command line and turns errors into one line.
+files.py (convert, export), quantize.py (quantize), serve.py (serve); this file parses the command line and turns errors into one line.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .evaluation import (
 )
 from .files import add_convert_args, add_export_args, run_convert, run_export
 from .models import add_draw_args, add_info_args, add_zoo_args, run_draw, run_info, run_zoo
+from .quantize import add_quantize_args, run_quantize
 from .serve import add_serve_args, run_serve
 from .training import (
     add_demo_args,
@@ -60,6 +61,7 @@ COMMANDS: list[Command] = [
     ("pretrain", add_pretrain_args, run_pretrain),
     ("fewshot", add_fewshot_args, run_fewshot),
     ("export", add_export_args, run_export),
+    ("quantize", add_quantize_args, run_quantize),
     ("serve", add_serve_args, run_serve),
 ]
 
