@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[viz,export,dev,peers,serve,ray]" "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[viz,export,dev,peers,serve,ray,parquet]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 setup: $(STAMP)

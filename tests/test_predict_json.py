@@ -1,8 +1,9 @@
-"""vitkit predict over files, folders and patterns (text and JSON Lines, batched) and vitkit embed, from
-the command line on a tiny checkpoint with class names."""
+"""vitkit predict over files, folders and patterns (text and JSON Lines, batched) and vitkit embed (.npy
+and .parquet), from the command line on a tiny checkpoint with class names."""
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,10 @@ from PIL import Image
 import vitkit
 from helpers import tiny_config
 from test_cli_contract import assert_one_line_error, vitkit_cli
+from vitkit.cli import main
 from vitkit.convert.names import CLASSES_KEY
 from vitkit.data import decode_image, eval_transform
+from vitkit.eval.embed import check_features_path, pooled_features, read_parquet_features
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -109,7 +112,77 @@ def test_embed_writes_the_pooled_features_and_the_names_in_order(checkpoint, ima
 
 def test_embed_refuses_an_out_suffix_it_cannot_write(checkpoint, images, tmp_path):
     result = vitkit_cli("embed", str(checkpoint), str(images), "--out", str(tmp_path / "features.csv"))
-    assert_one_line_error(result, "features.csv", ".npy")
+    assert_one_line_error(result, "features.csv", ".npy", ".parquet")
+    assert not list(tmp_path.iterdir())
+
+
+def embed(checkpoint, images, out, *extra: str):
+    result = vitkit_cli(
+        "embed", str(checkpoint), str(images), "--out", str(out), "--precision", "fp32", *extra
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_parquet_holds_the_npy_features_and_paths_in_order_with_the_model_described(
+    checkpoint, images, tmp_path
+):
+    pytest.importorskip("pyarrow", reason="parquet output needs pyarrow: pip install 'vitkit[parquet]'")
+    import pyarrow
+    import pyarrow.parquet
+
+    embed(checkpoint, images, tmp_path / "features.npy", "--batch-size", "2")
+    result = embed(checkpoint, images, tmp_path / "features.parquet", "--batch-size", "2")
+    assert f"wrote {tmp_path / 'features.parquet'}" in result.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "features.json",
+        "features.npy",
+        "features.parquet",
+    ]  # one file, no temporary left behind
+
+    table = pyarrow.parquet.read_table(tmp_path / "features.parquet")
+    assert table.column_names == ["path", "features"]
+    assert table.schema.field("path").type == pyarrow.string()
+    assert table.schema.field("features").type == pyarrow.list_(pyarrow.float32(), 32)
+    paths = table.column("path").to_pylist()
+    assert paths == [str(images / name) for name in EXPECTED]
+    assert paths == json.loads((tmp_path / "features.json").read_text())
+    features = np.stack(table.column("features").to_numpy(zero_copy_only=False))
+    assert features.dtype == np.float32 and features.shape == (5, 32)
+    np.testing.assert_array_equal(features, np.load(tmp_path / "features.npy"))
+
+    model = vitkit.load(checkpoint).eval()
+    transform = eval_transform(model)
+    batch = torch.stack([transform(decode_image(path), None) for path in paths])
+    with torch.no_grad():
+        expected = pooled_features(model)(batch)
+    np.testing.assert_allclose(features, expected.numpy(), rtol=0, atol=1e-5)
+
+    description = json.loads(table.schema.metadata[b"vitkit"])
+    assert description["checkpoint"] == str(checkpoint)
+    assert description["dimension"] == 32 and description["precision"] == "fp32"
+    assert description["preprocessing"] == vitkit.data.resolve_preprocessing(model).describe()
+    assert description["layout"] == "vitkit"
+
+    read_features, read_paths, read_description = read_parquet_features(tmp_path / "features.parquet")
+    np.testing.assert_array_equal(read_features, features)
+    assert read_paths == paths and read_description == description
+
+
+def test_without_pyarrow_parquet_is_one_line_before_any_image_is_read(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ValueError, match=r"pip install 'vitkit\[parquet\]'"):
+        check_features_path(tmp_path / "features.parquet")
+    missing = tmp_path / "no-such-images"  # never listed: the check comes first
+    code = main(["embed", str(checkpoint), str(missing), "--out", str(tmp_path / "features.parquet")])
+    assert code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install 'vitkit[parquet]'" in lines[0], lines
+    assert "no-such-images" not in lines[0]
+    assert check_features_path(tmp_path / "features.npy") == tmp_path / "features.npy"  # needs no pyarrow
     assert not list(tmp_path.iterdir())
 
 

@@ -265,6 +265,45 @@ def test_a_file_changed_on_disk_after_loading_has_no_checksum(tmp_path):
     assert models[name]["base_sha256"] == hashlib.sha256(checkpoints.base.read_bytes()).hexdigest()
 
 
+def test_a_hub_base_is_named_by_repo_revision_and_the_hubs_digests(tmp_path, monkeypatch):
+    """A base loaded by Hub name: /v1/models gives its repo, resolved commit and the SHA-256 the Hub
+    records for each weight file, and takes no checksum of the files in the cache; a local delta on
+    top still gets its file's."""
+    from serve_helpers import make_checkpoints
+    from test_hub import COMMIT, cache_repo, hf_files, tiny_model
+    from vitkit.serve import tasks as serve_tasks
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = hf_files(tiny_model(num_classes=3), tmp_path, classes=["tabby", "terrier", "goldfish"])
+    cache_repo(cache, "someone/tiny-vit", files)
+    weights_sha = hashlib.sha256(files["model.safetensors"]).hexdigest()
+    hashed = []
+    monkeypatch.setattr(serve_tasks, "file_sha256", lambda path: hashed.append(str(path)) or "local")
+
+    listing = serve_tasks.TaskSet("hf-hub:someone/tiny-vit").describe_models()
+    assert listing["base"]["checkpoint"] == f"hf-hub:someone/tiny-vit@{COMMIT}"
+    assert listing["base"]["sha256"] == {"model.safetensors": weights_sha}
+    assert listing["base"]["hub"]["repo"] == "someone/tiny-vit"
+    assert listing["base"]["hub"]["revision"] == COMMIT
+    (model,) = listing["data"]
+    assert model["base_sha256"] == {"model.safetensors": weights_sha} and model["delta_sha256"] is None
+    assert model["base_hub"] == listing["base"]["hub"] and model["classes"] == [
+        "tabby",
+        "terrier",
+        "goldfish",
+    ]
+    assert hashed == []  # nothing read again from the cache
+
+    local = make_checkpoints(tmp_path / "local")
+    listing = serve_tasks.TaskSet(local.base).describe_models()
+    assert listing["base"]["checkpoint"] == str(local.base) and listing["base"]["hub"] is None
+    assert listing["base"]["sha256"] == "local" and hashed == [str(local.base)]
+
+
 def test_the_server_computes_in_the_precision_asked_and_says_so(checkpoints):
     """bf16 serving (what "auto" takes where bf16 measured fastest): the same top class as fp32, the
     probabilities within bf16 rounding, and /health naming the precision."""

@@ -226,7 +226,9 @@ def add_embed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         default="features.npy",
-        help="float32 N x D .npy of the pooled features; the image paths, in order, go to a .json beside it",
+        help="float32 N x D .npy of the pooled features, the image paths, in order, in a .json beside it; "
+        "or a .parquet of both (columns path, features) with the model and preprocessing in its metadata "
+        "(needs pyarrow: pip install 'vitkit[parquet]')",
     )
     add_preprocessing_args(parser, img_size=False)
 
@@ -236,7 +238,8 @@ def run_embed(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ..data import eval_transform
+    from ..data import resolve_preprocessing
+    from ..data.model_transform import transform_of
     from ..eval.classification import check_finite
     from ..eval.embed import check_features_path, pooled_features, write_features
     from ..eval.images import expand_images, run_images
@@ -247,9 +250,10 @@ def run_embed(args: argparse.Namespace) -> int:
     path = checkpoint.path
     model = load(checkpoint).eval()
     check_finite(model, path)
-    transform = eval_transform(model, **preprocessing_overrides(args))
+    preprocessing = resolve_preprocessing(model, **preprocessing_overrides(args))
+    transform = transform_of(preprocessing)
     inputs = expand_images(args.images)
-    inference_precision(model, args.precision)
+    precision = inference_precision(model, args.precision)
     rows, names = [], []
     for result in run_images(pooled_features(model), inputs, transform, args.batch_size, desc="embed"):
         if result.error is not None:
@@ -260,9 +264,17 @@ def run_embed(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"none of the {len(inputs)} files given could be read as an image")
     features = torch.stack(rows).numpy().astype(np.float32)
-    features_file, names_file = write_features(out, features, names)
+    description = {
+        "checkpoint": checkpoint.hub.name if checkpoint.hub else str(path),
+        "layout": checkpoint.layout,
+        "dimension": features.shape[1],
+        "preprocessing": preprocessing.describe(),
+        "precision": precision,
+        **({"hub": checkpoint.hub.as_dict()} if checkpoint.hub else {}),
+    }
+    written = write_features(out, features, names, description)
     print(f"{len(names)} images, {features.shape[1]} features each")
-    print(f"wrote {features_file}\nwrote {names_file}")
+    print("\n".join(f"wrote {file}" for file in written))
     return 1 if len(names) < len(inputs) else 0
 
 

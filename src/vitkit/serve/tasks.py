@@ -146,6 +146,9 @@ class TaskSet:
         self.max_pixels = max_pixels
         read = read_checkpoint(checkpoint)  # every file opened once, here
         self.checkpoint = str(read.path)
+        # A Hub name's repo, commit and weight digests (checked on the bytes read): what /v1/models
+        # reports for it, rather than a checksum of the files in the Hub's cache.
+        self.hub = read.hub
         # Loading opens each file once; a file's SHA-256 is taken when first asked for (`checksum`),
         # from the file as `os.stat` saw it at load, or reported as changed since.
         self._signatures = {self.checkpoint: file_signature(self.checkpoint)}
@@ -268,18 +271,31 @@ class TaskSet:
                 log.warning("%s changed on disk since it was loaded: no checksum of what is served", path)
         return self._checksums[path]
 
+    def base_digest(self) -> str | dict[str, str] | None:
+        """What identifies the base's bytes: the SHA-256 of a local file (`checksum`); for a Hub name,
+        the SHA-256 of each weight file (name -> digest) as the Hub records it, checked when read."""
+        return dict(self.hub.sha256) if self.hub is not None else self.checksum(self.checkpoint)
+
     def describe_models(self) -> dict[str, Any]:
-        """What /v1/models shows: the base and every task, with the SHA-256 of their files."""
-        base = self.checksum(self.checkpoint)
+        """What /v1/models shows: the base and every task, with the SHA-256 of their files; a base
+        loaded by Hub name is named `hf-hub:org/name@commit` with its repo and resolved revision
+        (`hub`), and its digests are the Hub's."""
+        base = self.base_digest()
+        hub = self.hub.as_dict() if self.hub is not None else None
         return {
             "object": "list",
-            "base": {"checkpoint": self.checkpoint, "sha256": base},
+            "base": {
+                "checkpoint": self.hub.name if self.hub is not None else self.checkpoint,
+                "sha256": base,
+                "hub": hub,
+            },
             "data": [
                 {
                     "id": task.name,
                     "object": "model",
                     "source": task.source,
                     "base_sha256": base,
+                    "base_hub": hub,
                     "delta_sha256": None if task.name == BASE_TASK else self.checksum(task.source),
                     "preprocessing": task.preprocessing,
                     "img_size": list(task.img_size),
