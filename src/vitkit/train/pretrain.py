@@ -31,7 +31,7 @@ from . import distributed
 from .experiment import ModelConfig, TrainConfig, check_train_config, load_experiment
 from .loop import train
 from .metrics import read_metrics
-from .optim import OptimConfig, param_groups
+from .optim import OptimConfig, optimizer_over, param_groups
 from .state import model_metadata, write_weights
 from .task import Task, seed_everything
 
@@ -97,9 +97,7 @@ def build_pretrain_optimizer(model: MaskedPatchModel, cfg: OptimConfig) -> torch
     )
     groups.append({"params": [model.head.weight], "names": ["head.weight"], "weight_decay": cfg.weight_decay})
     groups.append({"params": [model.head.bias], "names": ["head.bias"], "weight_decay": 0.0})
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return optimizer_over(groups, cfg)
 
 
 def masked_task(experiment: PretrainExperiment, env: distributed.Env, train_loader) -> Task:
