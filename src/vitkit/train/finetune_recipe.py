@@ -1,0 +1,191 @@
+"""The fine-tuning recipe `vitkit finetune` chooses when no config is named: from the number of
+labelled training images and the checkpoint's depth, one row of a small table.
+
+Why not the ViT paper's recipe (SGD, lr 0.03 at batch 512): on a few hundred images its lr, scaled
+down to a small batch, either barely moves the features or, unscaled, breaks them; either way it
+lands below a linear probe of the same frozen features. The choices here are the ones that kept
+fine-tuning above the probe on small sets in vitkit's own measurements (README, "Fine-tuning
+defaults"; `benchmarks/transfer.py` reruns them):
+
+- AdamW at a small lr stated for the batch actually used (no batch scaling), cosine to lr / 100 after
+  a short linear warm-up, weight decay 0.05, gradient clipping at norm 1, label smoothing 0.1;
+- layer-wise lr decay (BEiT; `optim.layer_decay`): block i of L learns at lr x decay ** (L + 1 - i),
+  so the early, general layers move least;
+- LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"): the zero head is first
+  fitted as a logistic-regression probe on the frozen features (`fit_probe_head`), so the first
+  fine-tuning steps follow a sensible head instead of pushing random-label gradients into the trunk;
+- enough optimiser steps whatever the data's size (`min_steps`), within an epoch cap.
+
+Every field is a config key, so `--set key=value` overrides each one; `describe` is what the run
+prints in its first lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from ..models.vit import VisionTransformer
+
+HeadInit = Literal["probe", "zero"]
+
+
+@dataclass(frozen=True)
+class RecipeRow:
+    """One row of the table: what a data set of up to `max_images` labelled images gets."""
+
+    max_images: float
+    name: str
+    batch_size: int
+    lr: float
+    min_steps: int
+    max_epochs: int
+
+
+# Measured on the transfers of README's "Fine-tuning defaults" (a 2-core CPU): the smaller the set,
+# the smaller the batch (more steps per epoch) and the more epochs it may take to reach min_steps.
+RECIPE_TABLE: tuple[RecipeRow, ...] = (
+    RecipeRow(max_images=2_000, name="small", batch_size=32, lr=3e-4, min_steps=300, max_epochs=50),
+    RecipeRow(max_images=20_000, name="medium", batch_size=64, lr=3e-4, min_steps=600, max_epochs=20),
+    RecipeRow(max_images=math.inf, name="large", batch_size=128, lr=3e-4, min_steps=1_000, max_epochs=10),
+)
+# Layer decay by depth: a deep trunk's first blocks are damped harder (BEiT uses 0.65-0.75 at depth 12).
+SHALLOW_DEPTH = 8
+LAYER_DECAY = {"shallow": 0.85, "deep": 0.75}
+WARMUP_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """The resolved recipe: config fields (dotted keys) and the reasons behind them."""
+
+    fields: dict[str, Any]
+    head_init: HeadInit
+    reasons: tuple[str, ...]
+    steps_per_epoch: int
+
+
+def choose_finetune_recipe(
+    num_train_images: int, num_classes: int, depth: int, img_size: int
+) -> FinetuneRecipe:
+    """The recipe for `num_train_images` labelled images of `num_classes` classes, fine-tuning a
+    checkpoint `depth` blocks deep, pre-trained at `img_size` px (kept: no resolution change)."""
+    row = next(row for row in RECIPE_TABLE if num_train_images <= row.max_images)
+    batch_size = min(row.batch_size, max(num_train_images // 4, 2))  # 4 steps per epoch at least
+    steps_per_epoch = max(num_train_images // batch_size, 1)
+    epochs = min(max(math.ceil(row.min_steps / steps_per_epoch), 1), row.max_epochs)
+    layer_decay = LAYER_DECAY["shallow" if depth <= SHALLOW_DEPTH else "deep"]
+    fields = {
+        "optim.name": "adamw",
+        "optim.lr": row.lr,
+        "optim.lr_base_batch": 0,
+        "optim.min_lr": row.lr / 100,
+        "optim.weight_decay": 0.05,
+        "optim.layer_decay": layer_decay,
+        "optim.clip_grad": 1.0,
+        "optim.schedule": "cosine",
+        "optim.warmup_epochs": round(WARMUP_FRACTION * epochs, 3),
+        "data.batch_size": batch_size,
+        "data.img_size": img_size,
+        "data.label_smoothing": 0.1,
+        "train.epochs": epochs,
+    }
+    reasons = (
+        f"{num_train_images} training images of {num_classes} classes: the '{row.name}' row "
+        f"(<= {row.max_images:g} images): batch {batch_size}, lr {row.lr:g} as applied, "
+        f">= {row.min_steps} steps in <= {row.max_epochs} epochs",
+        f"depth {depth}: layer decay {layer_decay} ({'<=' if depth <= SHALLOW_DEPTH else '>'} {SHALLOW_DEPTH} blocks)",
+        f"the checkpoint's resolution, {img_size} px",
+    )
+    return FinetuneRecipe(fields, "probe", reasons, steps_per_epoch)
+
+
+def given_keys(overrides: list[str]) -> set[str]:
+    """The config keys that `--set key=value` overrides name (they win over the recipe)."""
+    return {override.partition("=")[0].strip().removeprefix("--") for override in overrides}
+
+
+def apply_fields(experiment: Any, fields: dict[str, Any], skip: set[str] = frozenset()) -> Any:
+    """The experiment with each `section.field` of `fields` set, except the keys in `skip`."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in fields.items():
+        if key not in skip:
+            section, _, name = key.partition(".")
+            sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(
+        experiment,
+        **{
+            section: dataclasses.replace(getattr(experiment, section), **values)
+            for section, values in sections.items()
+        },
+    )
+
+
+def describe(experiment: Any, num_trainable: int, num_params: int, freeze: str, head_init: str) -> list[str]:
+    """The lines a fine-tuning run starts with: what trains, how, and for how long."""
+    optim, data, train = experiment.optim, experiment.data, experiment.train
+    batch = data.batch_size * train.accumulation
+    if optim.name == "adamw":
+        rule = f"AdamW (betas {optim.betas[0]:g}, {optim.betas[1]:g}), weight decay {optim.weight_decay:g}"
+    else:
+        rule = f"SGD momentum {optim.momentum:g}, weight decay {optim.weight_decay:g}"
+    return [
+        f"optimizer: {rule}, clip grad norm {optim.clip_grad:g}",
+        f"lr: {optim.lr:.3g} as applied at batch {batch} ({optim.lr_note or 'as given'})",
+        f"schedule: {optim.schedule}, warm-up {optim.warmup_epochs:g} epochs, to min lr {optim.min_lr:.3g}",
+        f"epochs: {train.epochs}" + (f", at most {train.max_steps} steps" if train.max_steps else ""),
+        f"layer decay: {optim.layer_decay:g}" + (" (off)" if optim.layer_decay == 1 else ""),
+        f"label smoothing: {data.label_smoothing:g}, mixup {data.mixup:g}, cutmix {data.cutmix:g}",
+        f"trains: {'every parameter' if freeze == 'none' else freeze} ({num_trainable:,} of {num_params:,} parameters)",
+        f"head: {'fitted as a logistic-regression probe on the frozen features first (LP-FT)' if head_init == 'probe' else 'zero-initialised'}",
+    ]
+
+
+# LP-FT: the head first, fitted on the frozen trunk ------------------------------------------------------
+@torch.no_grad()
+def pooled_features(
+    model: VisionTransformer, dataset: Dataset, transform: Callable, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's inputs (pre-logits, (N, D)) and the labels (N,) of every image, eval-transformed."""
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    for start in range(0, len(dataset), batch_size):
+        samples = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([transform(image, None) for image, _ in samples])  # (B, C, H, W)
+        features.append(model.forward_head(model.forward_features(images), pre_logits=True).float())
+        labels.append(torch.tensor([label for _, label in samples]))
+    model.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+def fit_probe_head(
+    model: VisionTransformer, features: torch.Tensor, labels: torch.Tensor, c: float = 0.1
+) -> float:
+    """Set `model.head` to a multinomial logistic regression of `labels` on `features` (standardised,
+    L2 strength 1 / C, scikit-learn's objective), the standardisation folded into the weights; the
+    trunk is not touched. Returns the probe's training accuracy."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = features.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    probe = LogisticRegression(C=c, max_iter=2000).fit(((x - mean) / std).numpy(), labels.numpy())
+    weight = torch.as_tensor(probe.coef_)  # (C, D), or (1, D) for two classes
+    bias = torch.as_tensor(probe.intercept_)
+    if weight.shape[0] == 1:  # scikit-learn's binary form: class 1's logit minus class 0's
+        weight, bias = torch.cat([-weight / 2, weight / 2]), torch.cat([-bias / 2, bias / 2])
+    full_weight = torch.zeros(model.head.out_features, x.shape[1], dtype=torch.float64)
+    full_bias = torch.zeros(model.head.out_features, dtype=torch.float64)  # classes absent from train: 0
+    classes = torch.as_tensor(probe.classes_)
+    full_weight[classes] = weight / std  # logits = ((x - mean) / std) @ W.T + b = x @ (W / std).T + b'
+    full_bias[classes] = bias - (weight / std) @ mean
+    with torch.no_grad():
+        model.head.weight.copy_(full_weight)
+        model.head.bias.copy_(full_bias)
+    return float((probe.predict(((x - mean) / std).numpy()) == labels.numpy()).mean())
