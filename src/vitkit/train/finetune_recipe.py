@@ -95,6 +95,8 @@ def choose_finetune_recipe(
         "data.img_size": img_size,
         "data.label_smoothing": 0.1,
         "train.epochs": epochs,
+        # About five evaluations a run: many short epochs would otherwise spend more time evaluating.
+        "eval.every": max(epochs // 5, 1),
     }
     reasons = (
         f"{num_train_images} training images of {num_classes} classes: the '{row.name}' row "
