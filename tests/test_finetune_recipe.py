@@ -20,6 +20,7 @@ from vitkit.train.finetune_recipe import (
     choose_finetune_recipe,
     fit_probe_head,
     given_keys,
+    recalibrate_batch_norm,
 )
 from vitkit.train.optim import OptimConfig, build_optimizer, layer_id, set_lr
 
@@ -168,7 +169,7 @@ def test_the_probe_head_fits_the_frozen_features_and_leaves_the_trunk(num_classe
     images += labels.view(-1, 1, 1, 1) * 0.5  # each class a brightness: separable features
     with torch.no_grad():
         features = model.forward_head(model.forward_features(images), pre_logits=True)
-    accuracy = fit_probe_head(model, features, labels, c=10.0)
+    _, accuracy = fit_probe_head(model, features, labels, c=10.0)
     with torch.no_grad():
         predicted = model(images).argmax(1)
     # The folded standardisation: the head alone reproduces the probe's predictions.
@@ -177,3 +178,23 @@ def test_the_probe_head_fits_the_frozen_features_and_leaves_the_trunk(num_classe
     for key, value in model.state_dict().items():
         if not key.startswith("head."):
             assert torch.equal(value, trunk[key]), key
+
+
+def test_batch_norm_statistics_become_the_new_datas_and_nothing_else_moves():
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny_config(stem="conv", zero_head=True)).eval()
+    parameters = {name: value.clone() for name, value in model.named_parameters()}
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    batches = [(torch.randn(8, 3, 32, 32) * 2 + 1, torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    assert recalibrate_batch_norm(model, batches) == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()
+    )
+    inputs = torch.cat(seen)  # (N, C, H, W): the first norm's inputs over every batch
+    # Equal batches: the cumulative average of the batch means is the mean over all of them.
+    assert torch.allclose(norm.running_mean, inputs.mean((0, 2, 3)), atol=1e-5)
+    assert norm.momentum == 0.1 and not model.training  # as they were
+    for name, value in model.named_parameters():
+        assert torch.equal(value, parameters[name]), name
+    assert recalibrate_batch_norm(VisionTransformer(tiny_config()), batches) == 0  # no BatchNorm: untouched

@@ -272,7 +272,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ..eval.classification import resolve_checkpoint
     from ..io import atomic_write, load, save
     from ..train import train
-    from ..train.finetune_recipe import describe, fit_probe_head, pooled_features
+    from ..train.finetune_recipe import (
+        describe,
+        fit_probe_head,
+        image_batches,
+        pooled_features,
+        recalibrate_batch_norm,
+    )
     from ..train.optim import apply_freeze_rule
 
     checkpoint = str(resolve_checkpoint(args.checkpoint))
@@ -315,10 +321,17 @@ def run_finetune(args: argparse.Namespace) -> int:
     start = out_dir / f"init-{start_digest(checkpoint, num_classes, data.img_size, head_init)}.safetensors"
     if not start.exists():
         if head_init == "probe":
-            features, labels = pooled_features(model, dataset, build_transforms(data, train=False))
-            accuracy = fit_probe_head(model, features, labels)
+            transform = build_transforms(data, train=False)
+            num_norms = recalibrate_batch_norm(model, image_batches(dataset, transform))
+            if num_norms:
+                print(
+                    f"  batch norm: {num_norms} layers' statistics set to this data's (AdaBN)",
+                    file=sys.stderr,
+                )
+            features, labels = pooled_features(model, image_batches(dataset, transform))
+            c, accuracy = fit_probe_head(model, features, labels)
             print(
-                f"  head: probe fitted on {len(labels)} images, train accuracy {accuracy:.2%}",
+                f"  head: probe (C={c:g}) fitted on {len(labels)} images, train accuracy {accuracy:.2%}",
                 file=sys.stderr,
             )
         save(model, start)
