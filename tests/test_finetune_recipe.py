@@ -49,7 +49,8 @@ def test_a_small_set_gets_a_small_batch_and_enough_steps():
     assert (fields["optim.name"], fields["optim.lr_base_batch"]) == ("adamw", 0)  # the lr as applied
     assert 1e-4 <= fields["optim.lr"] <= 5e-4 and fields["data.batch_size"] == 32
     assert fields["optim.layer_decay"] == 0.75  # a deep trunk
-    assert fields["data.img_size"] == 224 and fields["data.label_smoothing"] == 0.1
+    assert fields["data.img_size"] == 224 and fields["data.label_smoothing"] == 0.0  # LP-FT: hard labels
+    assert fields["data.scale"] == (0.8, 1.0)
     small = RECIPE_TABLE[0]
     steps = fields["train.epochs"] * recipe.steps_per_epoch
     assert steps >= small.min_steps or fields["train.epochs"] == small.max_epochs
