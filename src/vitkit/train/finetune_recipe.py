@@ -55,7 +55,7 @@ class RecipeRow:
 # Measured on the transfers of README's "Fine-tuning defaults" (a 2-core CPU): the smaller the set,
 # the smaller the batch (more steps per epoch) and the more epochs it may take to reach min_steps.
 RECIPE_TABLE: tuple[RecipeRow, ...] = (
-    RecipeRow(max_images=2_000, name="small", batch_size=32, lr=3e-4, min_steps=300, max_epochs=50),
+    RecipeRow(max_images=2_000, name="small", batch_size=32, lr=3e-4, min_steps=500, max_epochs=50),
     RecipeRow(max_images=20_000, name="medium", batch_size=64, lr=3e-4, min_steps=600, max_epochs=20),
     RecipeRow(max_images=math.inf, name="large", batch_size=128, lr=3e-4, min_steps=1_000, max_epochs=10),
 )
