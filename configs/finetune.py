@@ -1,8 +1,8 @@
 """The fine-tuning `vitkit finetune CHECKPOINT --root FOLDER` runs when no `--config` is named: this
 file gives the data and run defaults, and `vitkit.train.finetune_recipe.choose_finetune_recipe`
-fills the optimiser, lr, schedule, epochs, batch, layer decay and label smoothing from the number of
-training images and the checkpoint's depth (the table in that module), then fits the new head as a
-linear probe on the frozen features before fine-tuning everything (LP-FT).
+fills the optimiser, lr, schedule, epochs, batch, layer decay, crops and label smoothing from the
+number of training images and the checkpoint's depth (the table in that module), then fits the new
+head as a linear probe on the frozen features before fine-tuning everything (LP-FT).
 
     vitkit finetune CHECKPOINT --root FOLDER                         # FOLDER/train/<class>/*.jpg, FOLDER/test/...
     vitkit finetune CHECKPOINT --root FOLDER --set optim.lr=1e-4     # the lr as applied, no batch scaling
@@ -27,9 +27,9 @@ def experiment() -> Experiment:
             root=str(data_root() / "cifar10"),
             batch_size=32,
             num_workers=2,
-            # Mild crops and flips: a few hundred images overfit without them, and strong ones
-            # (RandAugment, mixup) need more steps than a small set gets.
-            scale=(0.35, 1.0),
+            # Mild crops and flips (the recipe's crops): strong augmentation (RandAugment, mixup)
+            # needs more steps than a small set gets, and moves the inputs away from the probe head's.
+            scale=(0.8, 1.0),
             hflip=0.5,
         ),
         # The recipe replaces these (see finetune_recipe.py); they apply as written with --recipe config.
