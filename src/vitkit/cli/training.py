@@ -229,7 +229,7 @@ def resolve_finetune(args: argparse.Namespace, base, overrides: list[str]) -> tu
     from ..data.loader import open_dataset
     from ..train import load_experiment
     from ..train.experiment import environment_overrides
-    from ..train.finetune_recipe import apply_fields, choose_finetune_recipe, given_keys
+    from ..train.finetune_recipe import WARMUP_FRACTION, apply_fields, choose_finetune_recipe, given_keys
 
     experiment = load_experiment(args.config or "finetune", overrides)
     given = given_keys([*overrides, *environment_overrides()])
@@ -251,6 +251,11 @@ def resolve_finetune(args: argparse.Namespace, base, overrides: list[str]) -> tu
     if args.img_size is not None:
         given.add("data.img_size")
     experiment = apply_fields(experiment, recipe.fields, skip=given)
+    if "train.epochs" in given and "optim.warmup_epochs" not in given:  # the warm-up follows the epochs set
+        warmup = round(WARMUP_FRACTION * experiment.train.epochs, 3)
+        experiment = dataclasses.replace(
+            experiment, optim=dataclasses.replace(experiment.optim, warmup_epochs=warmup)
+        )
     if "optim.lr" not in given:
         batch = experiment.data.batch_size * experiment.train.accumulation
         note = f"the recipe's lr at batch {batch}, not scaled from another batch"
