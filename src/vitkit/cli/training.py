@@ -293,7 +293,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         experiment = dataclasses.replace(experiment, data=experiment.data.replace(img_size=args.img_size))
     data = experiment.data
     freeze = args.freeze or experiment.model.freeze
-    head_init = args.head or ("probe" if recipe is not None else "zero")
+    head_init = args.head or (recipe.head_init if recipe is not None else "zero")
     if args.print_config:
         print(json.dumps(experiment.to_dict(), indent=1))
         return 0
