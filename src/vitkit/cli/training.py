@@ -152,7 +152,7 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
         "--recipe",
         default=None,
         choices=["auto", "config"],
-        help="auto: optimiser, lr, schedule, epochs, batch, layer decay and label smoothing chosen from the "
+        help="auto: optimiser, lr, schedule, epochs, batch, layer decay, crops and label smoothing chosen from the "
         "number of training images and the checkpoint (vitkit.train.finetune_recipe), the head fitted as a "
         "linear probe first (LP-FT); config: the config's fields as written (default: auto without --config, "
         "config with it)",
