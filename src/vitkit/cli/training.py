@@ -138,9 +138,30 @@ def run_demo(args: argparse.Namespace) -> int:
 # vitkit finetune ----------------------------------------------------------------------------------
 def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="pre-trained weights: any file or folder vitkit.load reads")
-    parser.add_argument("--config", default="finetune_cifar10", help="a fine-tuning experiment in configs/")
     parser.add_argument(
-        "--img-size", type=int, default=None, help="fine-tuning resolution (default: config's)"
+        "--root",
+        default=None,
+        help="an image folder (ROOT/train/<class>/..., ROOT/test/<class>/...): data.dataset=imagefolder, data.root=ROOT",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a fine-tuning experiment in configs/, used as written (default: finetune, with --recipe auto)",
+    )
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        choices=["auto", "config"],
+        help="auto: optimiser, lr, schedule, epochs, batch, layer decay, crops and label smoothing chosen from the "
+        "number of training images and the checkpoint (vitkit.train.finetune_recipe), the head fitted as a "
+        "linear probe first (LP-FT); config: the config's fields as written (default: auto without --config, "
+        "config with it)",
+    )
+    parser.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="fine-tuning resolution (default: the recipe's or config's)",
     )
     parser.add_argument(
         "--freeze",
@@ -148,76 +169,193 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
         choices=["none", "attention-only", "head-only"],
         help="freezing rule; attention-only also writes delta.safetensors (default: the config's)",
     )
-    add_set_arg(parser, "override a config field: optim.lr=0.01, train.epochs=5, data.root=/data/cifar10")
+    parser.add_argument(
+        "--head",
+        default=None,
+        choices=["probe", "zero"],
+        help="the new head's start: probe (a logistic regression on the frozen features, LP-FT) or zero "
+        "(the ViT paper's) (default: probe with --recipe auto, zero with --recipe config)",
+    )
+    add_set_arg(
+        parser,
+        "override a config field, each recipe field included: optim.lr=1e-4 (the lr as applied at the "
+        "actual batch, never scaled: optim.lr_base_batch=512 asks for scaling), train.epochs=5, data.batch_size=16",
+    )
     flags = {
         "--compare-freezing": "first print trainable parameters, memory and step time of full vs attention-only",
-        "--print-config": "print the resolved config (the checkpoint's preprocessing taken, the lr scaled) and exit",
+        "--print-config": "print the resolved config (the recipe and the checkpoint's preprocessing applied) and exit",
     }
     for flag, help_text in flags.items():
         parser.add_argument(flag, action="store_true", help=help_text)
 
 
-def start_digest(checkpoint: str, num_classes: int, img_size: int) -> str:
+def start_digest(checkpoint: str, num_classes: int, img_size: int, head_init: str = "zero") -> str:
     """A short digest of a fine-tuning start: the source file or folder (path, size, mtime) and the
-    new head and resolution."""
+    new head (classes, how it starts) and resolution."""
     import hashlib
 
     path = Path(checkpoint).resolve()
     files = sorted(path.iterdir()) if path.is_dir() else [path]
-    text = f"{path}|{num_classes}|{img_size}|" + "|".join(
+    head = "" if head_init == "zero" else f"|{head_init}"
+    text = f"{path}|{num_classes}|{img_size}{head}|" + "|".join(
         f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}" for file in files if file.is_file()
     )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def finetune_overrides(args: argparse.Namespace) -> list[str]:
+    """--root as its two data fields, then --set; an lr given without optim.lr_base_batch is the lr as
+    applied (a config's batch scaling is turned off for it)."""
+    from ..train.finetune_recipe import given_keys
+
+    overrides = [
+        *(["data.dataset=imagefolder", f"data.root={args.root}"] if args.root else []),
+        *args.overrides,
+    ]
+    given = given_keys(overrides)
+    if "optim.lr" in given and "optim.lr_base_batch" not in given:
+        overrides.append("optim.lr_base_batch=0")
+    return overrides
+
+
+def resolve_finetune(args: argparse.Namespace, base, overrides: list[str]) -> tuple:
+    """The experiment of a fine-tuning run, the recipe that filled it (None: the config as written) and
+    the training set it was chosen for (None when not opened):
+    the config with --set, the checkpoint's preprocessing, then (--recipe auto) the recipe's fields
+    for this data and checkpoint, a field named by --set keeping its value."""
+    import dataclasses
+
+    from ..data import preprocessing_of
+    from ..data.loader import open_dataset
+    from ..train import load_experiment
+    from ..train.experiment import environment_overrides
+    from ..train.finetune_recipe import WARMUP_FRACTION, apply_fields, choose_finetune_recipe, given_keys
+
+    experiment = load_experiment(args.config or "finetune", overrides)
+    given = given_keys([*overrides, *environment_overrides()])
+    data = experiment.data.replace(**checkpoint_preprocessing(base, sorted(given)))
+    experiment = dataclasses.replace(experiment, data=data)
+    if (args.recipe or ("config" if args.config else "auto")) == "config":
+        return experiment, None, None
+    try:
+        dataset = open_dataset(data, "train")
+    except (FileNotFoundError, ValueError) as error:
+        if not args.print_config:
+            raise
+        print(f"recipe: not chosen, the training data cannot be read ({error})", file=sys.stderr)
+        return experiment, None, None
+    num_classes = len(getattr(dataset, "dataset", dataset).classes)
+    recipe = choose_finetune_recipe(
+        len(dataset), num_classes, base.config.depth, preprocessing_of(base).img_size[0]
+    )
+    if args.img_size is not None:
+        given.add("data.img_size")
+    experiment = apply_fields(experiment, recipe.fields, skip=given)
+    if "train.epochs" in given and "optim.warmup_epochs" not in given:  # the warm-up follows the epochs set
+        warmup = round(WARMUP_FRACTION * experiment.train.epochs, 3)
+        experiment = dataclasses.replace(
+            experiment, optim=dataclasses.replace(experiment.optim, warmup_epochs=warmup)
+        )
+    if "optim.lr" not in given:
+        batch = experiment.data.batch_size * experiment.train.accumulation
+        note = f"the recipe's lr at batch {batch}, not scaled from another batch"
+    else:
+        note = experiment.optim.lr_note or "as given by --set optim.lr, not scaled"
+    experiment = dataclasses.replace(experiment, optim=dataclasses.replace(experiment.optim, lr_note=note))
+    return experiment, recipe, dataset
+
+
 def run_finetune(args: argparse.Namespace) -> int:
-    """Fine-tune a pre-trained checkpoint as the ViT paper: new zero head, 2D-interpolated positions."""
+    """Fine-tune a pre-trained checkpoint: new head (a probe fitted on the frozen features, or zero),
+    2D-interpolated positions, and a recipe chosen from the data and the checkpoint."""
     import dataclasses
     import json
 
     from ..data.loader import open_dataset
+    from ..data.transforms import build_transforms
     from ..delta import finetune_model, format_freezing_report, freezing_report, save_delta
-    from ..io import load, read_checkpoint, save
-    from ..train import load_experiment, train
-    from ..train.experiment import environment_overrides
-
-    source = read_checkpoint(args.checkpoint)  # every file opened once, here; hf-hub: names resolved
-    checkpoint = str(source.path)
-    experiment = load_experiment(args.config, args.overrides)
-    base = load(source)
-    data = experiment.data.replace(
-        **checkpoint_preprocessing(base, [*args.overrides, *environment_overrides()])
+    from ..io import atomic_write, load, read_checkpoint, save
+    from ..train import train
+    from ..train.finetune_recipe import (
+        describe,
+        fit_probe_head,
+        image_batches,
+        pooled_features,
+        recalibrate_batch_norm,
     )
+    from ..train.optim import apply_freeze_rule
+
+    read = read_checkpoint(args.checkpoint)  # every file opened once, here; hf-hub: names resolved
+    checkpoint = str(read.path)
+    base = load(read)
+    experiment, recipe, dataset = resolve_finetune(args, base, finetune_overrides(args))
     if args.img_size is not None:
-        data = data.replace(img_size=args.img_size)
+        experiment = dataclasses.replace(experiment, data=experiment.data.replace(img_size=args.img_size))
+    data = experiment.data
+    freeze = args.freeze or experiment.model.freeze
+    head_init = args.head or (recipe.head_init if recipe is not None else "zero")
     if args.print_config:
-        print(json.dumps(dataclasses.replace(experiment, data=data).to_dict(), indent=1))
+        print(json.dumps(experiment.to_dict(), indent=1))
         return 0
-    dataset = open_dataset(data, "train")
+    dataset = dataset if dataset is not None else open_dataset(data, "train")
     num_classes = len(getattr(dataset, "dataset", dataset).classes)
     model = finetune_model(base, num_classes, data.img_size)
-    freeze = args.freeze or experiment.model.freeze
+    num_trainable = apply_freeze_rule(model, freeze)
+    source = (
+        "chosen from the data and checkpoint (--recipe auto)"
+        if recipe
+        else f"{args.config or 'finetune'} as written"
+    )
+    lines = [
+        f"fine-tuning recipe: {source}",
+        *(f"  {reason}" for reason in (recipe.reasons if recipe else ())),
+        *(f"  {line}" for line in describe(experiment, num_trainable, model.num_params(), freeze, head_init)),
+    ]
+    if recipe is not None:
+        steps = experiment.train.epochs * max(
+            len(dataset) // (data.batch_size * experiment.train.accumulation), 1
+        )
+        lines.insert(len(recipe.reasons) + 1, f"  steps: {steps} ({len(dataset)} images)")
+    print("\n".join(lines), file=sys.stderr)
     if args.compare_freezing:
         report = freezing_report(model.config, ("none", freeze if freeze != "none" else "attention-only"))
         print(format_freezing_report(report))
     out_dir = Path(experiment.train.out_dir)
     # Named by what it was made from, so that preparing another start never overwrites the one a run
     # in this folder began from: the run folder's own checks then name what differs.
-    start = out_dir / f"init-{start_digest(checkpoint, num_classes, data.img_size)}.safetensors"
+    start = out_dir / f"init-{start_digest(checkpoint, num_classes, data.img_size, head_init)}.safetensors"
     if not start.exists():
+        if head_init == "probe":
+            transform = build_transforms(data, train=False)
+            num_norms = recalibrate_batch_norm(model, image_batches(dataset, transform))
+            if num_norms:
+                print(
+                    f"  batch norm: {num_norms} layers' statistics set to this data's (AdaBN)",
+                    file=sys.stderr,
+                )
+            features, labels = pooled_features(model, image_batches(dataset, transform))
+            c, accuracy = fit_probe_head(model, features, labels)
+            print(
+                f"  head: probe (C={c:g}) fitted on {len(labels)} images, train accuracy {accuracy:.2%}",
+                file=sys.stderr,
+            )
         save(model, start)
     experiment = dataclasses.replace(
         experiment,
-        data=data,
         model=dataclasses.replace(
             experiment.model,
             init_from=str(start),
-            init_source=source.hub.as_dict() if source.hub else {},
+            init_source=read.hub.as_dict() if read.hub else {},
             overrides={},
             freeze=freeze,
         ),
     )
+    record = {"recipe": lines, "head": head_init, "config": experiment.to_dict()}
+    recipe_path = out_dir / "finetune_recipe.json"
+    atomic_write(recipe_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     summary = train(experiment)
+    if not recipe_path.exists():  # train.resume=never set the folder's earlier run aside, this file with it
+        atomic_write(recipe_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     if "last" in summary and freeze != "none":
         from ..eval.classification import CLASSES_KEY, DATA_KEY
         from ..files import read_header
@@ -229,6 +367,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         summary["delta"] = str(delta)
         summary["delta_note"] = f"vitkit.load({checkpoint!r}, delta={str(delta)!r}) rebuilds the task model"
     if "last" in summary:
+        summary["recipe"] = str(recipe_path)
         print(json.dumps(summary, indent=1))
     return 0
 
@@ -247,8 +386,6 @@ def checkpoint_preprocessing(model, overrides: list[str]) -> dict:
         for name, value in preprocessing.as_dict().items()
         if name != "img_size" and name not in given
     }
-    import sys
-
     print(
         f"preprocessing from {preprocessing.source}: {', '.join(f'{k}={v}' for k, v in taken.items())}",
         file=sys.stderr,
