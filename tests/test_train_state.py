@@ -109,8 +109,15 @@ def test_each_field_of_state_json_is_checked(stopped_run, path, value, needle):
 
 
 def test_an_interrupt_during_the_evaluation_keeps_the_epoch(tmp_path):
-    # 2 steps of 512 images an epoch, then an evaluation of 1,024 images (twice, flip TTA).
-    options = dict(data={"synthetic_size": 1024, "batch_size": 512}, epochs=2, keep_last=4)
+    # 2 steps of 512 images an epoch, then an evaluation of 1,024 images (twice, flip TTA); a model
+    # wider and deeper than the tiny one, so that each phase lasts long enough for the watcher below
+    # to act inside it on a loaded machine.
+    options = dict(
+        data={"synthetic_size": 1024, "batch_size": 512},
+        model={"embed_dim": 64, "depth": 4},
+        epochs=2,
+        keep_last=4,
+    )
     tta = ["eval.hflip_tta=true"]
     straight = train(load_experiment(tiny_experiment(tmp_path / "straight", **options), tta))
     config = tmp_path / "run.json"
