@@ -15,17 +15,15 @@ The ratio is int8 over the fastest float path. Random weights (speed does not de
 largest logit difference of int8 against PyTorch fp32 on the same random images is printed beside.
 With --checkpoint, the accuracy half: `quantize_int8` on a real split (fp32 and int8 top-1).
 
-Measured on the shared 2-core development CPU (AMD EPYC, AVX-512 with VNNI and avx512_bf16, no AMX;
-torch 2.13, onnxruntime 1.32), 2026-12-06, while other jobs kept the load average between 8 and 12
-(absolute figures low and noisy; the interleaved ratios steadier). This checkout has no
-`prepare_inference`, so bf16 ran as bf16 weights with the bf16 fast paths and bf16 images:
+Measured on the 2-core development CPU (AMD EPYC, AVX-512 with VNNI and avx512_bf16, no AMX; torch
+2.13, onnxruntime 1.32), 2026-12-06, quiet machine, `benchmarks/int8.py --repeats 3`; bf16 through
+`prepare_inference` (native bf16 kernels, the calibration's choice here):
 
-    `benchmarks/int8.py --repeats 3 --checkpoint /tmp/demo` (the demo model, see below)
     candidate             images/s  vs best float
-    PyTorch fp32              1.31          0.96x
-    onnxruntime fp32          1.36          1.00x
-    onnxruntime int8          3.41          2.50x
-    PyTorch bf16              1.04          0.76x
+    PyTorch fp32              3.93          0.50x
+    onnxruntime fp32          4.18          0.53x
+    onnxruntime int8         11.70          1.49x
+    PyTorch bf16              7.86          1.00x
     int8 vs PyTorch fp32 on the random images: max |logit error| 0.126 (logits up to 4.03), argmax
     agreement 100%
 
