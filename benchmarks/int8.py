@@ -27,12 +27,9 @@ Measured on the 2-core development CPU (AMD EPYC, AVX-512 with VNNI and avx512_b
     int8 vs PyTorch fp32 on the random images: max |logit error| 0.126 (logits up to 4.03), argmax
     agreement 100%
 
-A second run (`--repeats 5`, load near 11): PyTorch fp32 1.01, onnxruntime fp32 1.07, int8 2.69,
-PyTorch bf16 0.83 images/s; int8 2.52x the best float path.
-
-int8 is 2.5x the fastest float path. An earlier, separate run under heavier load (3 repetitions)
-gave PyTorch fp32 0.45, onnxruntime fp32 0.46 images/s, and int8 with per-channel int8 weights 1.11,
-per-tensor 1.18 and uint8 weights 0.63: per-channel costs nothing measurable and signed weights suit
+The quantizer's settings, compared in an earlier run on the same CPU under heavy load (3
+repetitions): PyTorch fp32 0.45, onnxruntime fp32 0.46 images/s, and int8 with per-channel int8
+weights 1.11, per-tensor 1.18 and uint8 weights 0.63: per-channel costs nothing measurable and signed weights suit
 VNNI (u8 x s8). Accuracy on a real split: the demo model (`vitkit train --config digits_vit`, width
 64, depth 4) on the 359 images of the digits test split, fp32 98.61%, int8 98.61% (no drop); a
 configs/cifar10_vit.py model (conv stem, width 192, depth 6, a few minutes of training) on all 10000
