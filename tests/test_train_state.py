@@ -20,7 +20,7 @@ from vitkit.io import read_weights
 from vitkit.registry import create_model
 from vitkit.train import load_experiment, train
 from vitkit.train.metrics import read_metrics
-from vitkit.train.state import MARKER, MODEL_NAME, STATE_NAME, find_resumable, read_state
+from vitkit.train.state import MARKER, MODEL_NAME, STATE_NAME, check_checkpoint, find_resumable, read_state
 
 
 def vitkit_train(config: Path, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -126,20 +126,23 @@ def test_an_interrupt_during_the_evaluation_keeps_the_epoch(tmp_path):
     )
     command = [sys.executable, "-m", "vitkit", "train", "--config", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log = (tmp_path / "run.log").open("w")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+    epoch_checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
     seen = None  # when the row of the epoch's last step was seen
     while time.monotonic() < deadline and process.poll() is None:
-        folder, _ = find_resumable(tmp_path / "run" / "checkpoints")
-        if folder is not None and folder.name == "step-00000002":
-            break  # the evaluation of epoch 1 has begun, or is about to
+        if epoch_checkpoint.is_dir() and check_checkpoint(epoch_checkpoint) is None:
+            break  # written whole: the evaluation of epoch 1 has begun, or is about to
         if seen is None and metrics.exists() and any(row.get("step") == 2 for row in read_metrics(metrics)):
             seen = time.monotonic()
         if seen is not None and time.monotonic() > seen + 0.3:
             break  # well into an evaluation that comes before the checkpoint
         time.sleep(0.005)
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) == 130
+    status = process.wait(timeout=60)
+    log.close()
+    assert status == 130, (status, (tmp_path / "run.log").read_text()[-3000:])
     assert not any(row["kind"] == "eval" for row in read_metrics(metrics))
 
     resumed = vitkit_train(config)
