@@ -127,7 +127,14 @@ def test_an_interrupt_during_the_evaluation_keeps_the_epoch(tmp_path):
     command = [sys.executable, "-m", "vitkit", "train", "--config", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = (tmp_path / "run.log").open("w")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    # A child inherits an ignored SIGINT (an earlier in-process test may leave this worker ignoring
+    # it), and Python then never raises KeyboardInterrupt: start the run as a shell would, with
+    # SIGINT live.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
     epoch_checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
     seen = None  # when the row of the epoch's last step was seen
