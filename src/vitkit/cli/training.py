@@ -272,17 +272,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     import json
 
     from ..data.loader import open_dataset
-    from ..data.transforms import build_transforms
-    from ..delta import finetune_model, format_freezing_report, freezing_report, save_delta
+    from ..delta import finetune_model, format_freezing_report, freezing_report
     from ..io import atomic_write, load, read_checkpoint, save
     from ..train import train
-    from ..train.finetune_recipe import (
-        describe,
-        fit_probe_head,
-        image_batches,
-        pooled_features,
-        recalibrate_batch_norm,
-    )
     from ..train.optim import apply_freeze_rule
 
     read = read_checkpoint(args.checkpoint)  # every file opened once, here; hf-hub: names resolved
@@ -301,21 +293,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     num_classes = len(getattr(dataset, "dataset", dataset).classes)
     model = finetune_model(base, num_classes, data.img_size)
     num_trainable = apply_freeze_rule(model, freeze)
-    source = (
-        "chosen from the data and checkpoint (--recipe auto)"
-        if recipe
-        else f"{args.config or 'finetune'} as written"
-    )
-    lines = [
-        f"fine-tuning recipe: {source}",
-        *(f"  {reason}" for reason in (recipe.reasons if recipe else ())),
-        *(f"  {line}" for line in describe(experiment, num_trainable, model.num_params(), freeze, head_init)),
-    ]
-    if recipe is not None:
-        steps = experiment.train.epochs * max(
-            len(dataset) // (data.batch_size * experiment.train.accumulation), 1
-        )
-        lines.insert(len(recipe.reasons) + 1, f"  steps: {steps} ({len(dataset)} images)")
+    lines = recipe_lines(args, experiment, recipe, dataset, model, num_trainable, freeze, head_init)
     print("\n".join(lines), file=sys.stderr)
     if args.compare_freezing:
         report = freezing_report(model.config, ("none", freeze if freeze != "none" else "attention-only"))
@@ -326,19 +304,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     start = out_dir / f"init-{start_digest(checkpoint, num_classes, data.img_size, head_init)}.safetensors"
     if not start.exists():
         if head_init == "probe":
-            transform = build_transforms(data, train=False)
-            num_norms = recalibrate_batch_norm(model, image_batches(dataset, transform))
-            if num_norms:
-                print(
-                    f"  batch norm: {num_norms} layers' statistics set to this data's (AdaBN)",
-                    file=sys.stderr,
-                )
-            features, labels = pooled_features(model, image_batches(dataset, transform))
-            c, accuracy = fit_probe_head(model, features, labels)
-            print(
-                f"  head: probe (C={c:g}) fitted on {len(labels)} images, train accuracy {accuracy:.2%}",
-                file=sys.stderr,
-            )
+            fit_start_head(model, dataset, data)
         save(model, start)
     experiment = dataclasses.replace(
         experiment,
@@ -357,19 +323,69 @@ def run_finetune(args: argparse.Namespace) -> int:
     if not recipe_path.exists():  # train.resume=never set the folder's earlier run aside, this file with it
         atomic_write(recipe_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     if "last" in summary and freeze != "none":
-        from ..eval.classification import CLASSES_KEY, DATA_KEY
-        from ..files import read_header
-
-        # The task's class names and data config travel with its delta, as with its checkpoint.
-        _, metadata = read_header(summary["last"])
-        task = {key: metadata[key] for key in (CLASSES_KEY, DATA_KEY) if key in metadata}
-        delta = save_delta(load(summary["last"]), checkpoint, out_dir / "delta.safetensors", task)
-        summary["delta"] = str(delta)
-        summary["delta_note"] = f"vitkit.load({checkpoint!r}, delta={str(delta)!r}) rebuilds the task model"
+        summary.update(write_task_delta(summary["last"], checkpoint, out_dir))
     if "last" in summary:
         summary["recipe"] = str(recipe_path)
         print(json.dumps(summary, indent=1))
     return 0
+
+
+def recipe_lines(
+    args, experiment, recipe, dataset, model, num_trainable: int, freeze: str, head_init: str
+) -> list[str]:
+    """The run's first lines: where the recipe came from, why, its steps and what it trains."""
+    from ..train.finetune_recipe import describe
+
+    source = (
+        "chosen from the data and checkpoint (--recipe auto)"
+        if recipe
+        else f"{args.config or 'finetune'} as written"
+    )
+    lines = [
+        f"fine-tuning recipe: {source}",
+        *(f"  {reason}" for reason in (recipe.reasons if recipe else ())),
+        *(f"  {line}" for line in describe(experiment, num_trainable, model.num_params(), freeze, head_init)),
+    ]
+    if recipe is not None:
+        batch = experiment.data.batch_size * experiment.train.accumulation
+        steps = experiment.train.epochs * max(len(dataset) // batch, 1)
+        lines.insert(len(recipe.reasons) + 1, f"  steps: {steps} ({len(dataset)} images)")
+    return lines
+
+
+def fit_start_head(model, dataset, data) -> None:
+    """The probe start: BatchNorm statistics set to this data's (AdaBN), then the head fitted as a
+    linear probe on the frozen features; each step said on stderr."""
+    from ..data.transforms import build_transforms
+    from ..train.finetune_recipe import fit_probe_head, image_batches, pooled_features, recalibrate_batch_norm
+
+    transform = build_transforms(data, train=False)
+    num_norms = recalibrate_batch_norm(model, image_batches(dataset, transform))
+    if num_norms:
+        print(f"  batch norm: {num_norms} layers' statistics set to this data's (AdaBN)", file=sys.stderr)
+    features, labels = pooled_features(model, image_batches(dataset, transform))
+    c, accuracy = fit_probe_head(model, features, labels)
+    print(
+        f"  head: probe (C={c:g}) fitted on {len(labels)} images, train accuracy {accuracy:.2%}",
+        file=sys.stderr,
+    )
+
+
+def write_task_delta(last: str, checkpoint: str, out_dir: Path) -> dict[str, str]:
+    """The run's task as a delta of its base checkpoint; the class names and data config travel with
+    it, as with the checkpoint."""
+    from ..delta import save_delta
+    from ..eval.classification import CLASSES_KEY, DATA_KEY
+    from ..files import read_header
+    from ..io import load
+
+    _, metadata = read_header(last)
+    task = {key: metadata[key] for key in (CLASSES_KEY, DATA_KEY) if key in metadata}
+    delta = save_delta(load(last), checkpoint, out_dir / "delta.safetensors", task)
+    return {
+        "delta": str(delta),
+        "delta_note": f"vitkit.load({checkpoint!r}, delta={str(delta)!r}) rebuilds the task model",
+    }
 
 
 def checkpoint_preprocessing(model, overrides: list[str]) -> dict:
