@@ -123,6 +123,42 @@ def static_size_reason(config: ViTConfig) -> str | None:
     return None
 
 
+def _fixed_size_reason(config, path: Path, dynamic_size: bool) -> str | None:
+    """Why the export has a fixed height and width (None: dynamic); a model that cannot follow other
+    sizes is exported fixed even when dynamic was asked for, with a warning."""
+    reason = static_size_reason(config)
+    if reason is not None:
+        if dynamic_size:
+            log.warning("%s: exporting at the fixed size %s: %s", path, _size_text(config.img_size), reason)
+        return reason
+    return None if dynamic_size else "a fixed size was asked for (dynamic_size=False, --static-size)"
+
+
+def _write_graph(tmp: str, model, example: torch.Tensor, axes: dict, metadata: dict) -> None:
+    """Trace `model` on `example` into `tmp` with the dynamic `axes`, then add `metadata`."""
+    onnx = _import_extra("onnx", "exporting to ONNX")
+    # The tracer warns that the size checks are constants: shapes that reach tensors stay traced.
+    # torch flags the TorchScript exporter as deprecated; its successor needs onnxscript.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            tmp,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": axes, "logits": {0: "batch"}},
+            opset_version=OPSET,
+        )
+    proto = onnx.load(tmp)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_PREFIX + key, json.dumps(value, sort_keys=True)
+    onnx.save(proto, tmp)
+
+
 def export_onnx(
     model: VisionTransformer,
     path: str | os.PathLike,
@@ -152,12 +188,7 @@ def export_onnx(
     config = model.config
     if classes is not None and len(classes) != config.num_classes:
         raise ValueError(f"{path}: {len(classes)} class names for a head of {config.num_classes} outputs")
-    reason = static_size_reason(config)
-    if reason is not None:
-        if dynamic_size:
-            log.warning("%s: exporting at the fixed size %s: %s", path, _size_text(config.img_size), reason)
-    elif not dynamic_size:
-        reason = "a fixed size was asked for (dynamic_size=False, --static-size)"
+    reason = _fixed_size_reason(config, path, dynamic_size)
     metadata = onnx_metadata(model, classes, reason)
     stride = config.stride
     height, width = config.img_size
@@ -166,31 +197,7 @@ def export_onnx(
     example = torch.randn(2, config.in_chans, *trace_size)
     axes = {0: "batch"} if reason else {0: "batch", 2: "height", 3: "width"}
 
-    onnx = _import_extra("onnx", "exporting to ONNX")
-
-    def write(tmp: str) -> None:
-        # The tracer warns that the size checks are constants: shapes that reach tensors stay traced.
-        # torch flags the TorchScript exporter as deprecated; its successor needs onnxscript.
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (example,),
-                tmp,
-                dynamo=False,
-                input_names=["images"],
-                output_names=["logits"],
-                dynamic_axes={"images": axes, "logits": {0: "batch"}},
-                opset_version=OPSET,
-            )
-        proto = onnx.load(tmp)
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = METADATA_PREFIX + key, json.dumps(value, sort_keys=True)
-        onnx.save(proto, tmp)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: _write_graph(tmp, model, example, axes, metadata))
     size = f"any multiple of {stride}" if reason is None else f"fixed {_size_text(config.img_size)}"
     log.info("%s: exported %s, image size %s, opset %d", path, metadata["model"], size, OPSET)
     result = check_onnx(model, path, atol=atol, rtol=rtol) if check else None

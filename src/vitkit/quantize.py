@@ -146,6 +146,17 @@ class OnnxClassifier:
         return torch.from_numpy(logits)
 
 
+def _check_accepted(report: QuantizeReport, split: str, out_path: Path) -> None:
+    """Raise unless the int8 figures were measured on some images and are within the bound."""
+    if report.num_samples == 0:
+        raise ValueError(f"split {split!r} of {report.data} has no images: int8 cannot be measured")
+    if not report.accepted:
+        refused = replace(report, path=None)
+        raise QuantizationRefused(
+            f"int8 refused, nothing written to {out_path}: {refused.describe()}", refused
+        )
+
+
 def quantize_int8(
     source: str | os.PathLike | CheckpointFile | VisionTransformer,
     out_path: str | os.PathLike,
@@ -202,14 +213,7 @@ def quantize_int8(
             int8_bytes=int8_file.stat().st_size,
             settings=settings,
         )
-        if report.num_samples == 0:
-            raise ValueError(f"split {split!r} of {report.data} has no images: int8 cannot be measured")
-        if not report.accepted:
-            refused = replace(report, path=None)
-            raise QuantizationRefused(
-                f"int8 refused, nothing written to {out_path}: {refused.describe()}",
-                refused,
-            )
+        _check_accepted(report, split, out_path)
         write_quantized(int8_file, out_path, fp32.metadata, report.record())
     log.info("%s: %s", out_path, report.describe())
     return report

@@ -88,6 +88,17 @@ def api_key(name: str | None) -> str | None:
     return key
 
 
+def check_serve_args(args: argparse.Namespace, max_pixels: int) -> None:
+    """The numeric options in range, before any file is read."""
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--workers", args.workers, 1)):
+        if value < low:
+            raise ValueError(f"{flag} {value}: expected >= {low}")
+    if args.batch_timeout_ms < 0 or args.shutdown_timeout < 0 or args.max_body_mb <= 0 or max_pixels < 1:
+        raise ValueError(
+            "--batch-timeout-ms and --shutdown-timeout must be >= 0, --max-body-mb and --max-pixels positive"
+        )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Serve predictions over HTTP: one trunk, many task deltas, dynamically batched per task."""
     try:
@@ -100,38 +111,25 @@ def run_serve(args: argparse.Namespace) -> int:
         ) from error
     from ..serve.tasks import DEFAULT_MAX_PIXELS, TaskSet, parse_task_specs
 
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--workers", args.workers, 1)):
-        if value < low:
-            raise ValueError(f"{flag} {value}: expected >= {low}")
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
-    if args.batch_timeout_ms < 0 or args.shutdown_timeout < 0 or args.max_body_mb <= 0 or max_pixels < 1:
-        raise ValueError(
-            "--batch-timeout-ms and --shutdown-timeout must be >= 0, --max-body-mb and --max-pixels positive"
-        )
+    check_serve_args(args, max_pixels)
     key = api_key(args.api_key_env)
+    specs = parse_task_specs(args.task)
     tasks = TaskSet(
-        args.checkpoint,
-        parse_task_specs(args.task),
-        backend=args.backend,
-        max_pixels=max_pixels,
-        precision=args.precision,
+        args.checkpoint, specs, backend=args.backend, max_pixels=max_pixels, precision=args.precision
     )
     sock = listening_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def ready() -> None:
-        print(
-            json.dumps(
-                {
-                    "url": url,
-                    "tasks": list(tasks.tasks),
-                    "backend": args.backend,
-                    "precision": tasks.precision,
-                }
-            ),
-            flush=True,
-        )
+        served = {
+            "url": url,
+            "tasks": list(tasks.tasks),
+            "backend": args.backend,
+            "precision": tasks.precision,
+        }
+        print(json.dumps(served), flush=True)
 
     app = create_app(
         tasks,

@@ -306,16 +306,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         if head_init == "probe":
             fit_start_head(model, dataset, data)
         save(model, start)
-    experiment = dataclasses.replace(
-        experiment,
-        model=dataclasses.replace(
-            experiment.model,
-            init_from=str(start),
-            init_source=read.hub.as_dict() if read.hub else {},
-            overrides={},
-            freeze=freeze,
-        ),
+    hub = read.hub.as_dict() if read.hub else {}
+    model_config = dataclasses.replace(
+        experiment.model, init_from=str(start), init_source=hub, overrides={}, freeze=freeze
     )
+    experiment = dataclasses.replace(experiment, model=model_config)
     record = {"recipe": lines, "head": head_init, "config": experiment.to_dict()}
     recipe_path = out_dir / "finetune_recipe.json"
     atomic_write(recipe_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
