@@ -54,6 +54,8 @@ ODD_CONFIGS = {
     "hmlp": dict(stem="hmlp", patch_size=16),
     "hybrid": dict(stem="hybrid", hybrid_layers=(1, 1), patch_size=1, img_size=64),
     "conv": dict(stem="conv", patch_size=8, img_size=(32, 40)),
+    "cnn": dict(stem="cnn", patch_size=4, stem_channels=(8, 16, 24), img_size=(32, 40)),
+    "cnn_at_width": dict(stem="cnn", patch_size=2, stem_channels=(8, 32), pool="gap", class_token=False),
     "headless": dict(num_classes=0),
     "wide": dict(img_size=(32, 64)),
 }

@@ -120,8 +120,31 @@ def _stem_ops(config: ViTConfig) -> list[Op]:
             ops.append(Op("stem", "norm", h * w * out_chans))
             in_chans = out_chans
         return ops + [_conv("stem", grid_h * grid_w, in_chans, d, 1, bias=True)]
+    if config.stem == "cnn":
+        return _cnn_ops(config)
     ops, chans, h, w = _resnet_ops(config, height, width)
     return ops + [_conv("stem", grid_h * grid_w, chans, d, patch, bias=True)]
+
+
+def _cnn_ops(config: ViTConfig) -> list[Op]:
+    """The "cnn" stem: a full-resolution 3x3 conv-BN, then per group a 3x3 conv, a 2x2 max-pool (not
+    counted, as no convention counts pooling), BN, a 3x3 conv-BN at the halved size; a 1x1 projection."""
+    (h, w), channels = config.img_size, config.stem_channels
+    ops = [
+        _conv("stem", h * w, config.in_chans, channels[0], 3, bias=False),
+        Op("stem", "norm", h * w * channels[0]),
+    ]
+    for in_chans, out_chans in zip(channels, channels[1:]):
+        conv_at_full = _conv("stem", h * w, in_chans, out_chans, 3, bias=False)
+        h, w = h // 2, w // 2
+        ops += [conv_at_full, Op("stem", "norm", h * w * out_chans)]
+        ops += [
+            _conv("stem", h * w, out_chans, out_chans, 3, bias=False),
+            Op("stem", "norm", h * w * out_chans),
+        ]
+    if channels[-1] != config.embed_dim:
+        ops.append(_conv("stem", h * w, channels[-1], config.embed_dim, 1, bias=True))
+    return ops
 
 
 def _attention_ops(length: int, d: int, qkv_bias: bool) -> list[Op]:
@@ -201,6 +224,12 @@ def num_params(config: ViTConfig) -> int:
             total += in_chans * 9 * out_chans + 2 * out_chans  # conv, BatchNorm scale and shift
             in_chans = out_chans
         total += in_chans * d + d
+    elif config.stem == "cnn":
+        channels = config.stem_channels
+        total = config.in_chans * 9 * channels[0] + 2 * channels[0]
+        for in_chans, out_chans in zip(channels, channels[1:]):
+            total += in_chans * 9 * out_chans + out_chans * 9 * out_chans + 4 * out_chans
+        total += channels[-1] * d + d if channels[-1] != d else 0
     elif config.stem == "hmlp":
         hidden = d // 4
         total = (
@@ -388,7 +417,7 @@ def undefined_for(convention: str, config: ViTConfig) -> str | None:
     """Why `convention` has no figure for `config`, or None when it has one."""
     if convention != "mmcls-0.x":
         return None
-    if config.stem in ("hybrid", "conv"):
+    if config.stem in ("hybrid", "conv", "cnn"):
         return f"{config.stem} stems (MMClassification 0.x had no such ViT stem to take the counted module types from)"
     if config.pool == "map":
         return (

@@ -29,7 +29,7 @@ SIZE_NAMES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"
 PoolType = Literal["token", "gap", "gap_fc_norm", "map"]
 PosEmbedType = Literal["learn", "sincos2d", "rope", "none"]
 GeluType = Literal["exact", "tanh"]
-StemType = Literal["patch", "hmlp", "hybrid", "conv"]
+StemType = Literal["patch", "hmlp", "hybrid", "conv", "cnn"]
 ResampleMethod = Literal[
     "bicubic", "bicubic_antialias", "bilinear", "bilinear_antialias", "bilinear_align_corners"
 ]
@@ -53,6 +53,7 @@ MAX_IMG_SIZE = 4096
 MAX_NUM_PATCHES = 65536  # a 256 x 256 token grid
 MAX_HYBRID_STAGES = 4
 MAX_HYBRID_UNITS = 64
+MAX_STEM_CHANNELS = 4096
 BOOL_FIELDS = ("qkv_bias", "class_token", "pos_embed_class_slot", "zero_head")
 
 
@@ -67,6 +68,9 @@ class ViTConfig:
     stem: StemType = "patch"
     # BiT ResNetV2 stage depths of a hybrid stem, e.g. (3, 4, 9) for R50+ViT-B/16.
     hybrid_layers: tuple[int, ...] = ()
+    # Channels of a "cnn" stem: its full-resolution conv, then each of its log2(patch_size) pooled
+    # groups, e.g. (24, 64, 256) for patch 4.
+    stem_channels: tuple[int, ...] = ()
     # Encoder (Table 1 of the paper).
     embed_dim: int = 768
     depth: int = 12
@@ -114,6 +118,10 @@ class ViTConfig:
         if not isinstance(layers, (tuple, list)) or not all(_is_int(d) for d in layers):
             raise ValueError(f"ViTConfig.hybrid_layers={layers!r}: expected a list of integers")
         object.__setattr__(self, "hybrid_layers", tuple(int(d) for d in layers))
+        channels = self.stem_channels
+        if not isinstance(channels, (tuple, list)) or not all(_is_int(c) for c in channels):
+            raise ValueError(f"ViTConfig.stem_channels={channels!r}: expected a list of integers")
+        object.__setattr__(self, "stem_channels", tuple(int(c) for c in channels))
         self.check_types()
         self.validate()
 
@@ -135,6 +143,10 @@ class ViTConfig:
             raise ValueError(
                 f"ViTConfig.hybrid_layers={self.hybrid_layers}: at most {MAX_HYBRID_STAGES} stages "
                 f"of 1 to {MAX_HYBRID_UNITS} units"
+            )
+        if len(self.stem_channels) > 16 or not all(1 <= c <= MAX_STEM_CHANNELS for c in self.stem_channels):
+            raise ValueError(
+                f"ViTConfig.stem_channels={self.stem_channels}: at most 16 entries of 1 to {MAX_STEM_CHANNELS}"
             )
         width = self.representation_size
         if width is not None and (not _is_int(width) or not 1 <= width <= INT_LIMITS["embed_dim"][1]):
@@ -174,6 +186,13 @@ class ViTConfig:
             or self.patch_size == 16,
             f"stem 'conv' needs a power-of-two patch_size >= 2, not {self.patch_size}": self.stem != "conv"
             or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
+            f"stem 'cnn' needs a power-of-two patch_size >= 2, not {self.patch_size}": self.stem != "cnn"
+            or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
+            f"stem 'cnn' with patch_size {self.patch_size} needs {self.patch_size.bit_length()} stem_channels "
+            f"(a full-resolution conv and {self.patch_size.bit_length() - 1} pooled groups), "
+            f"got {len(self.stem_channels)}": self.stem != "cnn"
+            or len(self.stem_channels) == self.patch_size.bit_length(),
+            "stem_channels are only used by stem 'cnn'": self.stem == "cnn" or not self.stem_channels,
             "pool 'token' needs class_token=True": self.pool != "token" or self.class_token,
             f"img_size {size[0]}x{size[1]} must be divisible by the stem's stride {stride}": all(
                 s % stride == 0 for s in size
@@ -242,6 +261,7 @@ class ViTConfig:
         out = dataclasses.asdict(self)
         out["img_size"] = list(self.img_size)
         out["hybrid_layers"] = list(self.hybrid_layers)
+        out["stem_channels"] = list(self.stem_channels)
         return out
 
     @classmethod
@@ -250,7 +270,7 @@ class ViTConfig:
             raise TypeError(f"a ViTConfig is a JSON object of fields, got {type(data).__name__}")
         check_fields(cls, data, what="ViTConfig")
         data = dict(data)
-        for name in ("img_size", "hybrid_layers"):
+        for name in ("img_size", "hybrid_layers", "stem_channels"):
             if isinstance(data.get(name), list):
                 data[name] = tuple(data[name])
         return cls(**data)

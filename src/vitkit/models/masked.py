@@ -331,7 +331,7 @@ class MaskedPatchModel(nn.Module):
 
     def __init__(self, encoder: VisionTransformer, config: MaskedConfig, tokenizer: nn.Module | None = None):
         super().__init__()
-        if encoder.config.stem in ("hybrid", "conv"):
+        if encoder.config.stem in ("hybrid", "conv", "cnn"):
             raise ValueError(
                 "masked-patch pre-training needs a stem without mixing between patches ('patch' or 'hmlp'): "
                 f"the {encoder.config.stem} stem's convolutions let a masked patch's neighbours see its pixels"

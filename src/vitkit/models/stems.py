@@ -5,6 +5,8 @@
 - HybridStem: the ViT paper's hybrid, a BiT ResNet trunk whose feature map is cut into 1x1 patches.
 - ConvStem: "Early Convolutions Help Transformers See Better" (Xiao et al., 2021), stacked stride-2
   3x3 conv-BN-ReLU layers and a 1x1 projection to the width: a small hybrid for small data.
+- CnnStem: a small CNN as the hybrid's trunk (the conv groups of ResNet-9 and airbench): a
+  full-resolution 3x3 conv, then conv / max-pool groups, each halving the resolution.
 """
 
 from __future__ import annotations
@@ -117,6 +119,36 @@ class ConvStem(nn.Module):
         return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
 
 
+def conv_bn_gelu(in_chans: int, out_chans: int) -> list[nn.Module]:
+    """3x3 convolution (no bias: the BatchNorm's shift replaces it), BatchNorm, GELU."""
+    return [nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False), nn.BatchNorm2d(out_chans), nn.GELU()]
+
+
+class ConvGroup(nn.Sequential):
+    """Half the resolution: 3x3 conv, 2x2 max-pool, BatchNorm, GELU, then 3x3 conv-BN-GELU."""
+
+    def __init__(self, in_chans: int, out_chans: int):
+        conv, norm, act = conv_bn_gelu(in_chans, out_chans)
+        super().__init__(conv, nn.MaxPool2d(2), norm, act, *conv_bn_gelu(out_chans, out_chans))
+
+
+class CnnStem(nn.Module):
+    """A conv-BN-GELU at full resolution (channels[0]), then log2(P) `ConvGroup`s (channels[1:]); the
+    last group's map is the token grid, projected to the width by a 1x1 conv when their sizes differ.
+    On 32-px images, channels (24, 64, 256) and patch 4 give 64 tokens of 8x8 cells seen through
+    overlapping 22-px windows."""
+
+    def __init__(self, channels: tuple[int, ...], patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        groups = [ConvGroup(c_in, c_out) for c_in, c_out in zip(channels, channels[1:])]
+        self.backbone = nn.Sequential(*conv_bn_gelu(in_chans, channels[0]), *groups)
+        self.proj = nn.Conv2d(channels[-1], embed_dim, 1) if channels[-1] != embed_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+
+
 def build_stem(config: ViTConfig) -> nn.Module:
     if config.stem == "patch":
         return PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
@@ -124,4 +156,6 @@ def build_stem(config: ViTConfig) -> nn.Module:
         return HMLPStem(config.in_chans, config.embed_dim, eps=config.norm_eps)
     if config.stem == "conv":
         return ConvStem(config.patch_size, config.in_chans, config.embed_dim)
+    if config.stem == "cnn":
+        return CnnStem(config.stem_channels, config.patch_size, config.in_chans, config.embed_dim)
     return HybridStem(config.hybrid_layers, config.patch_size, config.in_chans, config.embed_dim)
