@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal
 
 from ..models.config import ViTConfig
@@ -134,7 +135,7 @@ def _cnn_ops(config: ViTConfig) -> list[Op]:
         _conv("stem", h * w, config.in_chans, channels[0], 3, bias=False),
         Op("stem", "norm", h * w * channels[0]),
     ]
-    for in_chans, out_chans in zip(channels, channels[1:]):
+    for in_chans, out_chans in pairwise(channels):
         conv_at_full = _conv("stem", h * w, in_chans, out_chans, 3, bias=False)
         h, w = h // 2, w // 2
         ops += [conv_at_full, Op("stem", "norm", h * w * out_chans)]
@@ -227,7 +228,7 @@ def num_params(config: ViTConfig) -> int:
     elif config.stem == "cnn":
         channels = config.stem_channels
         total = config.in_chans * 9 * channels[0] + 2 * channels[0]
-        for in_chans, out_chans in zip(channels, channels[1:]):
+        for in_chans, out_chans in pairwise(channels):
             total += in_chans * 9 * out_chans + out_chans * 9 * out_chans + 4 * out_chans
         total += channels[-1] * d + d if channels[-1] != d else 0
     elif config.stem == "hmlp":

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -141,7 +143,7 @@ class CnnStem(nn.Module):
     def __init__(self, channels: tuple[int, ...], patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         self.patch_size = patch_size
-        groups = [ConvGroup(c_in, c_out) for c_in, c_out in zip(channels, channels[1:])]
+        groups = [ConvGroup(c_in, c_out) for c_in, c_out in pairwise(channels)]
         self.backbone = nn.Sequential(*conv_bn_gelu(in_chans, channels[0]), *groups)
         self.proj = nn.Conv2d(channels[-1], embed_dim, 1) if channels[-1] != embed_dim else nn.Identity()
 
