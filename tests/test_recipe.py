@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from test_train_loop import tiny_experiment
+from vitkit import get_config
+from vitkit.analysis.flops import count
 from vitkit.cli import main
 from vitkit.eval.classification import evaluate_classification, flip_averaged
 from vitkit.io import read_weights
@@ -78,7 +80,13 @@ def test_the_cifar10_configs_load(name):
     experiment = load_experiment(name)
     assert experiment.data.img_size == 32 and experiment.train.time_budget_minutes == 30
     stem = experiment.model.overrides.get("stem", "patch")
-    assert stem == ("patch" if name.endswith("_patch") else "conv")
+    assert stem == ("patch" if name.endswith("_patch") else "cnn")
+    overrides = {"img_size": experiment.data.img_size, **experiment.model.overrides, "num_classes": 10}
+    config = get_config(experiment.model.name, **overrides)
+    assert config.num_patches == 64  # the bound on tokens for both recipes
+    if stem == "cnn":  # the hybrid as its docstring states it: 1.9 M parameters, 0.17 GMAC per image
+        counts = count(config)
+        assert (round(counts.params / 1e6, 1), round(counts.macs / 1e9, 2)) == (1.9, 0.17)
 
 
 def test_ema_warmup_follows_the_tensorflow_schedule_and_weights_by_hand():

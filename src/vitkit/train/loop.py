@@ -359,7 +359,11 @@ class Run:
         ema_weights = (
             distributed.full_state_dict(ema.model) if ema is not None and self.task.outputs_use_ema else None
         )
-        summary: dict[str, Any] = {"out_dir": str(self.out_dir), "steps": self.progress.step}
+        summary: dict[str, Any] = {
+            "out_dir": str(self.out_dir),
+            "steps": self.progress.step,
+            "precision": self.arithmetic.precision,
+        }
         if not self.env.main_process:
             return summary
         summary["train_time_s"] = round(self.progress.train_time, 2)
