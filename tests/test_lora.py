@@ -77,7 +77,9 @@ def test_merging_gives_the_adapted_function_whichever_attention_class_runs(fast,
     # Training mode takes the fast classes' gradient paths: every adapter gets a gradient.
     model.train()
     model(x).square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n
+    )
     model.eval()
     with torch.no_grad():
         adapted = model(x)
@@ -149,7 +151,16 @@ def test_finetune_command_with_lora_writes_plain_weights_and_a_delta(tmp_path):
     vitkit.save(base, tmp_path / "base.safetensors")
     config = write_finetune_config(tmp_path / "ft.py", tmp_path / "ft", max_steps=6)
     command = [sys.executable, "-m", "vitkit", "finetune", str(tmp_path / "base.safetensors")]
-    command += ["--config", str(config), "--freeze", "lora", "--lora-rank", "4", "--set", "train.num_threads=1"]
+    command += [
+        "--config",
+        str(config),
+        "--freeze",
+        "lora",
+        "--lora-rank",
+        "4",
+        "--set",
+        "train.num_threads=1",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "trains: lora: rank-4 adapters of every attention qkv and proj (scale 2)" in done.stderr
@@ -161,7 +172,11 @@ def test_finetune_command_with_lora_writes_plain_weights_and_a_delta(tmp_path):
     assert {k for k in delta_keys if k.startswith("blocks.")} == {
         f"blocks.{i}.attn.{layer}.weight" for i in range(2) for layer in ("qkv", "proj")
     }
-    assert delta_keys - {k for k in delta_keys if k.startswith("blocks.")} <= {"pos_embed", "head.weight", "head.bias"}
+    assert delta_keys - {k for k in delta_keys if k.startswith("blocks.")} <= {
+        "pos_embed",
+        "head.weight",
+        "head.bias",
+    }
     rebuilt = vitkit.load(tmp_path / "base.safetensors", delta=summary["delta"])
     for key, value in task.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key

@@ -56,7 +56,9 @@ class LowRankUpdate(nn.Module):
         return merge(weight, self.lora_A, self.lora_B, self.scale)
 
 
-def merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def merge(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """W + scale * B @ A: (out, in) + (out, r) @ (r, in). The forward pass and the merge use this one
     expression, so a merged model computes what the adapted one did."""
     return weight + scale * (lora_B @ lora_A)
@@ -120,4 +122,3 @@ def merged_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         elif ADAPTER not in key:
             merged[key] = value
     return merged
-

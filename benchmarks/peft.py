@@ -1,0 +1,268 @@
+"""Parameter-efficient fine-tuning side by side: head-only (a linear probe trained by AdamW),
+attention-only ("Three things everyone should know about ViTs" #2), LoRA (rank 8 on every attention
+qkv and proj, `vitkit.train.lora`) and full fine-tuning, on one transfer.
+
+    .venv/bin/python benchmarks/peft.py            # ~10 minutes at one thread
+    .venv/bin/python benchmarks/peft.py --quick    # ~1 minute: fewer epochs, the small model only
+    .venv/bin/python benchmarks/peft.py --checkpoint CKPT --img-size 24
+
+The transfer, by default: a small ViT (width 96, depth 6, patch 4 at 24 px) pre-trained here on the
+built-in digits 0-4 (`data.dataset=digits`, its train split), then fine-tuned to tell digits 5-9 apart,
+scored on their test split. `--checkpoint` starts from any checkpoint `vitkit.load` reads instead.
+Every rule fine-tunes the same start (`vitkit.delta.finetune_model`: a zero head) with the same
+batches, AdamW (weight decay 0.05, none on norms, biases and positions), a linear warm-up then cosine,
+at each lr of `--lrs`; the table gives each rule's best (chosen on the test split, in every rule's
+favour alike) and all it tried.
+
+Memory and time of one training step: each rule in a fresh subprocess (so that `ru_maxrss` is its
+own), as `benchmarks/finetune_memory.py`: "step peak" is the peak RSS less the RSS after building the
+model and optimiser, i.e. what a step adds; the step time is the median of the timed steps after one
+warm-up. Measured on the transfer's model at its batch and, without `--quick`, on ViT-S/16 at 224,
+batch 8, where the weights are large enough for the differences to show.
+
+Measured (nice 19, one thread, a 2-core AVX-512 CPU shared with another benchmark, torch 2.13;
+read the step times as rough): see the end of this docstring for the figures of each mode run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import vitkit
+from vitkit import get_config
+from vitkit.data.digits import Digits
+from vitkit.delta import finetune_model
+from vitkit.fast import apply_fast_paths
+from vitkit.models.config import ViTConfig
+from vitkit.models.vit import VisionTransformer
+from vitkit.train.optim import OptimConfig, apply_freeze_rule, build_optimizer, learning_rate, set_lr
+from vitkit.train.precision import machine_summary
+
+RULES = ("head-only", "attention-only", "lora", "none")
+NAMES = {"none": "full", "lora": "LoRA r=8"}
+SOURCE_CLASSES, TARGET_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+MEAN, STD = 0.5, 0.5
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+# Data ------------------------------------------------------------------------------------------------
+def digits(split: str, classes: tuple[int, ...], img_size: int) -> Split:
+    """The digits of `classes` in `split` as (images (N, 3, S, S) normalised, labels 0..len(classes)-1)."""
+    dataset = Digits(split)
+    pairs = [dataset[i] for i in range(len(dataset))]
+    chosen = [(image, classes.index(label)) for image, label in pairs if label in classes]
+    images = torch.stack([image for image, _ in chosen]).float() / 255  # (N, 3, 8, 8)
+    images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return (images - MEAN) / STD, torch.tensor([label for _, label in chosen])
+
+
+def batches(data: Split, batch_size: int, generator: torch.Generator):
+    images, labels = data
+    order = torch.randperm(len(labels), generator=generator)
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        index = order[start : start + batch_size]
+        yield images[index], labels[index]
+
+
+@torch.no_grad()
+def top1(model: torch.nn.Module, data: Split) -> float:
+    model.eval()
+    images, labels = data
+    predictions = torch.cat([model(chunk).argmax(1) for chunk in images.split(256)])
+    return float((predictions == labels).float().mean())
+
+
+# Training ------------------------------------------------------------------------------------------------
+def fit(model: VisionTransformer, data: Split, lr: float, epochs: int, batch_size: int) -> float:
+    """AdamW with warm-up and cosine over `epochs` of `data`; the seconds spent in steps."""
+    cfg = OptimConfig(lr=lr, weight_decay=0.05, warmup_epochs=1, min_lr=lr / 100)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = len(data[1]) // batch_size
+    total = epochs * steps_per_epoch
+    generator = torch.Generator().manual_seed(0)
+    step, seconds = 0, 0.0
+    model.train()
+    for _ in range(epochs):
+        for images, labels in batches(data, batch_size, generator):
+            started = time.perf_counter()
+            set_lr(optimizer, learning_rate(cfg, step, total, steps_per_epoch))
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - started
+            step += 1
+    return seconds
+
+
+def source_model(args: argparse.Namespace) -> VisionTransformer:
+    """The pre-trained start: `--checkpoint`, or a small ViT trained here on digits 0-4."""
+    if args.checkpoint:
+        return vitkit.load(args.checkpoint)
+    config = ViTConfig(img_size=args.img_size, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_dim=384,
+                       num_classes=len(SOURCE_CLASSES), zero_head=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = apply_fast_paths(VisionTransformer(config), "cpu", "fp32")
+    train = digits("train", SOURCE_CLASSES, args.img_size)
+    seconds = fit(model, train, lr=1e-3, epochs=args.source_epochs, batch_size=args.batch)
+    accuracy = top1(model, digits("test", SOURCE_CLASSES, args.img_size))
+    print(f"source: digits 0-4, {args.source_epochs} epochs in {seconds:.0f} s, test top-1 {accuracy:.2%}")
+    return model
+
+
+def finetune(source: VisionTransformer, rule: str, lr: float, args, train: Split, test: Split) -> dict:
+    """One rule at one lr from the same start: its test top-1, trainable parameters and time."""
+    torch.manual_seed(0)  # the same adapters' A for every lr
+    model = finetune_model(source, num_classes=len(TARGET_CLASSES), img_size=args.img_size)
+    trainable = apply_freeze_rule(model, rule, lora_rank=args.rank)
+    apply_fast_paths(model, "cpu", "fp32")
+    seconds = fit(model, train, lr, args.epochs, args.batch)
+    return {
+        "top1": top1(model, test),
+        "trainable": trainable,
+        "params": model.num_params(),
+        "seconds": seconds,
+    }
+
+
+# One step's memory and time, in a child process ---------------------------------------------------------------
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_step(config: dict, rule: str, rank: int, batch: int, num_steps: int) -> dict:
+    """In this process: the model of `config` under `rule`, AdamW, one warm-up and `num_steps` timed
+    steps on random images; peak RSS, what a step adds to the RSS, the median step time."""
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(**config)).train()
+    trainable = apply_freeze_rule(model, rule, lora_rank=rank)
+    apply_fast_paths(model, "cpu", "fp32")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    images = torch.randn(batch, model.config.in_chans, *model.config.img_size)
+    labels = torch.randint(0, model.config.num_classes, (batch,))
+    base = rss_mb()
+    times = []
+    for _ in range(num_steps + 1):
+        started = time.perf_counter()
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    return {
+        "trainable": trainable,
+        "peak_mb": peak,
+        "step_peak_mb": peak - base,
+        "step_s": statistics.median(times[1:]),
+    }
+
+
+def memory_table(name: str, config: ViTConfig, args) -> list[str]:
+    """Each rule's step in its own subprocess; a markdown table with ratios to full fine-tuning."""
+    results = {}
+    for rule in RULES:
+        child = [sys.executable, __file__, "--child", json.dumps(config.to_dict()), "--child-rule", rule,
+                 "--rank", str(args.rank), "--batch", str(args.memory_batch(name)), "--steps", str(args.steps)]  # fmt: skip
+        done = subprocess.run(child, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{rule} on {name} failed:\n{done.stderr[-2000:]}")
+        results[rule] = json.loads(done.stdout.strip().splitlines()[-1])
+    full = results["none"]
+    rows = [
+        f"\none training step of {name}, batch {args.memory_batch(name)}, AdamW, fp32, median of {args.steps}:\n",
+        "| rule | trainable params | peak RSS (MB) | step peak (MB) | vs full | step (ms) | vs full |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rule, r in results.items():
+        rows.append(
+            f"| {NAMES.get(rule, rule)} | {r['trainable']:,} | {r['peak_mb']:.0f} | {r['step_peak_mb']:.0f} | "
+            f"{r['step_peak_mb'] / full['step_peak_mb']:.2f}x | {1000 * r['step_s']:.0f} | "
+            f"{r['step_s'] / full['step_s']:.2f}x |"
+        )
+    return rows
+
+
+# The comparison ---------------------------------------------------------------------------------------------
+def accuracy_table(source: VisionTransformer, args) -> list[str]:
+    """Each rule at each lr of the grid; the best per rule, with all it tried."""
+    train = digits("train", TARGET_CLASSES, args.img_size)
+    test = digits("test", TARGET_CLASSES, args.img_size)
+    rows = [
+        f"\ndigits 5-9 ({len(train[1])} train, {len(test[1])} test images), {args.epochs} epochs, batch {args.batch}:\n",
+        "| rule | trainable params | of total | best lr | test top-1 (%) | top-1 by lr | train time (s) |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for rule in RULES:
+        grid = {lr: finetune(source, rule, lr, args, train, test) for lr in args.lrs}
+        best_lr = max(grid, key=lambda lr: grid[lr]["top1"])
+        best = grid[best_lr]
+        tried = ", ".join(f"{lr:g}: {100 * r['top1']:.1f}" for lr, r in grid.items())
+        rows.append(
+            f"| {NAMES.get(rule, rule)} | {best['trainable']:,} | {best['trainable'] / best['params']:.1%} | "
+            f"{best_lr:g} | {100 * best['top1']:.2f} | {tried} | {best['seconds']:.1f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer epochs, no ViT-S/16 step (~1 minute)")
+    parser.add_argument(
+        "--checkpoint", default="", help="start from this checkpoint (default: pre-train one)"
+    )
+    parser.add_argument("--img-size", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=8, help="the LoRA rank")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="fine-tuning epochs (default 15, 4 with --quick)"
+    )
+    parser.add_argument("--source-epochs", type=int, default=None, help="default 30, 8 with --quick")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of the memory measurement")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-rule", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.epochs = args.epochs or (4 if args.quick else 15)
+    args.source_epochs = args.source_epochs or (8 if args.quick else 30)
+    args.memory_batch = lambda name: 8 if name.startswith("ViT-S") else args.batch
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    if args.child:
+        print(
+            json.dumps(
+                measure_step(json.loads(args.child), args.child_rule, args.rank, args.batch, args.steps)
+            )
+        )
+        return
+    print(f"# {machine_summary()}")
+    source = source_model(args)
+    rows = accuracy_table(source, args)
+    target = source.config.replace(num_classes=len(TARGET_CLASSES), img_size=args.img_size)
+    rows += memory_table(f"the transfer's model ({target.embed_dim} wide, {target.depth} deep)", target, args)
+    if not args.quick:
+        rows += memory_table("ViT-S/16 at 224", get_config("S/16", num_classes=100), args)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
