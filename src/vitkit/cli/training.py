@@ -189,7 +189,8 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
         "actual batch, never scaled: optim.lr_base_batch=512 asks for scaling), train.epochs=5, data.batch_size=16",
     )
     flags = {
-        "--compare-freezing": "first print trainable parameters, memory and step time of full vs attention-only",
+        "--compare-freezing": "first print trainable parameters, memory and step time of full vs the "
+        "--freeze rule (attention-only when none)",
         "--print-config": "print the resolved config (the recipe and the checkpoint's preprocessing applied) and exit",
     }
     for flag, help_text in flags.items():
@@ -280,7 +281,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     import json
 
     from ..data.loader import open_dataset
-    from ..delta import finetune_model, format_freezing_report, freezing_report
+    from ..delta import finetune_model
     from ..io import atomic_write, load, read_checkpoint, save
     from ..train import train
     from ..train.lora import merge_lora
@@ -305,8 +306,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     lines = recipe_lines(args, experiment, recipe, dataset, model, num_trainable, freeze, head_init)
     print("\n".join(lines), file=sys.stderr)
     if args.compare_freezing:
-        report = freezing_report(model.config, ("none", freeze if freeze != "none" else "attention-only"))
-        print(format_freezing_report(report))
+        print_freezing_report(model.config, freeze, experiment.model.lora_rank)
     out_dir = Path(experiment.train.out_dir)
     # Named by what it was made from, so that preparing another start never overwrites the one a run
     # in this folder began from: the run folder's own checks then name what differs.
@@ -332,6 +332,14 @@ def run_finetune(args: argparse.Namespace) -> int:
         summary["recipe"] = str(recipe_path)
         print(json.dumps(summary, indent=1))
     return 0
+
+
+def print_freezing_report(config, freeze: str, lora_rank: int) -> None:
+    """--compare-freezing: full fine-tuning against the run's rule (attention-only when it is none)."""
+    from ..delta import format_freezing_report, freezing_report
+
+    rules = ("none", freeze if freeze != "none" else "attention-only")
+    print(format_freezing_report(freezing_report(config, rules, lora_rank=lora_rank)))
 
 
 def recipe_lines(

@@ -93,10 +93,6 @@ def add_lora(model: VisionTransformer, rank: int = DEFAULT_LORA_RANK) -> None:
         model.pos_embed.requires_grad_(True)
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(module, LowRankUpdate) for module in model.modules())
-
-
 def merge_lora(model: VisionTransformer) -> VisionTransformer:
     """Fold every adapter into its weight (W <- W + scale B A) and remove it, in place: the model is a
     plain ViT again, computing the same function. Returns the same model."""
