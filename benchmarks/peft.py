@@ -14,10 +14,13 @@ batches, AdamW (weight decay 0.05, none on norms, biases and positions), a linea
 at each lr of `--lrs`; the table gives each rule's best (chosen on the test split, in every rule's
 favour alike) and all it tried.
 
-Memory and time of one training step: each rule in a fresh subprocess (so that `ru_maxrss` is its
-own), as `benchmarks/finetune_memory.py`: "step peak" is the peak RSS less the RSS after building the
-model and optimiser, i.e. what a step adds; the step time is the median of the timed steps after one
-warm-up. Measured on the transfer's model at its batch and, without `--quick`, on ViT-S/16 at 224,
+Memory and time of one training step: each rule in a fresh subprocess, as
+`benchmarks/finetune_memory.py`, its peak RSS reset after the model is built (`/proc/self/clear_refs`)
+and read as `VmHWM` (`ru_maxrss` would also count the benchmark's own RSS, inherited at the fork):
+"step peak" is that peak less the RSS after building, i.e. what the steps add (gradients, AdamW
+moments, activations); "tensors" is vitkit's exact account of the same (`delta.training_memory`:
+weights, gradients, moments, saved activations); the step time is the median of the timed steps
+after one warm-up. Measured on the transfer's model at its batch and, without `--quick`, on ViT-S/16 at 224,
 batch 8, where the weights are large enough for the differences to show.
 
 Measured (nice 19, one thread, a 2-core AVX-512 CPU shared with another benchmark, torch 2.13;
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -152,8 +154,8 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 
 def reset_peak_rss() -> None:
-    """Linux: the peak RSS (`VmHWM`, `ru_maxrss`) restarts from the current RSS, so that the peak read
-    after the steps is theirs, not the imports' (a small model's step adds less than importing did)."""
+    """Linux: the peak RSS (`VmHWM`) restarts from the current RSS, so that the peak read after the
+    steps is theirs, not the imports' (a small model's step adds less than importing did)."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
@@ -186,7 +188,9 @@ def measure_step(config: dict, rule: str, rank: int, batch: int, num_steps: int)
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; VmHWM, reset above
+    # VmHWM, not ru_maxrss: ru_maxrss also counts the RSS this process had when forked from the
+    # benchmark's (its data and models), and a reset does not clear that.
+    peak = rss_mb("VmHWM")
     tensors = training_memory(model, step, optimizer_states_per_param=2)[0] / 2**20
     return {"trainable": trainable, "peak_mb": peak, "step_peak_mb": peak - base, "tensors_mb": tensors,
             "step_s": statistics.median(times)}  # fmt: skip

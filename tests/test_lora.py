@@ -15,6 +15,7 @@ from test_train_loop import tiny_experiment
 from vitkit.cli import main
 from vitkit.delta import read_delta
 from vitkit.fast import apply_fast_paths
+from vitkit.files import CheckpointError
 from vitkit.io import read_weights
 from vitkit.models.vit import VisionTransformer
 from vitkit.train import train
@@ -135,7 +136,10 @@ def test_a_lora_run_resumes_bitwise_and_leaves_plain_weights(tmp_path):
     last = read_weights(tmp_path / "straight" / "last.safetensors")[0]
     assert {k: v.shape for k, v in last.items()} == {k: v.shape for k, v in plain.state_dict().items()}
     # ... computing what the adapted model of the run's final state computes.
-    state = read_weights(list_checkpoints(tmp_path / "straight" / "checkpoints")[0] / "model.safetensors")[0]
+    state_file = list_checkpoints(tmp_path / "straight" / "checkpoints")[0] / "model.safetensors"
+    with pytest.raises(CheckpointError, match="LoRA adapters unmerged .*best.safetensors or last.safetensors"):
+        vitkit.load(state_file)
+    state = read_weights(state_file)[0]
     adapted = VisionTransformer(task.config)
     add_lora(adapted, rank=4)
     adapted.load_state_dict(state, strict=True)
