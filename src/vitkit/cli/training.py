@@ -212,8 +212,8 @@ def start_digest(checkpoint: str, num_classes: int, img_size: int, head_init: st
 
 
 def finetune_overrides(args: argparse.Namespace) -> list[str]:
-    """--root as its two data fields and --lora-rank as its model field, then --set; an lr given without optim.lr_base_batch is the lr as
-    applied (a config's batch scaling is turned off for it)."""
+    """--root as its two data fields and --lora-rank as its model field, then --set; an lr given
+    without optim.lr_base_batch is the lr as applied (a config's batch scaling is turned off for it)."""
     from ..train.finetune_recipe import given_keys
 
     overrides = [

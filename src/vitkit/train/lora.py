@@ -8,8 +8,9 @@ embeddings train too, as with `attention-only`.
   `linear.weight` sees the adapted weight whichever class runs: `Attention`, `FastAttention`'s three
   products, `FusedParallelBlock`'s folded weights and `FastLinear` alike, whether `apply_fast_paths`
   swapped the classes before or after the adapters were added. `models/` knows nothing of it.
-- Init (the paper's section 4.1): A Kaiming-uniform as nn.Linear's weight (the paper's `loralib`),
-  B zero, so the adapted model starts as the base model exactly.
+- Init (the paper's section 4.1): B zero, so the adapted model starts as the base model exactly;
+  A random, Kaiming-uniform as an nn.Linear weight (the paper says Gaussian; its code, `loralib`,
+  and peft draw A so).
 - Scale: alpha is fixed at `LORA_ALPHA` = 8, the paper's "alpha set to the first r we try, not
   tuned": the scale alpha / r is 1 at the default rank 8, and a run at another rank keeps the lr.
 - Cost: the adapted weight is formed at each forward pass (a (out, r) @ (r, in) product and a sum),
@@ -45,7 +46,7 @@ class LowRankUpdate(nn.Module):
         super().__init__()
         out_features, in_features = weight.shape
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=weight.dtype, device=weight.device))
-        # nn.Linear's init of a (rank, in) weight: the paper's code starts A so.
+        # nn.Linear's init of a (rank, in) weight, as loralib and peft start A.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         # B zero: B @ A = 0, so training starts from the base model's function.
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=weight.dtype, device=weight.device))
