@@ -19,8 +19,10 @@ from vitkit.files import CheckpointError
 from vitkit.io import read_weights
 from vitkit.models.vit import VisionTransformer
 from vitkit.train import train
+from vitkit.train.loop import run_config
 from vitkit.train.lora import LORA_ALPHA, add_lora, merge_lora, merged_state_dict
 from vitkit.train.optim import apply_freeze_rule
+from vitkit.train.run_folder import config_changes
 from vitkit.train.state import list_checkpoints
 
 
@@ -120,6 +122,15 @@ def lora_experiment(out_dir, **train_options):
     return dataclasses.replace(experiment, model=model)
 
 
+def test_a_run_folder_from_before_lora_rank_resumes():
+    current = run_config(tiny_experiment("run"))
+    saved = json.loads(json.dumps(current))
+    del saved["model"]["lora_rank"]
+    assert config_changes(saved, current) == {}
+    changed = run_config(lora_experiment("run"))
+    assert config_changes(saved, changed)["model.lora_rank"] == [8, 4]
+
+
 def test_a_lora_run_resumes_bitwise_and_leaves_plain_weights(tmp_path):
     train(lora_experiment(tmp_path / "straight"))
     assert train(lora_experiment(tmp_path / "resumed", max_steps=3))["steps"] == 3  # mid-epoch
@@ -137,7 +148,9 @@ def test_a_lora_run_resumes_bitwise_and_leaves_plain_weights(tmp_path):
     assert {k: v.shape for k, v in last.items()} == {k: v.shape for k, v in plain.state_dict().items()}
     # ... computing what the adapted model of the run's final state computes.
     state_file = list_checkpoints(tmp_path / "straight" / "checkpoints")[0] / "model.safetensors"
-    with pytest.raises(CheckpointError, match="LoRA adapters unmerged .*best.safetensors or last.safetensors"):
+    with pytest.raises(
+        CheckpointError, match="LoRA adapters unmerged .*best.safetensors or last.safetensors"
+    ):
         vitkit.load(state_file)
     state = read_weights(state_file)[0]
     adapted = VisionTransformer(task.config)
