@@ -349,16 +349,22 @@ def training_memory(
 
 
 def measure_freezing(
-    config: ViTConfig, rule: str, batch_size: int = 8, num_steps: int = 3, device: str | torch.device = "cpu"
+    config: ViTConfig,
+    rule: str,
+    batch_size: int = 8,
+    num_steps: int = 3,
+    device: str | torch.device = "cpu",
+    lora_rank: int = 8,
 ) -> FreezeCost:
     """One rule's trainable parameters, training memory and median step time, for the ViT paper's
-    fine-tuning step (SGD with momentum, gradient clipping at 1) on random images."""
+    fine-tuning step (SGD with momentum, gradient clipping at 1) on random images (`lora_rank`: the
+    `lora` rule's rank)."""
     from .fast import apply_fast_paths
     from .train.optim import apply_freeze_rule
 
     torch.manual_seed(0)
     model = apply_fast_paths(VisionTransformer(config), device, "fp32").to(device).train()
-    num_trainable = apply_freeze_rule(model, rule)
+    num_trainable = apply_freeze_rule(model, rule, lora_rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=1e-3, momentum=0.9)
     images = torch.randn(batch_size, config.in_chans, *config.img_size, device=device)
@@ -392,17 +398,18 @@ def freezing_report(
     num_steps: int = 3,
     device: str | torch.device = "cpu",
     measure: bool = True,
+    lora_rank: int = 8,
 ) -> list[FreezeCost]:
     """`measure_freezing` for each rule; without `measure`, only the counts, on the meta device."""
     from .train.optim import apply_freeze_rule
 
     if measure:
-        return [measure_freezing(config, rule, batch_size, num_steps, device) for rule in rules]
+        return [measure_freezing(config, rule, batch_size, num_steps, device, lora_rank) for rule in rules]
     results = []
     for rule in rules:
         with torch.device("meta"):
             model = VisionTransformer(config)
-        num_trainable = apply_freeze_rule(model, rule)
+        num_trainable = apply_freeze_rule(model, rule, lora_rank)
         results.append(FreezeCost(rule, num_trainable, model.num_params(), 0, 0.0, "not measured"))
     return results
 

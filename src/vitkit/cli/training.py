@@ -166,8 +166,15 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--freeze",
         default=None,
-        choices=["none", "attention-only", "head-only"],
-        help="freezing rule; attention-only also writes delta.safetensors (default: the config's)",
+        choices=["none", "attention-only", "head-only", "lora"],
+        help="freezing rule; lora: low-rank adapters on the attention weights, merged into them when the run "
+        "writes its weights; every rule but none also writes delta.safetensors (default: the config's)",
+    )
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="the rank of --freeze lora's adapters: model.lora_rank (default: the config's, 8)",
     )
     parser.add_argument(
         "--head",
@@ -182,7 +189,8 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
         "actual batch, never scaled: optim.lr_base_batch=512 asks for scaling), train.epochs=5, data.batch_size=16",
     )
     flags = {
-        "--compare-freezing": "first print trainable parameters, memory and step time of full vs attention-only",
+        "--compare-freezing": "first print trainable parameters, memory and step time of full vs the "
+        "--freeze rule (attention-only when none)",
         "--print-config": "print the resolved config (the recipe and the checkpoint's preprocessing applied) and exit",
     }
     for flag, help_text in flags.items():
@@ -204,12 +212,13 @@ def start_digest(checkpoint: str, num_classes: int, img_size: int, head_init: st
 
 
 def finetune_overrides(args: argparse.Namespace) -> list[str]:
-    """--root as its two data fields, then --set; an lr given without optim.lr_base_batch is the lr as
-    applied (a config's batch scaling is turned off for it)."""
+    """--root as its two data fields and --lora-rank as its model field, then --set; an lr given
+    without optim.lr_base_batch is the lr as applied (a config's batch scaling is turned off for it)."""
     from ..train.finetune_recipe import given_keys
 
     overrides = [
         *(["data.dataset=imagefolder", f"data.root={args.root}"] if args.root else []),
+        *([f"model.lora_rank={args.lora_rank}"] if args.lora_rank is not None else []),
         *args.overrides,
     ]
     given = given_keys(overrides)
@@ -272,9 +281,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     import json
 
     from ..data.loader import open_dataset
-    from ..delta import finetune_model, format_freezing_report, freezing_report
+    from ..delta import finetune_model
     from ..io import atomic_write, load, read_checkpoint, save
     from ..train import train
+    from ..train.lora import merge_lora
     from ..train.optim import apply_freeze_rule
 
     read = read_checkpoint(args.checkpoint)  # every file opened once, here; hf-hub: names resolved
@@ -292,12 +302,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     dataset = dataset if dataset is not None else open_dataset(data, "train")
     num_classes = len(getattr(dataset, "dataset", dataset).classes)
     model = finetune_model(base, num_classes, data.img_size)
-    num_trainable = apply_freeze_rule(model, freeze)
+    num_trainable = apply_freeze_rule(model, freeze, experiment.model.lora_rank)
     lines = recipe_lines(args, experiment, recipe, dataset, model, num_trainable, freeze, head_init)
     print("\n".join(lines), file=sys.stderr)
     if args.compare_freezing:
-        report = freezing_report(model.config, ("none", freeze if freeze != "none" else "attention-only"))
-        print(format_freezing_report(report))
+        print_freezing_report(model.config, freeze, experiment.model.lora_rank)
     out_dir = Path(experiment.train.out_dir)
     # Named by what it was made from, so that preparing another start never overwrites the one a run
     # in this folder began from: the run folder's own checks then name what differs.
@@ -305,7 +314,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if not start.exists():
         if head_init == "probe":
             fit_start_head(model, dataset, data)
-        save(model, start)
+        save(merge_lora(model), start)  # a plain ViT: the run adds its own adapters (zero at the start)
     hub = read.hub.as_dict() if read.hub else {}
     model_config = dataclasses.replace(
         experiment.model, init_from=str(start), init_source=hub, overrides={}, freeze=freeze
@@ -323,6 +332,14 @@ def run_finetune(args: argparse.Namespace) -> int:
         summary["recipe"] = str(recipe_path)
         print(json.dumps(summary, indent=1))
     return 0
+
+
+def print_freezing_report(config, freeze: str, lora_rank: int) -> None:
+    """--compare-freezing: full fine-tuning against the run's rule (attention-only when it is none)."""
+    from ..delta import format_freezing_report, freezing_report
+
+    rules = ("none", freeze if freeze != "none" else "attention-only")
+    print(format_freezing_report(freezing_report(config, rules, lora_rank=lora_rank)))
 
 
 def recipe_lines(

@@ -147,6 +147,11 @@ def check_header_shapes(
     if not strict:
         return
     missing, unexpected = diff.missing, diff.unexpected
+    if any(".parametrizations." in key for key in unexpected):
+        raise CheckpointError(
+            f"{origin}: a training state with its LoRA adapters unmerged (model.freeze=lora), for resuming "
+            "the run; load the run's best.safetensors or last.safetensors, where they are merged"
+        )
     if missing or unexpected:
         num_expected = sum(math.prod(shape) for shape in expected.values())
         num_present = sum(math.prod(shape) for shape in shapes.values())

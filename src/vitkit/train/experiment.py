@@ -25,6 +25,7 @@ from ..files import read_json
 from ..models.config import ViTConfig, check_fields
 from ..registry import get_config
 from . import distributed
+from .lora import DEFAULT_LORA_RANK
 from .optim import FreezeRule, OptimConfig
 from .precision import Precision
 
@@ -49,6 +50,8 @@ class ModelConfig:
     # (commit) and weight digests (`vitkit finetune hf-hub:...`); {} for a local one.
     init_source: dict[str, Any] = field(default_factory=dict)
     freeze: FreezeRule = "none"
+    # The rank r of freeze="lora"'s adapters (scale alpha / r with alpha 8: see lora.py); at most the width.
+    lora_rank: int = DEFAULT_LORA_RANK
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ class Experiment:
     def __post_init__(self) -> None:
         check_fields(ViTConfig, self.model.overrides, what="model.overrides (ViTConfig)")
         failed = check_train_config(self.train)
+        if type(self.model.lora_rank) is not int or self.model.lora_rank < 1:
+            failed.append(f"model.lora_rank must be a whole number >= 1, not {self.model.lora_rank!r}")
         if self.eval.every < 1:
             failed.append("eval.every must be >= 1")
         max_samples = self.eval.max_samples

@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ..models.vit import VisionTransformer
+from .lora import LORA_ALPHA
 
 HeadInit = Literal["probe", "zero"]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -160,9 +161,17 @@ def describe(experiment: Any, num_trainable: int, num_params: int, freeze: str, 
         f"epochs: {train.epochs}" + (f", at most {train.max_steps} steps" if train.max_steps else ""),
         f"layer decay: {optim.layer_decay:g}" + (" (off)" if optim.layer_decay == 1 else ""),
         f"label smoothing: {data.label_smoothing:g}, mixup {data.mixup:g}, cutmix {data.cutmix:g}",
-        f"trains: {'every parameter' if freeze == 'none' else freeze} ({num_trainable:,} of {num_params:,} parameters)",
+        f"trains: {trained(experiment, freeze)} ({num_trainable:,} of {num_params:,} parameters)",
         f"head: {'fitted as a logistic-regression probe on the frozen features first (LP-FT)' if head_init == 'probe' else 'zero-initialised'}",
     ]
+
+
+def trained(experiment: Any, freeze: str) -> str:
+    """What a freezing rule trains, in words."""
+    if freeze == "lora":
+        rank = experiment.model.lora_rank
+        return f"lora: rank-{rank} adapters of every attention qkv and proj (scale {LORA_ALPHA / rank:g}), head, positions"
+    return "every parameter" if freeze == "none" else freeze
 
 
 # LP-FT: the head first, fitted on the frozen trunk ------------------------------------------------------

@@ -6,7 +6,8 @@
 - Schedules: linear warmup, then cosine or linear decay to `min_lr`; a pure function of the step,
   so the step is the schedule's whole state and a resumed run follows the same curve.
 - Freezing rules, chosen by module type: `attention-only` is "Three things everyone should know
-  about ViTs" #2 (fine-tune only the multi-head self-attention weights, plus head and positions).
+  about ViTs" #2 (fine-tune only the multi-head self-attention weights, plus head and positions);
+  `lora` trains low-rank adapters of those same weights instead of the weights (`lora.py`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 import torch.nn as nn
 
 from ..models.vit import Attention, LayerScale, VisionTransformer
+from .lora import DEFAULT_LORA_RANK, add_lora
 
 OptimizerName = Literal["adamw", "sgd"]
 ScheduleName = Literal["cosine", "linear", "constant"]
-FreezeRule = Literal["none", "attention-only", "head-only"]
+FreezeRule = Literal["none", "attention-only", "head-only", "lora"]
 
 
 @dataclass(frozen=True)
@@ -176,12 +178,17 @@ FREEZE_RULES: dict[str, Callable[[VisionTransformer], None]] = {
     "none": _train_all,
     "attention-only": _train_attention_only,
     "head-only": _train_head_only,
+    "lora": add_lora,  # at DEFAULT_LORA_RANK; apply_freeze_rule passes another
 }
 
 
-def apply_freeze_rule(model: VisionTransformer, rule: str) -> int:
-    """Set requires_grad by the named rule; returns the number of trainable parameters."""
+def apply_freeze_rule(model: VisionTransformer, rule: str, lora_rank: int = DEFAULT_LORA_RANK) -> int:
+    """Set requires_grad by the named rule (`lora` first adds its adapters, of rank `lora_rank`);
+    returns the number of trainable parameters."""
     if rule not in FREEZE_RULES:
         raise ValueError(f"unknown freeze rule {rule!r}: expected one of {sorted(FREEZE_RULES)}")
-    FREEZE_RULES[rule](model)
+    if rule == "lora":
+        add_lora(model, lora_rank)
+    else:
+        FREEZE_RULES[rule](model)
     return model.num_params(trainable_only=True)

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..files import atomic_write
 from . import distributed
+from .lora import DEFAULT_LORA_RANK
 from .state import check_checkpoint, list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ SCHEDULE_KEYS = (
 SCHEDULE_SECTIONS = ("eval.",)
 # model.init_source records what init_from (compared) was made from; runs before it have none.
 NOT_COMPARED = ("train.out_dir", "train.resume", "model.init_source")
+# Fields added to the config after runs were written: a saved config without one ran with this value.
+ADDED_FIELDS = {"model.lora_rank": DEFAULT_LORA_RANK}
 
 
 class RunFolderError(ValueError):
@@ -212,7 +215,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
     """{key: [saved value, current value]} for every compared key that differs ("<unset>": absent)."""
-    old, new = flatten(saved), flatten(current)
+    old, new = {**ADDED_FIELDS, **flatten(saved)}, flatten(current)
     return {
         key: [old.get(key, "<unset>"), new.get(key, "<unset>")]
         for key in sorted(old.keys() | new.keys())

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoints/step-XXXXXXXX/`:
 
-    model.safetensors      weights + the ViTConfig (loads with `vitkit.load`), class names, data config
+    model.safetensors      weights + the ViTConfig (loads with `vitkit.load`), class names, data config;
+                           a LoRA run's holds its adapters unmerged (`lora.py`): best and last load
     ema.safetensors        the EMA weights, when EMA is on
     optimizer.safetensors  every optimiser state tensor (AdamW moments and step counts)
     state.json             the rest: step, epoch and data position, optimiser hyper-parameters, grad
@@ -39,6 +40,7 @@ from ..convert.checkpoint import read_checkpoint
 from ..convert.names import CLASSES_KEY, CONFIG_KEY, DATA_KEY
 from ..files import MAX_JSON_BYTES, CheckpointError, atomic_write, check_regular_file, read_json
 from ..models.config import ViTConfig
+from .lora import merged_state_dict
 from .state_checks import check_plain_state
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,12 @@ def model_metadata(
 
 
 def write_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A model's weights file (best, last, encoder): a plain ViT's keys and shapes, a LoRA run's
+    adapters merged into their weights (`lora.merged_state_dict`), so `vitkit.load` reads it."""
+    write_tensors(path, merged_state_dict(state), metadata)
+
+
+def write_tensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -184,9 +192,10 @@ def write_state(root: str | Path, state: TrainState, metadata: dict[str, str]) -
         # A leftover of an interrupted or damaged save of this same step: never mix old and new files.
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    write_weights(folder / MODEL_NAME, state.model, metadata)
+    # The live tensors as they are (a LoRA run's adapters unmerged), so that resume restores them bitwise.
+    write_tensors(folder / MODEL_NAME, state.model, metadata)
     if state.ema is not None:
-        write_weights(folder / EMA_NAME, state.ema, metadata)
+        write_tensors(folder / EMA_NAME, state.ema, metadata)
     tensors, rest = split_optimizer_state(state.optimizer)
     atomic_write(folder / OPTIMIZER_NAME, lambda tmp: save_file(tensors, tmp))
     plain = {

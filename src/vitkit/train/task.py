@@ -65,10 +65,9 @@ def build_model(cfg: ModelConfig, img_size: int, num_classes: int) -> VisionTran
         log.info("model: initialised from %s with overrides %s", cfg.init_from, overrides)
     else:
         model = create_model(cfg.name, **overrides)
-    num_trainable = apply_freeze_rule(model, cfg.freeze)
-    log.info(
-        "model: %s parameters, %s trainable (%s)", f"{model.num_params():,}", f"{num_trainable:,}", cfg.freeze
-    )
+    num_trainable = apply_freeze_rule(model, cfg.freeze, cfg.lora_rank)
+    rule = f"lora, rank {cfg.lora_rank}" if cfg.freeze == "lora" else cfg.freeze
+    log.info("model: %s parameters, %s trainable (%s)", f"{model.num_params():,}", f"{num_trainable:,}", rule)
     return model
 
 
