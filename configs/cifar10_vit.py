@@ -32,7 +32,6 @@ def experiment() -> Experiment:
         model=ModelConfig(
             name="vit_tiny_patch16_224",
             overrides=dict(
-                img_size=32,
                 stem="cnn",
                 patch_size=4,
                 stem_channels=(24, 64, 256),

@@ -18,7 +18,7 @@ TINY_HYBRID = [
     "data.batch_size=16",
     "train.num_threads=1",
     "train.log_every=1",
-    'model.overrides={"img_size": 32, "stem": "cnn", "patch_size": 4, "stem_channels": [4, 8, 16],'
+    'model.overrides={"stem": "cnn", "patch_size": 4, "stem_channels": [4, 8, 16],'
     ' "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32, "class_token": false, "pool": "gap"}',
 ]
 
