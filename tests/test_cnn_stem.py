@@ -99,3 +99,38 @@ def test_layouts_without_the_stem_and_masked_pretraining_refuse_it(tmp_path) -> 
         assert not (tmp_path / name).exists()
     with pytest.raises(ValueError, match="the cnn stem's convolutions"):
         MaskedPatchModel(model, MaskedConfig())
+
+
+STEM_CONFIGS = {
+    "patch": dict(stem="patch"),
+    "hmlp": dict(stem="hmlp", patch_size=16),
+    "hybrid": dict(stem="hybrid", hybrid_layers=(1,), patch_size=1),
+    "conv": dict(stem="conv"),
+    "cnn": dict(stem="cnn", stem_channels=CHANNELS),
+}
+
+
+def test_every_stem_type_is_listed_here():
+    from typing import get_args
+
+    from vitkit.models.config import StemType
+
+    assert sorted(STEM_CONFIGS) == sorted(get_args(StemType))
+
+
+@pytest.mark.parametrize("name", sorted(STEM_CONFIGS))
+def test_bf16_inference_casts_the_images_at_every_stem(name):
+    """`prepare_inference` stores the weights in bf16 and casts float images at the stem, whatever
+    the stem (a stem it does not know gets float images against bf16 weights and fails)."""
+    from vitkit.fast import prepare_inference
+
+    torch.manual_seed(0)
+    config = ViTConfig(**{**TINY, "img_size": 32, "zero_head": False, **STEM_CONFIGS[name]})
+    model = VisionTransformer(config).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+        model, precision = prepare_inference(model, "cpu", "bf16")
+        logits = model(images)
+    assert precision == "bf16" and logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), expected, atol=0.1, rtol=0.1)

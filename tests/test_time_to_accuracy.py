@@ -25,7 +25,12 @@ TINY_HYBRID = [
 
 def run_benchmark(tmp_path: Path, *budgets: str) -> subprocess.CompletedProcess:
     sets = [arg for override in TINY_HYBRID for arg in ("--set", override)]
-    command = [sys.executable, str(REPO / "benchmarks/cifar10_time_to_accuracy.py"), "--out", str(tmp_path / "b")]
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks/cifar10_time_to_accuracy.py"),
+        "--out",
+        str(tmp_path / "b"),
+    ]
     command += ["--budget-minutes", *budgets, "--set", "train.epochs=2", *sets]
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
 

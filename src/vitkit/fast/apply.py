@@ -21,7 +21,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from ..models.stems import ConvStem, HMLPStem, HybridStem, PatchEmbed
+from ..models.stems import CnnStem, ConvStem, HMLPStem, HybridStem, PatchEmbed
 from ..models.vit import Attention, Block, Mlp, ParallelBlock
 from .blocks import FastAttention, FastBlock, FastMlp, FusedParallelBlock
 from .kernels import FastConv2d, FastLinear, Kernels, choose_kernels
@@ -30,7 +30,7 @@ from .machine import choose_precision
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STEMS = (PatchEmbed, HMLPStem, ConvStem, HybridStem)
+STEMS = (PatchEmbed, HMLPStem, ConvStem, HybridStem, CnnStem)
 
 # The plain module classes and their fast classes (a fast class maps to itself: applying again
 # updates the kernels).
