@@ -14,12 +14,16 @@ batch 256, AdamW lr 2e-3 (betas 0.9/0.99) with a 0.4-epoch warmup and cosine dec
 of a 30-minute budget of training-step time, flip-averaged evaluation outside the budget.
 """
 
-from vitkit.data import DataConfig, data_root
-from vitkit.train import EvalConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
+import dataclasses
+
+from vitkit.train import Experiment, ModelConfig, load_experiment
 
 
 def experiment() -> Experiment:
-    return Experiment(
+    """`cifar10_vit` with the model swapped: the data, optimiser, budget and evaluation are its own."""
+    hybrid = load_experiment("cifar10_vit")
+    return dataclasses.replace(
+        hybrid,
         model=ModelConfig(
             name="vit_tiny_patch16_224",
             overrides=dict(
@@ -33,38 +37,5 @@ def experiment() -> Experiment:
                 zero_head=True,
             ),
         ),
-        data=DataConfig(
-            dataset="imagefolder",
-            root=str(data_root() / "cifar10"),
-            img_size=32,
-            batch_size=256,
-            num_workers=0,
-            cache=True,
-            cache_dir="runs/cache",
-            train_crop="pad",
-            crop_padding=4,
-            batch_augment=True,
-            hflip=0.5,
-            label_smoothing=0.2,
-            eval_resize="squash",
-            interpolation="bilinear",
-        ),
-        optim=OptimConfig(
-            name="adamw",
-            lr=2e-3,
-            betas=(0.9, 0.99),
-            weight_decay=0.05,
-            warmup_epochs=0.4,
-            min_lr=0.0,
-            clip_grad=1.0,
-        ),
-        train=TrainConfig(
-            out_dir="runs/cifar10_vit_patch",
-            epochs=40,
-            time_budget_minutes=30.0,
-            num_threads=0,
-            log_every=20,
-            keep_last=1,
-        ),
-        eval=EvalConfig(split="test", every=1, top_k=(1, 5), hflip_tta=True),
+        train=dataclasses.replace(hybrid.train, out_dir="runs/cifar10_vit_patch"),
     )
