@@ -42,6 +42,22 @@ def test_every_parameter_gets_a_gradient_and_the_statistics_move():
     assert model.patch_embed.backbone[1].running_mean.abs().sum() > 0
 
 
+def test_channels_last_maps_give_the_same_tokens_and_gradients_and_keep_the_weights_layout():
+    model = tiny(zero_head=False).eval()
+    images = torch.randn(3, 3, 32, 32)
+    grads = {}
+    for layout in (False, True):
+        model.patch_embed.channels_last = layout
+        model.zero_grad()
+        logits = model(images)
+        logits.square().sum().backward()
+        grads[layout] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-5, atol=1e-5)
+    for name, grad in grads[False][1].items():  # summation order differs: fp32 rounding of the largest entry
+        assert (grads[True][1][name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+    assert all(t.is_contiguous() for t in model.state_dict().values())  # safetensors writes them as they are
+
+
 def test_counts_against_hand_computation():
     counts = count(ViTConfig(**TINY, stem="cnn", stem_channels=CHANNELS))
     # 3x3 convs without bias: 3->8 at 32 px; per group c_in->c_out, pool, c_out->c_out; BN scale and

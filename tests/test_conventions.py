@@ -52,6 +52,8 @@ ODD_CONFIGS = {
     "gap_fc_norm": dict(pool="gap_fc_norm", representation_size=24, qkv_bias=False),
     "parallel": dict(parallel=2, layer_scale_init=1e-5),
     "hmlp": dict(stem="hmlp", patch_size=16),
+    "hmlp_patch4": dict(stem="hmlp", patch_size=4, img_size=(32, 40)),
+    "hmlp_patch8": dict(stem="hmlp", patch_size=8, img_size=(32, 48)),
     "hybrid": dict(stem="hybrid", hybrid_layers=(1, 1), patch_size=1, img_size=64),
     "conv": dict(stem="conv", patch_size=8, img_size=(32, 40)),
     "cnn": dict(stem="cnn", patch_size=4, stem_channels=(8, 16, 24), img_size=(32, 40)),

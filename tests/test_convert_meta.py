@@ -66,3 +66,11 @@ def test_google_layouts_split_heads_on_full_size_models():
     hybrid = LAYOUTS["vit_jax"].write(meta_state("vit_base_r50_s16_384"), get_config("vit_base_r50_s16_384"))
     assert hybrid["block3/unit9/conv3/kernel"].shape == (1, 1, 256, 1024)
     assert hybrid["Transformer/posembed_input/pos_embedding"].shape == (1, 577, 768)
+
+
+@pytest.mark.parametrize("patch", [4, 8, 16])
+def test_hmlp_patch_size_is_inferred_from_its_first_projection(patch):
+    config = get_config("vit_tiny_patch16_224", stem="hmlp", patch_size=patch, img_size=32)
+    with torch.device("meta"):
+        state = VisionTransformer(config).state_dict()
+    assert infer_config(state).patch_size == patch

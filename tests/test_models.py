@@ -11,6 +11,7 @@ from vitkit.models.pos_embed import resample_pos_embed
 from vitkit.models.resnet import pad_same
 from vitkit.models.stems import HMLPStem
 from vitkit.models.vit import Block, ParallelBlock, VisionTransformer
+from vitkit.registry import get_config
 
 HEAD_OPTIONS = list(itertools.product(["token", "gap", "gap_fc_norm", "map"], [True, False], [None, 16]))
 TOKEN_OPTIONS = list(itertools.product(["learn", "sincos2d", "none"], [True, False], ["patch", "hmlp"]))
@@ -224,6 +225,29 @@ def test_hmlp_stem_has_no_mixing_between_patches():
     before, after = stem(images), stem(changed)
     differs = (before - after).abs().sum(-1)[0] > 0
     assert differs.tolist() == [i == 1 * 3 + 2 for i in range(9)]
+
+
+@pytest.mark.parametrize("patch", [4, 8])
+def test_hmlp_stem_at_small_patches_keeps_each_patch_apart(patch):
+    """(P/4)x(P/4), 2x2, 2x2: a 4-px patch starts with a per-pixel projection, and still no patch sees another."""
+    torch.manual_seed(0)
+    stem = HMLPStem(3, 32, patch_size=patch).eval()
+    assert [m.kernel_size for m in stem.proj if isinstance(m, torch.nn.Conv2d)] == [
+        (patch // 4,) * 2,
+        (2, 2),
+        (2, 2),
+    ]
+    images = torch.randn(1, 3, 3 * patch, 3 * patch)
+    changed = images.clone()
+    changed[:, :, patch : 2 * patch, 0:patch] += torch.randn(3, patch, patch)  # patch (row 1, column 0)
+    differs = (stem(images) - stem(changed)).abs().sum(-1)[0] > 0
+    assert differs.tolist() == [i == 3 for i in range(9)]
+
+
+@pytest.mark.parametrize("patch", [2, 6])
+def test_hmlp_stem_refuses_a_patch_not_a_multiple_of_4(patch):
+    with pytest.raises(ValueError, match="multiple of 4"):
+        get_config("vit_tiny_patch16_224", stem="hmlp", patch_size=patch, img_size=48)
 
 
 def test_pad_same_matches_tensorflow_rule():

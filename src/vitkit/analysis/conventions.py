@@ -103,11 +103,11 @@ def _stem_ops(config: ViTConfig) -> list[Op]:
     d, patch = config.embed_dim, config.patch_size
     if config.stem == "patch":
         return [_conv("stem", grid_h * grid_w, config.in_chans, d, patch, bias=True)]
-    if config.stem == "hmlp":  # 4x4, 2x2, 2x2 projections, each followed by a per-pixel LayerNorm
-        hidden, ops = d // 4, []
+    if config.stem == "hmlp":  # (P/4)^2, 2x2, 2x2 projections, each followed by a per-pixel LayerNorm
+        hidden, ops, first = d // 4, [], patch // 4
         for h, w, in_chans, out_chans, kernel in (
-            (height // 4, width // 4, config.in_chans, hidden, 4),
-            (height // 8, width // 8, hidden, hidden, 2),
+            (height // first, width // first, config.in_chans, hidden, first),
+            (height // first // 2, width // first // 2, hidden, hidden, 2),
             (grid_h, grid_w, hidden, d, 2),
         ):
             ops.append(_conv("stem", h * w, in_chans, out_chans, kernel, bias=True))
@@ -234,7 +234,9 @@ def num_params(config: ViTConfig) -> int:
     elif config.stem == "hmlp":
         hidden = d // 4
         total = (
-            (config.in_chans * 16 + 1 + 2) * hidden + (hidden * 4 + 1 + 2) * hidden + (hidden * 4 + 1 + 2) * d
+            (config.in_chans * (config.patch_size // 4) ** 2 + 1 + 2) * hidden
+            + (hidden * 4 + 1 + 2) * hidden
+            + (hidden * 4 + 1 + 2) * d
         )
     else:
         total = config.in_chans * 49 * 64 + 2 * 64  # root convolution and its GroupNorm

@@ -101,7 +101,7 @@ def _stem_stages(config: ViTConfig, model: VisionTransformer) -> list[Stage]:
             "hMLP stem",
             (num_patches, dim),
             _num_params(model.patch_embed),
-            "4x4, 2x2, 2x2 linear + LN + GELU",
+            f"{patch // 4}x{patch // 4}, 2x2, 2x2 linear + LN + GELU",
         )
     else:
         embedding = Stage(

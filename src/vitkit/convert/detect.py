@@ -108,8 +108,11 @@ def _stem_fields(state: Mapping[str, torch.Tensor], origin: str) -> dict[str, An
         raise CheckpointError(
             f"{origin}: no patch embedding found (patch_embed.proj.weight or a hybrid trunk)"
         )
-    # The hMLP stem's last projection sees 2x2 cells of a 16-px patch.
-    fields["patch_size"] = 16 if fields["stem"] == "hmlp" else projection.shape[-1]
+    # The hMLP stem's first projection sees (P/4)x(P/4) pixels, its last 2x2 cells.
+    if fields["stem"] == "hmlp":
+        fields["patch_size"] = 4 * state["patch_embed.proj.0.weight"].shape[-1]
+    else:
+        fields["patch_size"] = projection.shape[-1]
     fields["embed_dim"] = projection.shape[0]
     return fields
 

@@ -182,8 +182,9 @@ class ViTConfig:
             == 0,
             "stem 'hybrid' needs hybrid_layers": self.stem != "hybrid" or len(self.hybrid_layers) > 0,
             "hybrid_layers are only used by stem 'hybrid'": self.stem == "hybrid" or not self.hybrid_layers,
-            f"stem 'hmlp' needs patch_size 16, not {self.patch_size}": self.stem != "hmlp"
-            or self.patch_size == 16,
+            f"stem 'hmlp' needs a patch_size that is a multiple of 4, not {self.patch_size}": self.stem
+            != "hmlp"
+            or (self.patch_size >= 4 and self.patch_size % 4 == 0),
             f"stem 'conv' needs a power-of-two patch_size >= 2, not {self.patch_size}": self.stem != "conv"
             or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
             f"stem 'cnn' needs a power-of-two patch_size >= 2, not {self.patch_size}": self.stem != "cnn"

@@ -43,19 +43,22 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class HMLPStem(nn.Module):
-    """Hierarchical MLP stem: 4x4, then 2x2, then 2x2 linear projections, each with a norm (and GELU).
+    """Hierarchical MLP stem: (P/4)x(P/4), then 2x2, then 2x2 linear projections, each with a norm (and
+    GELU): 4x4, 2x2, 2x2 for the paper's 16-px patches, a per-pixel 1x1 first for 4-px patches.
 
-    Every convolution has stride equal to its kernel and every norm is per pixel, so each 16x16
-    patch is processed on its own: masking patches before or after the stem gives the same tokens,
-    which is what lets BeiT-style masked pre-training use it. Indices of `proj` follow the DeiT code.
+    Every convolution has stride equal to its kernel and every norm is per pixel, so each PxP patch
+    is processed on its own: masking patches before or after the stem gives the same tokens, which
+    is what lets BeiT-style masked pre-training use it. Indices of `proj` follow the DeiT code.
     """
 
-    def __init__(self, in_chans: int, embed_dim: int, eps: float = 1e-6):
+    def __init__(self, in_chans: int, embed_dim: int, eps: float = 1e-6, patch_size: int = 16):
         super().__init__()
-        self.patch_size = 16
-        hidden = embed_dim // 4
+        if patch_size < 4 or patch_size % 4:
+            raise ValueError(f"HMLPStem: patch_size must be a multiple of 4, not {patch_size}")
+        self.patch_size = patch_size
+        hidden, first = embed_dim // 4, patch_size // 4
         self.proj = nn.Sequential(
-            nn.Conv2d(in_chans, hidden, kernel_size=4, stride=4),
+            nn.Conv2d(in_chans, hidden, kernel_size=first, stride=first),
             LayerNorm2d(hidden, eps=eps),
             nn.GELU(),
             nn.Conv2d(hidden, hidden, kernel_size=2, stride=2),
@@ -140,6 +143,12 @@ class CnnStem(nn.Module):
     On 32-px images, channels (24, 64, 256) and patch 4 give 64 tokens of 8x8 cells seen through
     overlapping 22-px windows."""
 
+    # The trunk runs on channels-last (NHWC) maps: oneDNN's convolutions then skip a reorder per layer
+    # (a training step of `cifar10_vit` 1.2x faster on a 2-core EPYC in fp32 and in bf16; measured by
+    # benchmarks/conv_layout.py). The weights keep their layout, so checkpoints are unchanged, and the
+    # last map's NHWC order is already the (B, h*w, D) token order.
+    channels_last: bool = True
+
     def __init__(self, channels: tuple[int, ...], patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         self.patch_size = patch_size
@@ -148,6 +157,8 @@ class CnnStem(nn.Module):
         self.proj = nn.Conv2d(channels[-1], embed_dim, 1) if channels[-1] != embed_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
 
 
@@ -155,7 +166,7 @@ def build_stem(config: ViTConfig) -> nn.Module:
     if config.stem == "patch":
         return PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
     if config.stem == "hmlp":
-        return HMLPStem(config.in_chans, config.embed_dim, eps=config.norm_eps)
+        return HMLPStem(config.in_chans, config.embed_dim, eps=config.norm_eps, patch_size=config.patch_size)
     if config.stem == "conv":
         return ConvStem(config.patch_size, config.in_chans, config.embed_dim)
     if config.stem == "cnn":
