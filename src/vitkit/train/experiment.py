@@ -52,6 +52,9 @@ class ModelConfig:
     freeze: FreezeRule = "none"
     # The rank r of freeze="lora"'s adapters (scale alpha / r with alpha 8: see lora.py); at most the width.
     lora_rank: int = DEFAULT_LORA_RANK
+    # Initialise the cnn stem's first conv as the whitening of this many training images' patches
+    # (0: off; see whiten.py). A fresh start only: resumed and init_from weights are kept.
+    whiten_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,13 @@ class Experiment:
 def check_model_config(model: ModelConfig, data: DataConfig) -> None:
     """Build the model's config now, so that a bad name or override fails before any data is read,
     naming the override (a checkpoint's config is checked when it is read)."""
+    if model.whiten_images < 0:
+        raise ValueError(f"model.whiten_images must be >= 0 (0: off), not {model.whiten_images}")
     if model.init_from:
+        if model.whiten_images:
+            raise ValueError(
+                "model.whiten_images initialises a fresh model; model.init_from brings its own weights"
+            )
         return
     try:
         get_config(model.name, img_size=data.img_size, **model.overrides)

@@ -92,6 +92,8 @@ class Run:
             torch.use_deterministic_algorithms(True)
         if cfg.strategy == "fsdp" and cfg.compile:
             raise ValueError("train.strategy='fsdp' does not support train.compile; use 'ddp' to compile")
+        if cfg.strategy == "fsdp" and experiment.optim.name == "muon":
+            raise ValueError("train.strategy='fsdp' does not support optim.name='muon'; use 'ddp' or 'adamw'")
         check_model_config(experiment.model, experiment.data)
         self.train_loader = build_loader(experiment.data, "train", rank=env.rank, world_size=env.world_size)
         self.task = make_task(experiment, env, self.train_loader)

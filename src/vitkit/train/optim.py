@@ -22,8 +22,9 @@ import torch.nn as nn
 
 from ..models.vit import Attention, LayerScale, VisionTransformer
 from .lora import DEFAULT_LORA_RANK, add_lora
+from .muon import MuonWithAdamW
 
-OptimizerName = Literal["adamw", "sgd"]
+OptimizerName = Literal["adamw", "sgd", "muon"]
 ScheduleName = Literal["cosine", "linear", "constant"]
 FreezeRule = Literal["none", "attention-only", "head-only", "lora"]
 
@@ -117,7 +118,7 @@ def param_groups(model: VisionTransformer, weight_decay: float, layer_decay: flo
 
 
 def build_optimizer(model: VisionTransformer, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum over `param_groups`; the lr is set each step by `set_lr`."""
+    """AdamW, SGD with momentum, or Muon + AdamW over `param_groups`; the lr is set each step by `set_lr`."""
     return optimizer_over(param_groups(model, cfg.weight_decay, cfg.layer_decay), cfg)
 
 
@@ -125,8 +126,10 @@ def optimizer_over(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimize
     """cfg's optimiser over `groups`. AdamW takes torch's fused kernel (one pass over each parameter's
     tensors instead of a chain of foreach ops: 4.6x faster steps for ViT-Ti/16 on a 2-core CPU) where
     it runs: plain CPU or CUDA tensors of one floating dtype; sharded (DTensor) parameters keep foreach."""
-    if cfg.name != "adamw":
+    if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.name == "muon":
+        return MuonWithAdamW(groups, cfg.lr, cfg.betas)
     params = [p for group in groups for p in group["params"]]
     fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
     fused = fused and len({p.dtype for p in params}) == 1 and params[0].is_floating_point()

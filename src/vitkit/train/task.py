@@ -27,6 +27,7 @@ from .experiment import Experiment, ModelConfig
 from .objectives import get_objective
 from .optim import apply_freeze_rule, build_optimizer
 from .state import model_metadata, write_weights
+from .whiten import whiten_first_conv
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def classification_task(experiment: Experiment, env, train_loader) -> Task:
     # The same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
     seed_everything(experiment.train.seed)
     model = build_model(experiment.model, experiment.data.img_size, train_loader.num_classes)
+    if experiment.model.whiten_images:
+        whiten_first_conv(model, (images for images, _ in train_loader), experiment.model.whiten_images)
     metadata = model_metadata(model.config, train_loader.classes, experiment.data.to_dict())
 
     def write_outputs(weights: dict[str, torch.Tensor], ema, out_dir: Path) -> dict[str, Any]:

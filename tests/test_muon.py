@@ -1,0 +1,116 @@
+"""optim.name="muon": Muon on the blocks' weight matrices, AdamW on the rest, one optimiser to the loop."""
+
+import copy
+
+import pytest
+import torch
+
+from test_train_loop import tiny_experiment, weights
+from vitkit.models import VisionTransformer, ViTConfig
+from vitkit.train import OptimConfig, load_experiment, train
+from vitkit.train.finetune_recipe import describe
+from vitkit.train.muon import MuonWithAdamW
+from vitkit.train.optim import build_optimizer, param_groups, set_lr
+
+
+def tiny_model() -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(
+        ViTConfig(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+    )
+
+
+def loss_step(model: VisionTransformer, optimizer, seed: int) -> None:
+    torch.manual_seed(seed)
+    images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_blocks_matrices_go_to_muon_and_everything_else_to_adamw():
+    model = tiny_model()
+    optimizer = build_optimizer(model, OptimConfig(name="muon", lr=0.01, weight_decay=0.05))
+    assert isinstance(optimizer, MuonWithAdamW)
+    muon = {n for g in optimizer.muon.param_groups for n in g["names"]}
+    adamw = {n for g in optimizer.adamw.param_groups for n in g["names"]}
+    assert muon == {
+        f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    }
+    assert adamw | muon == {n for n, _ in model.named_parameters()} and not adamw & muon
+    assert {"head.weight", "patch_embed.proj.weight", "pos_embed"} <= adamw
+    # Decay and lr scale stay per group: Muon's matrices are decayed, AdamW's norms and biases are not.
+    assert {g["weight_decay"] for g in optimizer.muon.param_groups} == {0.05}
+    set_lr(optimizer, 0.5)
+    assert {g["lr"] for g in optimizer.param_groups} == {0.5}
+
+
+def test_a_step_is_torchs_muon_and_adamw_side_by_side():
+    model, twin = tiny_model(), tiny_model()
+    optimizer = build_optimizer(
+        model, OptimConfig(name="muon", lr=0.01, weight_decay=0.05, betas=(0.9, 0.95))
+    )
+    groups = param_groups(twin, 0.05)
+    matrices = [
+        p
+        for g in groups
+        for n, p in zip(g["names"], g["params"], strict=True)
+        if n.startswith("blocks.") and p.ndim == 2
+    ]
+    ids = {id(p) for p in matrices}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+    reference = [
+        torch.optim.Muon(
+            [{"params": matrices, "weight_decay": 0.05}], lr=0.01, adjust_lr_fn="match_rms_adamw"
+        ),
+        torch.optim.AdamW([g for g in rest if g["params"]], lr=0.01, betas=(0.9, 0.95)),
+    ]
+    for seed in range(3):
+        loss_step(model, optimizer, seed)
+        torch.manual_seed(seed)
+        images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
+        torch.nn.functional.cross_entropy(twin(images), labels).backward()
+        for opt in reference:
+            opt.step()
+            opt.zero_grad()
+    for (name, param), other in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(param, other, rtol=0, atol=0, msg=name)
+
+
+def test_state_dict_round_trip_continues_the_same_steps():
+    model = tiny_model()
+    optimizer = build_optimizer(model, OptimConfig(name="muon", lr=0.01))
+    for seed in range(2):
+        loss_step(model, optimizer, seed)
+    state = copy.deepcopy(optimizer.state_dict())  # torch's load keeps the tensors it is given
+    assert sorted(state["state"]) == list(range(sum(len(g["params"]) for g in state["param_groups"])))
+    twin = tiny_model()
+    twin.load_state_dict(model.state_dict())
+    restored = build_optimizer(twin, OptimConfig(name="muon", lr=0.01))
+    restored.load_state_dict(state)
+    loss_step(model, optimizer, 7)
+    loss_step(twin, restored, 7)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="parameter groups"):
+        restored.load_state_dict({**state, "param_groups": state["param_groups"][:1]})
+
+
+def test_a_run_resumes_bitwise_and_states_its_optimiser(tmp_path):
+    options = dict(optim={"name": "muon", "weight_decay": 0.05}, epochs=2, checkpoint_every=1)
+    train(tiny_experiment(tmp_path / "straight", **options))
+    assert train(tiny_experiment(tmp_path / "resumed", max_steps=1, **options))["steps"] == 1
+    train(tiny_experiment(tmp_path / "resumed", **options))
+    straight, resumed = (
+        weights(tmp_path / "straight" / "last.safetensors"),
+        weights(tmp_path / "resumed" / "last.safetensors"),
+    )
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    lines = describe(load_experiment(tiny_experiment(tmp_path, **options), []), 1, 1, "none", "zero")
+    assert any(line.startswith("optimizer: Muon on the blocks' matrices, AdamW") for line in lines)
+
+
+def test_fsdp_refuses_muon(tmp_path):
+    experiment = tiny_experiment(tmp_path, optim={"name": "muon"}, strategy="fsdp")
+    with pytest.raises(ValueError, match="does not support optim.name='muon'"):
+        train(experiment)
