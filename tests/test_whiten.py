@@ -70,7 +70,10 @@ def test_stems_without_a_first_conv_are_refused():
 
 @pytest.mark.parametrize(
     "setting, message",
-    [("model.whiten_images=-1", "must be >= 0"), ("model.init_from=x.safetensors", "init_from brings its own")],
+    [
+        ("model.whiten_images=-1", "must be >= 0"),
+        ("model.init_from=x.safetensors", "init_from brings its own"),
+    ],
 )
 def test_bad_settings_name_the_problem(tmp_path, setting, message):
     experiment = tiny_experiment(tmp_path, model=CNN)
@@ -84,7 +87,7 @@ def test_a_run_starts_from_the_whitening_of_its_training_images(tmp_path):
         ["model.whiten_images=16", "optim.lr=1e-9"],
     )
     train(experiment)
-    (images, _), = list(build_loader(experiment.data, "train"))
+    ((images, _),) = list(build_loader(experiment.data, "train"))
     expected = whitening_filters(patch_moments(torch.nn.Conv2d(3, 8, 3, padding=1), images), 8)
     trained = read_weights(tmp_path / "last.safetensors")[0]["patch_embed.backbone.0.weight"]
     torch.testing.assert_close(trained.reshape(8, -1), expected, atol=1e-4, rtol=1e-4)
