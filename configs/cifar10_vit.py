@@ -11,13 +11,15 @@ measured choice, bf16 where bf16 products run fast).
 Model: the ViT paper's hybrid in small. A CNN trunk (stem "cnn": the conv groups of ResNet-9 and
 airbench) takes 32-px images to an 8x8 map of 256 channels: a 3x3 conv-BN-GELU with 24 channels at
 full size, then two groups of (3x3 conv, 2x2 max-pool, BN, GELU, 3x3 conv-BN-GELU) with 64 and 256
-channels. Its 64 cells are the tokens (no class token); two pre-norm Transformer blocks of width 256
-(4 heads, MLP 512) mix them globally, and the head reads their mean (pool "gap"). 1.9 M parameters,
-0.17 GMAC per image.
+channels, on channels-last maps. Its 64 cells are the tokens, with a class token; two pre-norm
+Transformer blocks of width 256 (4 heads, MLP 512) mix them globally, and the head reads the class
+token. 1.9 M parameters, 0.17 GMAC per image. The first conv starts as the whitening of 5,000
+training images' 3x3 patches (`model.whiten_images`).
 
 Training: cached uint8 images, each batch pad-cropped (4 px) and flipped as one tensor; label
-smoothing 0.2; batch 256; AdamW (lr 2e-3, betas 0.9/0.99, weight decay 0.05 on weights only), a
-warmup over the first 0.4 epoch, cosine to 0 at the end of a 30-minute budget of training-step time
+smoothing 0.2; batch 256; Muon on the Transformer blocks' matrices and AdamW (betas 0.9/0.99) on
+the rest (`optim.name="muon"`: both at lr 2e-3, weight decay 0.05 on weights only), a warmup over
+the first 0.4 epoch, cosine to 0 at the end of a 30-minute budget of training-step time
 (`train.time_budget_minutes`: the schedule anneals on time, whatever the machine's speed). Each test
 image's prediction averages it with its mirror image's (`eval.hflip_tta`); evaluation is outside
 the budget. The components' measured effects are in the README ("CIFAR-10 from scratch").
@@ -39,10 +41,11 @@ def experiment() -> Experiment:
                 depth=2,
                 num_heads=4,
                 mlp_dim=512,
-                class_token=False,
-                pool="gap",
+                class_token=True,
+                pool="token",
                 zero_head=True,
             ),
+            whiten_images=5000,
         ),
         data=DataConfig(
             dataset="imagefolder",
@@ -61,7 +64,7 @@ def experiment() -> Experiment:
             interpolation="bilinear",
         ),
         optim=OptimConfig(
-            name="adamw",
+            name="muon",
             lr=2e-3,
             betas=(0.9, 0.99),
             weight_decay=0.05,
