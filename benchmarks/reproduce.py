@@ -8,8 +8,8 @@ Every model is the same small ViT (width 128, 6 blocks, 4 heads, MLP 384, 64 tok
 cosine, CIFAR's pad-crop-flip), and scored on the first `--test-per-class` test images of each class.
 The runs, each once per seed:
 
-- scratch, linear stem (4 px patches) / hMLP stem (16 px patches of the image upsampled to 128 px: the
-  same 64 tokens) / convolutional stem (the hybrid: stride-2 3x3 conv-BN-ReLU layers, 32 -> 8 px) /
+- scratch, linear stem (4 px patches) / hMLP stem (4 px patches: a per-pixel projection, then two
+  2x2 ones; the same 64 tokens) / convolutional stem (the hybrid: stride-2 3x3 conv-BN-ReLU layers, 32 -> 8 px) /
   parallel blocks (3 layers of 2 parallel blocks: the parameters of the 6 sequential ones);
 - masked-patch pre-trained (ViT paper 4.6: 50% of patches corrupted, 3-bit mean colour predicted),
   linear and hMLP stems: as many epochs of pre-training, then the same supervised training as scratch;
@@ -163,9 +163,8 @@ def batches(data: Data, batch_size: int, num_steps: int, seed: int):
 
 
 def config(stem: str = "patch", parallel: int = 1, img_size: int = 32) -> ViTConfig:
-    patch, size = (16, img_size * 4) if stem == "hmlp" else (4, img_size)
     return ViTConfig(
-        img_size=size, patch_size=patch, stem=stem, embed_dim=WIDTH, depth=DEPTH // parallel, num_heads=HEADS,
+        img_size=img_size, patch_size=4, stem=stem, embed_dim=WIDTH, depth=DEPTH // parallel, num_heads=HEADS,
         mlp_dim=MLP, parallel=parallel, num_classes=10,
     )  # fmt: skip
 
@@ -451,6 +450,8 @@ def measure_costs(rows: dict[str, dict], quick: bool, batch_size: int) -> None:
             )
             rows[name].update(memory_mib=cost.memory_bytes / 2**20, step_ms=1000 * cost.step_seconds)
     for name in ("scratch, linear stem", "scratch, parallel 3x2 blocks"):
+        if name not in rows:
+            continue
         model = apply_fast_paths(
             VisionTransformer(config(parallel=BASE_RUNS[name].get("parallel", 1))), "cpu"
         )
@@ -476,6 +477,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     parser.add_argument("--quick", action="store_true", help="a small check that it all works")
     parser.add_argument("--out", default="runs/reproduce")
+    parser.add_argument(
+        "--runs", nargs="+", metavar="RUN", help="only these rows (names as in the table); default every row"
+    )
     args = parser.parse_args()
     defaults = QUICK if args.quick else FULL
     for flag, value in defaults.items():
@@ -488,6 +492,16 @@ def main() -> int:
         parser.error("--epochs and --finetune-epochs must be positive")
     if args.train_per_class < 10:
         parser.error(f"--train-per-class must be at least 10 (the 10-shot draws), got {args.train_per_class}")
+    chosen = args.runs or [*BASE_RUNS, *FINETUNE_RUNS]
+    unknown = [name for name in chosen if name not in {**BASE_RUNS, **FINETUNE_RUNS}]
+    if unknown:
+        parser.error(
+            f"--runs: no row {unknown[0]!r}; rows: {', '.join(map(repr, [*BASE_RUNS, *FINETUNE_RUNS]))}"
+        )
+    base_runs = [name for name in BASE_RUNS if name in chosen]
+    finetune_runs = [name for name in FINETUNE_RUNS if name in chosen]
+    if finetune_runs and FINETUNE_FROM not in base_runs:
+        parser.error(f"--runs: the fine-tuning rows start from {FINETUNE_FROM!r}: name it too")
     for split in ("train", "test"):
         if not (Path(args.data) / split).is_dir():
             parser.error(
@@ -512,17 +526,17 @@ def main() -> int:
     )
     print(header, file=sys.stderr)
 
-    rows: dict[str, dict] = {name: {"per_seed": {}} for name in [*BASE_RUNS, *FINETUNE_RUNS]}
+    rows: dict[str, dict] = {name: {"per_seed": {}} for name in [*base_runs, *finetune_runs]}
     started = time.perf_counter()
-    with tqdm(total=len(seeds) * (len(BASE_RUNS) + len(FINETUNE_RUNS)), desc="runs", unit="run") as bar:
+    with tqdm(total=len(seeds) * len(rows), desc="runs", unit="run") as bar:
         # Pre-trained runs cost twice as much: first, so that the workers finish together.
-        tasks = [(name, seed, settings) for name in reversed(BASE_RUNS) for seed in seeds]
+        tasks = [(name, seed, settings) for name in reversed(base_runs) for seed in seeds]
         bases = {}
         for name, seed, row, state in run_all(run_base, tasks, settings, args.jobs, bar):
             rows[name]["per_seed"][seed] = row
             if state is not None:
                 bases[seed] = state
-        tasks = [(name, seed, settings, bases[seed]) for name in FINETUNE_RUNS for seed in seeds]
+        tasks = [(name, seed, settings, bases[seed]) for name in finetune_runs for seed in seeds]
         for name, seed, row, _ in run_all(run_finetune, tasks, settings, args.jobs, bar):
             rows[name]["per_seed"][seed] = row
     wall = time.perf_counter() - started

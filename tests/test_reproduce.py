@@ -92,3 +92,32 @@ def test_a_missing_data_folder_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "nowhere/train: no such folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_runs_picks_rows_and_their_claims(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "cifar10", train_per_class=10, test_per_class=5)
+    out = tmp_path / "out"
+    chosen = ["scratch, linear stem", "scratch, hMLP stem"]
+    result = run_benchmark("--quick", "--train-per-class", "10", "--test-per-class", "5", "--seeds", "1",
+                           "--data", str(tmp_path / "cifar10"), "--out", str(out), "--runs", *chosen)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    assert list(rows) == chosen
+    assert (
+        rows["scratch, hMLP stem"]["per_seed"]["0"]["params"]
+        > rows["scratch, linear stem"]["per_seed"]["0"]["params"]
+    )
+    table = (out / "table.md").read_text()
+    assert "parallel" not in table  # neither its row nor its claim
+
+
+@pytest.mark.parametrize(
+    "runs, message",
+    [(["scratch, nothing"], "--runs: no row 'scratch, nothing'"),
+     (["fine-tune 48 px, full"], "start from 'scratch, linear stem': name it too")],
+)  # fmt: skip
+def test_bad_runs_are_one_line(tmp_path: Path, runs, message) -> None:
+    result = run_benchmark(
+        "--quick", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--runs", *runs
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
