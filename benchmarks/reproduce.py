@@ -28,7 +28,8 @@ in this process; on a shared machine compare rows of one run, never runs.
 Seen with --jobs 2 (2-core AMD EPYC, fp32, 58 minutes; the README has the table): the hybrid +3.7 ±
 1.0 and parallel blocks +2.1 ± 0.4 hold; attention-only fine-tuning -0.4 ± 0.1 (a small loss beyond
 noise); interpolated positions +0.3 ± 0.2 and masked-patch pre-training +0.4 ± 0.2 are within noise;
-after pre-training the hMLP stem trails the linear one by 2.2 ± 0.8 on 1,500 images.
+after pre-training the hMLP stem trails the linear one by 2.2 ± 0.8 on 1,500 images (16-px patches of
+upsampled images), and by 3.5 ± 0.5 with 4-px patches of the images as they are (a `--runs` rerun).
 """
 
 from __future__ import annotations
