@@ -47,10 +47,6 @@ class MuonWithAdamW:
     def param_groups(self) -> list[dict]:
         return [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
-    @property
-    def state(self) -> dict:
-        return {param: entry for optimizer in self.optimizers for param, entry in optimizer.state.items()}
-
     def step(self, closure=None) -> None:
         if closure is not None:
             raise ValueError("MuonWithAdamW.step takes no closure")
