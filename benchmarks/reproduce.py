@@ -15,8 +15,12 @@ The runs, each once per seed:
   linear and hMLP stems: as many epochs of pre-training, then the same supervised training as scratch;
   the 10-shot ridge accuracy of the frozen pre-trained encoder is shown too;
 - fine-tuning the scratch linear-stem model at 48 px (64 -> 144 tokens) with the ViT paper's recipe
-  (SGD 0.9, no decay, clip 1): full, attention-only, and full with the position embeddings
-  re-initialised instead of interpolated in 2D.
+  (SGD 0.9, no decay, clip 1): full, attention-only, full with the position embeddings
+  re-initialised instead of interpolated in 2D, and two peers of attention-only: LoRA adapters of
+  rank 8 on every attention module, and head-only (a linear probe), on the same recipe.
+
+`--pretrain-epochs` sets the pre-training apart from the supervised epochs; `--precision auto` takes
+bf16 autocast where this machine measured bf16 products fast (vitkit's calibration), as training does.
 
 Each claim is a difference between two rows paired by seed (one seed: the same
 initialisation seed and the same batches). It holds when the mean paired difference is more than twice its standard
@@ -54,6 +58,7 @@ from vitkit.data import ImageFolder
 from vitkit.delta import finetune_model, measure_freezing
 from vitkit.eval.fewshot import FewShotConfig, fewshot_accuracies
 from vitkit.fast import apply_fast_paths
+from vitkit.fast.machine import choose_precision
 from vitkit.io import atomic_write
 from vitkit.models.config import ViTConfig
 from vitkit.models.masked import MaskedConfig, MaskedPatchModel
@@ -64,9 +69,13 @@ from vitkit.train.precision import machine_summary
 WIDTH, DEPTH, HEADS, MLP = 128, 6, 4, 384
 FINETUNE_SIZE = 48
 FULL = dict(
-    train_per_class=150, test_per_class=500, epochs=10.0, finetune_epochs=10.0, seeds=3, batch_size=64
-)
-QUICK = dict(train_per_class=20, test_per_class=10, epochs=1.0, finetune_epochs=1.0, seeds=2, batch_size=32)
+    train_per_class=150, test_per_class=500, epochs=10.0, finetune_epochs=10.0, seeds=3, batch_size=64,
+    precision="fp32",
+)  # fmt: skip
+QUICK = dict(
+    train_per_class=20, test_per_class=10, epochs=1.0, finetune_epochs=1.0, seeds=2, batch_size=32,
+    precision="fp32",
+)  # fmt: skip
 
 SCRATCH = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=0, min_lr=1e-5, clip_grad=1.0)
 # The ViT paper's fine-tuning recipe.
@@ -82,6 +91,11 @@ class Settings:
     finetune_epochs: float
     batch_size: int
     threads: int
+    pretrain_epochs: float
+    precision: str  # "fp32" or "bf16" (autocast), resolved before the workers start
+
+    def autocast(self):
+        return torch.autocast("cpu", torch.bfloat16, enabled=self.precision == "bf16")
 
 
 @dataclass
@@ -194,18 +208,21 @@ def train_steps(model, step_loss, optimizer, cfg: OptimConfig, data: Data, steps
 
 
 def supervised(
-    model: VisionTransformer, data: Data, steps: int, batch: int, cfg: OptimConfig, seed: int
+    model: VisionTransformer, data: Data, steps: int, settings: Settings, cfg: OptimConfig, seed: int
 ) -> float:
     size = model.config.img_size[0]
     optimizer = optimizer_for(model, cfg)
 
     def loss(images, labels, step):
-        return F.cross_entropy(model(to_model_input(images, size)), labels)
+        with settings.autocast():
+            return F.cross_entropy(model(to_model_input(images, size)), labels)
 
-    return train_steps(model, loss, optimizer, cfg, data, steps, batch, seed)
+    return train_steps(model, loss, optimizer, cfg, data, steps, settings.batch_size, seed)
 
 
-def masked_pretrain(encoder: VisionTransformer, data: Data, steps: int, batch: int, seed: int) -> float:
+def masked_pretrain(
+    encoder: VisionTransformer, data: Data, steps: int, settings: Settings, seed: int
+) -> float:
     model = MaskedPatchModel(encoder, MaskedConfig())
     extra = [
         {"params": [model.mask_token], "weight_decay": 0.0},
@@ -215,18 +232,22 @@ def masked_pretrain(encoder: VisionTransformer, data: Data, steps: int, batch: i
     size = encoder.config.img_size[0]
 
     def loss(images, labels, step):
-        return model(to_model_input(images, size), torch.Generator().manual_seed(seed * 100_003 + step))[0]
+        with settings.autocast():
+            generator = torch.Generator().manual_seed(seed * 100_003 + step)
+            return model(to_model_input(images, size), generator)[0]
 
-    return train_steps(model, loss, optimizer, SCRATCH, data, steps, batch, seed + 7919)
+    return train_steps(model, loss, optimizer, SCRATCH, data, steps, settings.batch_size, seed + 7919)
 
 
 @torch.no_grad()
-def accuracy(model: VisionTransformer, data: Data) -> float:
+def accuracy(model: VisionTransformer, data: Data, settings: Settings) -> float:
     model.eval()
     size, correct = model.config.img_size[0], 0
     for start in range(0, len(data.test_labels), 250):
         images = to_model_input(data.test_images[start : start + 250], size)
-        correct += (model(images).argmax(-1) == data.test_labels[start : start + 250]).sum().item()
+        with settings.autocast():
+            logits = model(images)
+        correct += (logits.argmax(-1) == data.test_labels[start : start + 250]).sum().item()
     return correct / len(data.test_labels)
 
 
@@ -266,6 +287,8 @@ FINETUNE_RUNS = {
     "fine-tune 48 px, full": dict(rule="none", interpolate=True),
     "fine-tune 48 px, attention-only": dict(rule="attention-only", interpolate=True),
     "fine-tune 48 px, full, positions re-initialised": dict(rule="none", interpolate=False),
+    "fine-tune 48 px, LoRA rank 8": dict(rule="lora", interpolate=True),
+    "fine-tune 48 px, head-only": dict(rule="head-only", interpolate=True),
 }
 FINETUNE_FROM = "scratch, linear stem"
 
@@ -287,10 +310,11 @@ def run_base(task: tuple[str, int, Settings]) -> tuple[str, int, dict, dict | No
     row: dict = {"params": model.num_params(), "steps": steps}
     seconds = 0.0
     if spec.get("pretrain"):
-        seconds += masked_pretrain(model, data, steps, settings.batch_size, seed)
-        row["fewshot10_encoder"] = fewshot10(model, data)
-    seconds += supervised(model, data, steps, settings.batch_size, SCRATCH, seed)
-    row.update(top1=accuracy(model, data), time_s=seconds)
+        pretrain_steps = data.steps(settings.pretrain_epochs, settings.batch_size)
+        seconds += masked_pretrain(model, data, pretrain_steps, settings, seed)
+        row.update(pretrain_steps=pretrain_steps, fewshot10_encoder=fewshot10(model, data))
+    seconds += supervised(model, data, steps, settings, SCRATCH, seed)
+    row.update(top1=accuracy(model, data, settings), time_s=seconds)
     state = model.state_dict() if name == FINETUNE_FROM else None
     return name, seed, row, state
 
@@ -307,9 +331,9 @@ def run_finetune(task: tuple[str, int, Settings, dict]) -> tuple[str, int, dict,
             model.pos_embed.normal_(std=0.02)
     trainable = apply_freeze_rule(model, spec["rule"])
     steps = data.steps(settings.finetune_epochs, settings.batch_size)
-    seconds = supervised(model, data, steps, settings.batch_size, FINETUNE, seed)
+    seconds = supervised(model, data, steps, settings, FINETUNE, seed)
     row = {
-        "top1": accuracy(model, data),
+        "top1": accuracy(model, data, settings),
         "time_s": seconds,
         "trainable": trainable,
         "params": model.num_params(),
@@ -360,6 +384,8 @@ CLAIMS = [
      "fine-tune 48 px, full, positions re-initialised", "fine-tune 48 px, full", "better"),
     ("a hybrid (conv stem) beats the pure ViT on small data (ViT 4.2)",
      "scratch, linear stem", "scratch, conv stem (hybrid)", "better"),
+    ("LoRA (rank 8) fine-tuning at a higher resolution matches full fine-tuning (Hu et al.)",
+     "fine-tune 48 px, full", "fine-tune 48 px, LoRA rank 8", "no loss"),
 ]  # fmt: skip
 
 
@@ -472,6 +498,13 @@ def main() -> int:
     parser.add_argument(
         "--finetune-epochs", type=float, help="of each 48 px fine-tuning run: default 10 (--quick: 1)"
     )
+    parser.add_argument(
+        "--pretrain-epochs", type=float, help="of each masked-patch pre-training run: default --epochs"
+    )
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"),
+        help="of training and scoring; auto: bf16 where this machine measured it faster (default fp32)",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, help="default 3 (--quick: 2)")
     parser.add_argument("--batch-size", type=int, help="default 64 (--quick: 32)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
@@ -489,8 +522,10 @@ def main() -> int:
     for flag in ("train_per_class", "test_per_class", "seeds", "batch_size", "jobs", "threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.epochs <= 0 or args.finetune_epochs <= 0:
-        parser.error("--epochs and --finetune-epochs must be positive")
+    if args.pretrain_epochs is None:
+        args.pretrain_epochs = args.epochs
+    if min(args.epochs, args.finetune_epochs, args.pretrain_epochs) <= 0:
+        parser.error("--epochs, --pretrain-epochs and --finetune-epochs must be positive")
     if args.train_per_class < 10:
         parser.error(f"--train-per-class must be at least 10 (the 10-shot draws), got {args.train_per_class}")
     chosen = args.runs or [*BASE_RUNS, *FINETUNE_RUNS]
@@ -516,14 +551,18 @@ def main() -> int:
     cache = out / f"cifar10_{args.train_per_class}_{args.test_per_class}.npz"
     global _DATA
     data = _DATA = load_cifar(Path(args.data), args.train_per_class, args.test_per_class, cache)
-    settings = Settings(str(cache), args.epochs, args.finetune_epochs, args.batch_size, args.threads)
+    precision, why = choose_precision(args.precision, torch.device("cpu"))
+    settings = Settings(
+        str(cache), args.epochs, args.finetune_epochs, args.batch_size, args.threads, args.pretrain_epochs,
+        precision,
+    )  # fmt: skip
     seeds = list(range(args.seeds))
     steps = data.steps(args.epochs, args.batch_size)
     header = (
         f"CIFAR-10, {len(data.train_labels):,} training and {len(data.test_labels):,} test images; "
-        f"{args.epochs:g} epochs ({steps} steps of {args.batch_size}) per training or pre-training run, "
-        f"{args.finetune_epochs:g} per fine-tuning run; {len(seeds)} seeds; {args.jobs} runs at a time, "
-        f"{args.threads} thread(s) each."
+        f"{args.epochs:g} epochs ({steps} steps of {args.batch_size}) per training run, "
+        f"{args.pretrain_epochs:g} per pre-training run, {args.finetune_epochs:g} per fine-tuning run; "
+        f"{precision} ({why}); {len(seeds)} seeds; {args.jobs} runs at a time, {args.threads} thread(s) each."
     )
     print(header, file=sys.stderr)
 

@@ -9,7 +9,7 @@ from test_train_loop import tiny_experiment, weights
 from vitkit.models import VisionTransformer, ViTConfig
 from vitkit.train import OptimConfig, load_experiment, train
 from vitkit.train.finetune_recipe import describe
-from vitkit.train.muon import MuonWithAdamW
+from vitkit.train.muon import FilterMuon, MuonWithAdamW
 from vitkit.train.optim import build_optimizer, param_groups, set_lr
 
 
@@ -96,8 +96,14 @@ def test_state_dict_round_trip_continues_the_same_steps():
         restored.load_state_dict({**state, "param_groups": state["param_groups"][:1]})
 
 
-def test_a_run_resumes_bitwise_and_states_its_optimiser(tmp_path):
+@pytest.mark.parametrize("filters", [False, True])
+def test_a_run_resumes_bitwise_and_states_its_optimiser(tmp_path, filters):
     options = dict(optim={"name": "muon", "weight_decay": 0.05}, epochs=2, checkpoint_every=1)
+    if filters:  # the checkpoint checks see the filters' momentum in their own shape
+        options.update(
+            optim={**options["optim"], "muon_filters": True},
+            model={"stem": "cnn", "patch_size": 4, "stem_channels": (8, 16, 32)},
+        )
     train(tiny_experiment(tmp_path / "straight", **options))
     assert train(tiny_experiment(tmp_path / "resumed", max_steps=1, **options))["steps"] == 1
     train(tiny_experiment(tmp_path / "resumed", **options))
@@ -107,10 +113,79 @@ def test_a_run_resumes_bitwise_and_states_its_optimiser(tmp_path):
     )
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
     lines = describe(load_experiment(tiny_experiment(tmp_path, **options), []), 1, 1, "none", "zero")
-    assert any(line.startswith("optimizer: Muon on the blocks' matrices, AdamW") for line in lines)
+    said = "optimizer: Muon on the blocks' matrices" + (
+        " and the stem's filters past the pixels" if filters else ""
+    )
+    assert any(line.startswith(said + ", AdamW") for line in lines)
 
 
 def test_fsdp_refuses_muon(tmp_path):
     experiment = tiny_experiment(tmp_path, optim={"name": "muon"}, strategy="fsdp")
     with pytest.raises(ValueError, match="does not support optim.name='muon'"):
         train(experiment)
+
+
+# optim.muon_filters: the stem's conv filters past the pixels ------------------------------------------
+def cnn_model() -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(
+        ViTConfig(img_size=16, patch_size=4, stem="cnn", stem_channels=(8, 12, 16), embed_dim=16, depth=1,
+                  num_heads=2, num_classes=3)
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_filter_muon_is_torchs_muon_on_the_filters_matrix(kernel):
+    """A (O, I, k, k) filter bank steps exactly as torch.optim.Muon steps the (O, I*k*k) matrix."""
+    torch.manual_seed(0)
+    filters = torch.nn.Parameter(torch.randn(6, 4, kernel, kernel))
+    matrix = torch.nn.Parameter(filters.detach().reshape(6, -1).clone())
+    ours = FilterMuon([{"params": [filters], "weight_decay": 0.05}], lr=0.02)
+    reference = torch.optim.Muon(
+        [{"params": [matrix], "weight_decay": 0.05}], lr=0.02, adjust_lr_fn="match_rms_adamw"
+    )
+    for step in range(3):
+        grad = torch.randn(6, 4, kernel, kernel, generator=torch.Generator().manual_seed(step))
+        filters.grad, matrix.grad = grad.clone(), grad.reshape(6, -1).clone()
+        ours.step()
+        reference.step()
+    assert not torch.equal(matrix, torch.nn.Parameter(torch.zeros_like(matrix)))
+    torch.testing.assert_close(filters.detach().reshape(6, -1), matrix.detach(), rtol=0, atol=0)
+    assert ours.state[filters]["momentum_buffer"].shape == filters.shape
+    with pytest.raises(ValueError, match="4-D filters"):
+        FilterMuon([{"params": [matrix]}], lr=0.02)
+
+
+def test_muon_filters_takes_the_stems_convs_past_the_pixels():
+    model = cnn_model()
+    optimizer = build_optimizer(model, OptimConfig(name="muon", lr=0.01, muon_filters=True))
+    filters = {n for g in optimizer.filter_muon.param_groups for n in g["names"]}
+    convs = {n for n, p in model.named_parameters() if p.ndim == 4}
+    first = {n for n, p in model.named_parameters() if p.ndim == 4 and p.shape[1] == 3}
+    assert len(first) == 1 and filters == convs - first and len(filters) == 4
+    adamw = {n for g in optimizer.adamw.param_groups for n in g["names"]}
+    assert first <= adamw and not filters & adamw
+    # Without the option the convs all stay with AdamW.
+    plain = build_optimizer(cnn_model(), OptimConfig(name="muon", lr=0.01))
+    assert plain.filter_muon is None and convs <= {n for g in plain.adamw.param_groups for n in g["names"]}
+    # A linear stem has no such filter; AdamW has no such option.
+    with pytest.raises(ValueError, match="no trainable conv past the pixels"):
+        build_optimizer(tiny_model(), OptimConfig(name="muon", lr=0.01, muon_filters=True))
+    with pytest.raises(ValueError, match="muon_filters needs name='muon'"):
+        OptimConfig(name="adamw", muon_filters=True)
+
+
+def test_muon_filters_state_round_trip_continues_the_same_steps():
+    model = cnn_model()
+    optimizer = build_optimizer(model, OptimConfig(name="muon", lr=0.01, muon_filters=True))
+    for seed in range(2):
+        loss_step(model, optimizer, seed)
+    state = copy.deepcopy(optimizer.state_dict())
+    twin = cnn_model()
+    twin.load_state_dict(model.state_dict())
+    restored = build_optimizer(twin, OptimConfig(name="muon", lr=0.01, muon_filters=True))
+    restored.load_state_dict(state)
+    loss_step(model, optimizer, 7)
+    loss_step(twin, restored, 7)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)

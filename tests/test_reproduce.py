@@ -111,6 +111,41 @@ def test_runs_picks_rows_and_their_claims(tmp_path: Path) -> None:
     assert "parallel" not in table  # neither its row nor its claim
 
 
+def test_bf16_longer_pretraining_and_the_peft_rows(tmp_path: Path) -> None:
+    """--precision bf16 reaches the runs and the header; --pretrain-epochs sets the pre-training steps
+    alone; LoRA and head-only fine-tuning train fewer parameters than attention-only."""
+    make_image_folder(tmp_path / "cifar10", train_per_class=10, test_per_class=5)
+    out = tmp_path / "out"
+    chosen = [
+        "scratch, linear stem",
+        "masked-patch pre-trained, linear stem",
+        "fine-tune 48 px, attention-only",
+        "fine-tune 48 px, LoRA rank 8",
+        "fine-tune 48 px, head-only",
+    ]
+    result = run_benchmark("--quick", "--train-per-class", "10", "--test-per-class", "5", "--seeds", "1",
+                           "--precision", "bf16", "--pretrain-epochs", "2", "--data", str(tmp_path / "cifar10"),
+                           "--out", str(out), "--runs", *chosen)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "rows.json").read_text())
+    assert record["settings"]["precision"] == "bf16" and record["settings"]["pretrain_epochs"] == 2.0
+    assert "2 per pre-training run, 1 per fine-tuning run; bf16 (requested)" in (out / "table.md").read_text()
+    rows = {name: row["per_seed"]["0"] for name, row in record["rows"].items()}
+    pretrained = rows["masked-patch pre-trained, linear stem"]
+    assert (
+        pretrained["pretrain_steps"] == 2 * pretrained["steps"] == 2 * rows["scratch, linear stem"]["steps"]
+    )
+    attention, lora, head = (
+        rows[f"fine-tune 48 px, {rule}"] for rule in ("attention-only", "LoRA rank 8", "head-only")
+    )
+    assert head["trainable"] == 10 * 128 + 10 < lora["trainable"] < attention["trainable"]
+    assert lora["params"] > attention["params"]  # the adapters are extra parameters
+    assert (
+        "LoRA (rank 8) fine-tuning at a higher resolution matches full fine-tuning"
+        not in (out / "table.md").read_text()
+    )
+
+
 @pytest.mark.parametrize(
     "runs, message",
     [(["scratch, nothing"], "--runs: no row 'scratch, nothing'"),

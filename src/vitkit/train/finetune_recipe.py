@@ -153,7 +153,8 @@ def describe(experiment: Any, num_trainable: int, num_params: int, freeze: str, 
     if optim.name == "adamw":
         rule = f"AdamW (betas {optim.betas[0]:g}, {optim.betas[1]:g}), weight decay {optim.weight_decay:g}"
     elif optim.name == "muon":
-        rule = f"Muon on the blocks' matrices, AdamW (betas {optim.betas[0]:g}, {optim.betas[1]:g}) on the rest, "
+        filters = " and the stem's filters past the pixels" if optim.muon_filters else ""
+        rule = f"Muon on the blocks' matrices{filters}, AdamW (betas {optim.betas[0]:g}, {optim.betas[1]:g}) on the rest, "
         rule += f"weight decay {optim.weight_decay:g}"
     else:
         rule = f"SGD momentum {optim.momentum:g}, weight decay {optim.weight_decay:g}"

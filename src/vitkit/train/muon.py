@@ -7,6 +7,11 @@ in Moonshot's "Muon is Scalable"), so both halves take the run's one lr, schedul
 `MuonWithAdamW` looks like one optimiser to the loop: one list of param groups (Muon's first), one
 step, and one state_dict in torch's form with the parameters numbered across both halves, so
 checkpoints, resumption and their checks are the same as for AdamW.
+
+With `filters` (`optim.muon_filters`), the convolution filters of the stem that do not read pixels
+(a CNN trunk's later convs, an hMLP stem's 2x2 projections) take Muon too, each (O, I, kh, kw)
+filter bank orthogonalised as the (O, I*kh*kw) matrix it multiplies by (as airbench's Muon does);
+convs on the image's channels stay with AdamW, like the embeddings.
 """
 
 from __future__ import annotations
@@ -14,6 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim._muon import (
+    DEFAULT_A,
+    DEFAULT_B,
+    DEFAULT_C,
+    DEFAULT_NS_STEPS,
+    EPS,
+    _adjust_lr,
+    _zeropower_via_newtonschulz,
+)
 
 
 def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
@@ -21,27 +35,84 @@ def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
     return param.ndim == 2 and name.startswith("blocks.")
 
 
-class MuonWithAdamW:
-    """Muon over the blocks' matrices of `groups`, AdamW (betas) over the rest; the groups keep their
-    weight_decay and lr_scale."""
+def is_muon_filter(name: str, param: torch.Tensor, in_chans: int) -> bool:
+    """A conv filter bank of the stem whose input is not the image (its channels are not in_chans)."""
+    return param.ndim == 4 and name.startswith("patch_embed.") and param.shape[1] != in_chans
 
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float]):
-        matrices, others = [], []
+
+NS_COEFFICIENTS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+
+
+class FilterMuon(torch.optim.Optimizer):
+    """torch's Muon step (Nesterov momentum, 5 Newton-Schulz steps, "match_rms_adamw" lr, decoupled
+    weight decay) on conv filter banks, each seen as its (O, I*kh*kw) matrix. torch.optim.Muon takes
+    2-D parameters only; this applies its own step functions to 2-D views, which write through to
+    the filters (the momentum buffers keep the filters' shape, as the checkpoint checks expect)."""
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float = 0.95):
+        super().__init__(groups, dict(lr=lr, weight_decay=0.1, momentum=momentum))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 4 or not p.is_contiguous():
+                    raise ValueError(f"FilterMuon takes contiguous 4-D filters, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        if closure is not None:
+            raise ValueError("FilterMuon.step takes no closure")
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                matrix, grad = p.view(p.shape[0], -1), p.grad.reshape(p.shape[0], -1)
+                buf = state["momentum_buffer"].view_as(grad)
+                buf.lerp_(grad, 1 - momentum)
+                update = _zeropower_via_newtonschulz(
+                    grad.lerp(buf, momentum), NS_COEFFICIENTS, DEFAULT_NS_STEPS, EPS
+                )
+                matrix.mul_(1 - lr * group["weight_decay"])
+                matrix.add_(update, alpha=-_adjust_lr(lr, "match_rms_adamw", matrix.shape))
+
+
+class MuonWithAdamW:
+    """Muon over the blocks' matrices of `groups` (and, with `filters`, the stem's filters that do not
+    read pixels: `in_chans` is the image's channels), AdamW (betas) over the rest; the groups keep
+    their weight_decay and lr_scale."""
+
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float,
+        betas: tuple[float, float],
+        filters: bool = False,
+        in_chans: int = 3,
+    ):
+        def kind(name: str, param: torch.Tensor) -> str:
+            if is_muon_matrix(name, param):
+                return "matrix"
+            return "filter" if filters and is_muon_filter(name, param, in_chans) else "other"
+
+        parts: dict[str, list[dict]] = {"matrix": [], "filter": [], "other": []}
         for group in groups:
-            for half, keep in ((matrices, True), (others, False)):
+            for part, chosen in parts.items():
                 pairs = [
-                    (n, p)
-                    for n, p in zip(group["names"], group["params"], strict=True)
-                    if is_muon_matrix(n, p) == keep
+                    (n, p) for n, p in zip(group["names"], group["params"], strict=True) if kind(n, p) == part
                 ]
                 if pairs:
                     names, params = zip(*pairs, strict=True)
-                    half.append({**group, "params": list(params), "names": list(names)})
-        if not matrices:
+                    chosen.append({**group, "params": list(params), "names": list(names)})
+        if not parts["matrix"]:
             raise ValueError("optim.name='muon': the model has no trainable Transformer weight matrix")
-        self.muon = torch.optim.Muon(matrices, lr=lr, adjust_lr_fn="match_rms_adamw")
-        self.adamw = torch.optim.AdamW(others, lr=lr, betas=betas) if others else None
-        self.optimizers = [self.muon] + ([self.adamw] if self.adamw else [])
+        if filters and not parts["filter"]:
+            raise ValueError("optim.muon_filters: the model's stem has no trainable conv past the pixels")
+        self.muon = torch.optim.Muon(parts["matrix"], lr=lr, adjust_lr_fn="match_rms_adamw")
+        self.filter_muon = FilterMuon(parts["filter"], lr=lr) if parts["filter"] else None
+        self.adamw = torch.optim.AdamW(parts["other"], lr=lr, betas=betas) if parts["other"] else None
+        self.optimizers = [o for o in (self.muon, self.filter_muon, self.adamw) if o is not None]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -58,7 +129,7 @@ class MuonWithAdamW:
             optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's form: parameters numbered 0.. across Muon's groups, then AdamW's."""
+        """torch's form: parameters numbered 0.. across Muon's groups, then FilterMuon's, then AdamW's."""
         merged: dict[str, Any] = {"state": {}, "param_groups": []}
         offset = 0
         for optimizer in self.optimizers:

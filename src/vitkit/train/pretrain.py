@@ -97,7 +97,7 @@ def build_pretrain_optimizer(model: MaskedPatchModel, cfg: OptimConfig) -> torch
     )
     groups.append({"params": [model.head.weight], "names": ["head.weight"], "weight_decay": cfg.weight_decay})
     groups.append({"params": [model.head.bias], "names": ["head.bias"], "weight_decay": 0.0})
-    return optimizer_over(groups, cfg)
+    return optimizer_over(groups, cfg, model.encoder.config.in_chans)
 
 
 def masked_task(experiment: PretrainExperiment, env: distributed.Env, train_loader) -> Task:
