@@ -48,6 +48,7 @@ def cache(tmp_path, monkeypatch):
     """A cache folder of the test's own, nothing remembered in this process, measuring on."""
     monkeypatch.setenv(machine.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(machine.CALIBRATION_ENV, raising=False)
+    monkeypatch.setattr(machine, "cpu_load", lambda: 0.1)  # a quiet machine, whatever this one does
     machine._cached_calibration.cache_clear()
     yield tmp_path / "cache" / machine.CACHE_NAME
     machine._cached_calibration.cache_clear()
@@ -102,6 +103,26 @@ def test_calibration_is_measured_once_then_read_from_the_cache(cache, monkeypatc
     assert calibration() == first
 
 
+def test_a_calibration_on_a_busy_cpu_serves_its_process_and_is_not_cached(cache, monkeypatch, caplog):
+    monkeypatch.setattr(machine, "cpu_load", lambda: 1.8)
+    measured = calibration()
+    assert measured is not None and not cache.exists()
+    assert "calibrated while the CPU was busy (load 1.8 per free core)" in caplog.text
+    assert calibration() is measured  # the same process keeps its figures
+    machine._cached_calibration.cache_clear()
+    monkeypatch.setattr(machine, "cpu_load", lambda: 0.3)
+    again = calibration()  # the next run, on a quiet CPU, measures again and caches
+    assert again is not measured and cache.is_file()
+
+
+def test_cpu_load_is_the_load_average_per_free_core(monkeypatch):
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (3.0, 1.0, 0.5))
+    monkeypatch.setattr(machine, "free_cores", lambda: 2)
+    assert machine.cpu_load() == 1.5
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (_ for _ in ()).throw(OSError("no load average")))
+    assert machine.cpu_load() == 0.0
+
+
 def test_another_torch_or_thread_count_measures_again(cache, monkeypatch):
     planted = {"other|torch 0.0|2 threads": asdict(Calibration("other", {"fp32": 1.0, "bf16": 2.0}))}
     cache.parent.mkdir(parents=True)
@@ -136,6 +157,7 @@ def test_an_unwritable_cache_still_measures(tmp_path, monkeypatch, caplog):
     blocker.write_text("")
     monkeypatch.setenv(machine.CACHE_ENV, str(blocker / "cache"))  # a folder under a file
     monkeypatch.delenv(machine.CALIBRATION_ENV, raising=False)
+    monkeypatch.setattr(machine, "cpu_load", lambda: 0.1)
     machine._cached_calibration.cache_clear()
     try:
         assert calibration() is not None

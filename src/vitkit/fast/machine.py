@@ -7,7 +7,9 @@ and the training attention (forward and backward) of SDPA against the explicit s
 bf16 at two sequence lengths. It runs once per machine: the figures are cached under the user's cache
 folder (`$VITKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/vitkit`, else `~/.cache/vitkit`), keyed by the CPU
 model, its flags, the torch version and the thread count, so a new CPU, torch or thread count measures
-again. A run logs the figures behind its choice.
+again. Figures measured while the CPU was busy (a 1-minute load average above one per free core: other
+work shared the cores) serve the process that measured them and are not cached, so the next run
+measures again. A run logs the figures behind its choice.
 
 Where measuring is impossible or unwanted (`VITKIT_CALIBRATION=off`, a device other than the CPU, a
 failure while timing) the flag rules decide: bf16 on a CPU with AMX, fp32 elsewhere.
@@ -48,6 +50,8 @@ BF16_MIN_GAIN = 1.15
 # The lengths the training attention is timed at, and the longest it may ever take the explicit path
 # (it keeps the (B, heads, L, L) probabilities for the backward pass).
 ATTENTION_LENGTHS = (65, 197)
+# Above this 1-minute load average per free core, a measurement shared the CPU: it is not cached.
+BUSY_LOAD = 1.0
 EXPLICIT_ATTENTION_MAX_LEN = 640
 
 
@@ -279,6 +283,14 @@ def _figures_file(path: str) -> Calibration:
         raise ValueError(f"{CALIBRATION_ENV}={path}: not a calibration ({error})") from None
 
 
+def cpu_load() -> float:
+    """The 1-minute load average per free core (0 where the OS keeps none)."""
+    try:
+        return os.getloadavg()[0] / free_cores()
+    except (OSError, AttributeError):
+        return 0.0
+
+
 @functools.cache
 def _cached_calibration(key: str, cache_path: str) -> Calibration | None:
     path = Path(cache_path)
@@ -288,12 +300,20 @@ def _cached_calibration(key: str, cache_path: str) -> Calibration | None:
             return _from_entry(entries[key])
         except (TypeError, ValueError) as error:
             log.warning("calibration cache %s: entry for %s ignored (%s); measuring again", path, key, error)
+    load = cpu_load()
     try:
         measured = measure()
     except RuntimeError as error:  # a kernel this build lacks: the flag rules decide
         log.warning("calibration failed (%s); precision and kernels follow the CPU flags", error)
         return None
     log.info("calibrated %s: %s", key, measured.describe())
+    if load > BUSY_LOAD:
+        log.warning(
+            "calibrated while the CPU was busy (load %.1f per free core): the figures serve this process "
+            "and are not cached; the next run measures again",
+            load,
+        )
+        return measured
     try:
         _write_cache(path, {**entries, key: asdict(measured)})
     except OSError as error:
