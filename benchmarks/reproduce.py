@@ -1,7 +1,7 @@
 """The reproduction table: each claim of the two papers on CIFAR-10, from several seeds, with its spread.
 
     python benchmarks/reproduce.py --quick             # about a minute: shows that it all works
-    python benchmarks/reproduce.py --jobs 2            # the README's table (2 runs at a time, 1 thread each)
+    python benchmarks/reproduce.py --jobs 2            # the README's table (2 runs at a time, 1 thread each; ~2 hours)
 
 Every model is the same small ViT (width 128, 6 blocks, 4 heads, MLP 384, 64 tokens) on the first
 `--train-per-class` training images of each class, trained for `--epochs` epochs (AdamW, warmup +
@@ -29,11 +29,13 @@ cheaper method matches), it holds unless the difference is more than twice its s
 zero. Memory, step time and latency are measured after the training runs, with nothing else running
 in this process; on a shared machine compare rows of one run, never runs.
 
-Seen with --jobs 2 (2-core AMD EPYC, fp32, 58 minutes; the README has the table): the hybrid +3.7 ±
-1.0 and parallel blocks +2.1 ± 0.4 hold; attention-only fine-tuning -0.4 ± 0.1 (a small loss beyond
-noise); interpolated positions +0.3 ± 0.2 and masked-patch pre-training +0.4 ± 0.2 are within noise;
-after pre-training the hMLP stem trails the linear one by 2.2 ± 0.8 on 1,500 images (16-px patches of
-upsampled images), and by 3.5 ± 0.5 with 4-px patches of the images as they are (a `--runs` rerun).
+Seen with --jobs 2 (2-core AMD EPYC with avx512_bf16, bf16 chosen, 117 minutes; the README has the
+table): on all 50,000 training images, one epoch of masked-patch pre-training then one supervised,
+pre-training helps (+4.8 ± 0.6 linear stem, +3.3 ± 0.4 hMLP), the hybrid +5.5 ± 0.2, parallel blocks
++2.9 ± 0.4, interpolated positions +1.6 ± 0.2 and attention-only fine-tuning -0.1 ± 0.2 hold; the hMLP
+stem trails the linear one after pre-training (-3.6 ± 0.4) and LoRA trails full fine-tuning at the
+shared lr (-1.0 ± 0.3). On 1,500 images for 10 epochs (an older default, fp32) pre-training was
+within noise (+0.4 ± 0.2) and so were interpolated positions (+0.3 ± 0.2).
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ from vitkit.train.precision import machine_summary
 WIDTH, DEPTH, HEADS, MLP = 128, 6, 4, 384
 FINETUNE_SIZE = 48
 FULL = dict(
-    train_per_class=150, test_per_class=500, epochs=10.0, finetune_epochs=10.0, seeds=3, batch_size=64,
-    precision="fp32",
+    train_per_class=5000, test_per_class=1000, epochs=1.0, finetune_epochs=0.2, seeds=3, batch_size=64,
+    precision="auto",
 )  # fmt: skip
 QUICK = dict(
     train_per_class=20, test_per_class=10, epochs=1.0, finetune_epochs=1.0, seeds=2, batch_size=32,
@@ -490,20 +492,20 @@ def measure_costs(rows: dict[str, dict], quick: bool, batch_size: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10"))
-    parser.add_argument("--train-per-class", type=int, help="default 150 (--quick: 20)")
-    parser.add_argument("--test-per-class", type=int, help="default 500 (--quick: 10)")
+    parser.add_argument("--train-per-class", type=int, help="default 5000: all (--quick: 20)")
+    parser.add_argument("--test-per-class", type=int, help="default 1000: all (--quick: 10)")
     parser.add_argument(
-        "--epochs", type=float, help="of each training and pre-training run: default 10 (--quick: 1)"
+        "--epochs", type=float, help="of each supervised training run: default 1 (--quick: 1)"
     )
     parser.add_argument(
-        "--finetune-epochs", type=float, help="of each 48 px fine-tuning run: default 10 (--quick: 1)"
+        "--finetune-epochs", type=float, help="of each 48 px fine-tuning run: default 0.2 (--quick: 1)"
     )
     parser.add_argument(
         "--pretrain-epochs", type=float, help="of each masked-patch pre-training run: default --epochs"
     )
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "bf16"),
-        help="of training and scoring; auto: bf16 where this machine measured it faster (default fp32)",
+        help="of training and scoring; auto: bf16 where this machine measured it faster (default auto; --quick: fp32)",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, help="default 3 (--quick: 2)")
     parser.add_argument("--batch-size", type=int, help="default 64 (--quick: 32)")
@@ -560,7 +562,7 @@ def main() -> int:
     steps = data.steps(args.epochs, args.batch_size)
     header = (
         f"CIFAR-10, {len(data.train_labels):,} training and {len(data.test_labels):,} test images; "
-        f"{args.epochs:g} epochs ({steps} steps of {args.batch_size}) per training run, "
+        f"{args.epochs:g} epoch{'' if args.epochs == 1 else 's'} ({steps} steps of {args.batch_size}) per training run, "
         f"{args.pretrain_epochs:g} per pre-training run, {args.finetune_epochs:g} per fine-tuning run; "
         f"{precision} ({why}); {len(seeds)} seeds; {args.jobs} runs at a time, {args.threads} thread(s) each."
     )

@@ -15,8 +15,10 @@ from vitkit.analysis.flops import count
 from vitkit.cli import main
 from vitkit.eval.classification import evaluate_classification, flip_averaged
 from vitkit.io import read_weights
+from vitkit.models import VisionTransformer
 from vitkit.train import load_experiment, train
 from vitkit.train.ema import ModelEma
+from vitkit.train.optim import build_optimizer
 
 
 def test_flip_averaging_is_the_mean_of_the_two_probabilities():
@@ -87,6 +89,11 @@ def test_the_cifar10_configs_load(name):
     if stem == "cnn":  # the hybrid as its docstring states it: 1.9 M parameters, 0.17 GMAC per image
         counts = count(config)
         assert (round(counts.params / 1e6, 1), round(counts.macs / 1e9, 2)) == (1.9, 0.17)
+        # Muon on the trunk's filters past the pixels: every 3x3 conv but the first (measured +1.8 at 30 min)
+        optimizer = build_optimizer(VisionTransformer(config), experiment.optim)
+        filters = [p for group in optimizer.filter_muon.param_groups for p in group["params"]]
+        convs = [m.weight for m in VisionTransformer(config).modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [p.shape for p in filters] == [w.shape for w in convs[1:]] and convs[0].shape[1] == 3
 
 
 def test_ema_warmup_follows_the_tensorflow_schedule_and_weights_by_hand():

@@ -250,8 +250,15 @@ def _children(pid: int) -> list[int]:
 
 
 def _running(pid: int) -> bool:
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    """Whether any thread of `pid` is alive: a killed process's leader shows Z while its other threads
+    are still exiting, and those still hold its files (and so its flock)."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rpartition(")")[2].split()[0])
+        except OSError:  # the thread ended between the listing and the read
+            continue
+    return any(state not in ("Z", "X") for state in states)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to find the worker processes")

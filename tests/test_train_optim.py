@@ -96,6 +96,15 @@ def test_schedule_warms_up_then_decays_to_min_lr(schedule):
     assert lrs[55] == pytest.approx(middle)
 
 
+def test_a_fractional_warmup_step_never_passes_the_peak_lr():
+    """A time budget's schedule step is fractional (spent time x total steps): just below the end of
+    the warmup, (step + 1) / warmup_steps is above one."""
+    cfg = OptimConfig(lr=4e-3, min_lr=0.0)
+    lrs = [learning_rate(cfg, step, total_steps=7800, warmup_steps=78) for step in (76.5, 77.2, 77.9, 78.0)]
+    assert max(lrs) == pytest.approx(4e-3) and all(lr <= 4e-3 for lr in lrs)
+    assert lrs[0] == pytest.approx(4e-3 * 77.5 / 78)
+
+
 def test_bad_optim_config_is_named():
     with pytest.raises(ValueError, match="OptimConfig.name='adam'"):
         OptimConfig(name="adam")
