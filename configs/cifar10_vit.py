@@ -23,9 +23,8 @@ trunk's conv filters past the pixels too (`optim.muon_filters`: each filter bank
 its (out, in x 3 x 3) matrix); a warmup of 0.4 of the 40 nominal epochs' schedule (the schedule
 runs on the budget's time: its first 1%, about 20 steps), cosine to 0 at the end of a 30-minute
 budget of training-step time (`train.time_budget_minutes`: the schedule anneals on time, whatever
-the machine's speed). Each test
-image's prediction averages it with its mirror image's (`eval.hflip_tta`); evaluation is outside
-the budget. The components' measured effects are in the README ("CIFAR-10 from scratch").
+the machine's speed). Each test image's prediction averages it with its mirror image's
+(`eval.hflip_tta`); evaluation is outside the budget. The components' measured effects are in the README ("CIFAR-10 from scratch").
 """
 
 from vitkit.data import DataConfig, data_root

@@ -90,9 +90,10 @@ def test_the_cifar10_configs_load(name):
         counts = count(config)
         assert (round(counts.params / 1e6, 1), round(counts.macs / 1e9, 2)) == (1.9, 0.17)
         # Muon on the trunk's filters past the pixels: every 3x3 conv but the first (measured +1.8 at 30 min)
-        optimizer = build_optimizer(VisionTransformer(config), experiment.optim)
+        model = VisionTransformer(config)
+        optimizer = build_optimizer(model, experiment.optim)
         filters = [p for group in optimizer.filter_muon.param_groups for p in group["params"]]
-        convs = [m.weight for m in VisionTransformer(config).modules() if isinstance(m, torch.nn.Conv2d)]
+        convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
         assert [p.shape for p in filters] == [w.shape for w in convs[1:]] and convs[0].shape[1] == 3
 
 
