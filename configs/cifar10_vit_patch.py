@@ -42,6 +42,6 @@ def experiment() -> Experiment:
                 zero_head=True,
             ),
         ),
-        optim=dataclasses.replace(hybrid.optim, lr=LR),
+        optim=dataclasses.replace(hybrid.optim, lr=LR, muon_filters=False),  # no conv past the pixels
         train=dataclasses.replace(hybrid.train, out_dir="runs/cifar10_vit_patch"),
     )

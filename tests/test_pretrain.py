@@ -117,6 +117,8 @@ def test_pretraining_resumes_bitwise_and_keeps_an_ema_encoder(tmp_path):
 def test_pretraining_refuses_a_supervised_objective_setting(tmp_path):
     with pytest.raises(ValueError, match="train.objective"):
         load_pretrain_experiment(write_config(tmp_path), ["train.objective=other"])
+    with pytest.raises(ValueError, match="progressive_min_size: pre-training trains at data.img_size"):
+        load_pretrain_experiment(write_config(tmp_path), ["train.progressive_min_size=16"])
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")

@@ -86,12 +86,12 @@ def test_the_cifar10_configs_load(name):
     overrides = {"img_size": experiment.data.img_size, **experiment.model.overrides, "num_classes": 10}
     config = get_config(experiment.model.name, **overrides)
     assert config.num_patches == 64  # the bound on tokens for both recipes
+    model = VisionTransformer(config)
+    optimizer = build_optimizer(model, experiment.optim)  # each recipe's optimiser takes its model
     if stem == "cnn":  # the hybrid as its docstring states it: 1.9 M parameters, 0.17 GMAC per image
         counts = count(config)
         assert (round(counts.params / 1e6, 1), round(counts.macs / 1e9, 2)) == (1.9, 0.17)
         # Muon on the trunk's filters past the pixels: every 3x3 conv but the first (measured +1.8 at 30 min)
-        model = VisionTransformer(config)
-        optimizer = build_optimizer(model, experiment.optim)
         filters = [p for group in optimizer.filter_muon.param_groups for p in group["params"]]
         convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
         assert [p.shape for p in filters] == [w.shape for w in convs[1:]] and convs[0].shape[1] == 3
@@ -124,3 +124,49 @@ def test_the_loop_counts_ema_updates_from_one(tmp_path, monkeypatch):
     monkeypatch.setattr(ModelEma, "update", update)
     train(tiny_experiment(tmp_path, epochs=2, ema_decay=0.99, ema_warmup=True))  # 2 steps per epoch
     assert seen == [(True, 1), (True, 2), (True, 3), (True, 4)]
+
+
+def test_progressive_size_grows_in_stride_steps_to_the_full_size():
+    from vitkit.train.optim import progressive_size
+
+    # 16 px at the start, linearly to 32 px at half the schedule, rounded down to multiples of 4.
+    sizes = [progressive_size(16, 32, 4, p, 0.5) for p in (0.0, 0.125, 0.2, 0.49, 0.5, 0.9)]
+    assert sizes == [16, 20, 20, 28, 32, 32]
+    assert progressive_size(0, 32, 4, 0.0, 0.5) == 32  # off
+
+
+def test_training_steps_run_at_the_progressive_sizes_and_evaluation_at_full_size(tmp_path, capsys):
+    # 4 steps (2 per epoch) at schedule points 0, 1/4, 1/2, 3/4; the full size from 1/2 on.
+    shapes = {True: [], False: []}
+    original = VisionTransformer.forward
+
+    def forward(self, images):
+        shapes[self.training].append(tuple(images.shape[-2:]))
+        return original(self, images)
+
+    experiment = tiny_experiment(tmp_path, epochs=2, progressive_min_size=16, progressive_end=0.5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VisionTransformer, "forward", forward)
+        train(experiment)
+    assert shapes[True] == [(16, 16), (24, 24), (32, 32), (32, 32)]
+    assert shapes[False] and set(shapes[False]) == {(32, 32)}
+    err = capsys.readouterr().err
+    assert "progressive resizing: training at 16x16 from step 0" in err
+    assert "progressive resizing: training at 32x32 from step 2" in err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["train.progressive_min_size=12"],
+            "progressive_min_size=12: expected a multiple of the model's stride 8",
+        ),
+        (["train.progressive_min_size=32"], "below data.img_size=32"),
+        (["train.progressive_min_size=-8"], "progressive_min_size must be >= 0"),
+        (["train.progressive_end=0"], r"progressive_end must be in \(0, 1\]"),
+    ],
+)
+def test_progressive_resizing_refuses_sizes_the_model_cannot_take(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(load_experiment(tiny_experiment(tmp_path), overrides))

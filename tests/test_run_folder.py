@@ -122,6 +122,14 @@ def test_a_resume_of_another_model_is_refused_and_a_schedule_change_recorded(tmp
     assert start["config"]["train"]["max_steps"] == 3
 
 
+def test_a_run_saved_before_progressive_resizing_existed_resumes(tmp_path):
+    train_here(tmp_path, "train.max_steps=3")
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["train"]["progressive_min_size"], config["train"]["progressive_end"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert train_here(tmp_path, "train.max_steps=6")["steps"] == 6
+
+
 def test_a_batch_size_changed_mid_epoch_goes_on_from_a_step_boundary(tmp_path):
     train_here(tmp_path, "train.max_steps=1")  # 128 samples into the epoch
     done = vitkit_train(tmp_path, "train.max_steps=3", "data.batch_size=96")

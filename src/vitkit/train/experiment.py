@@ -81,6 +81,13 @@ class TrainConfig:
     ema_decay: float = 0.0
     # The decay grows as min(ema_decay, (1 + n) / (10 + n)) over the first updates (see ModelEma).
     ema_warmup: bool = False
+    # Progressive resizing (0: off): the training batches are resized (bilinear, antialiased, after
+    # augmentation) to a side that grows linearly from this many pixels to data.img_size over the first
+    # `progressive_end` of the schedule (the fraction of steps, or of the time budget), in multiples of
+    # the model's stride; the rest trains at data.img_size. Early steps on smaller images cost less
+    # (fewer tokens and smaller maps); evaluation always runs at data.img_size. Supervised runs only.
+    progressive_min_size: int = 0
+    progressive_end: float = 0.5
     grad_checkpointing: bool = False
     compile: bool = False
     deterministic: bool = False
@@ -184,6 +191,12 @@ def check_train_config(train: TrainConfig) -> list[str]:
         "train.num_threads must be >= 0": train.num_threads >= 0,
         "train.time_budget_minutes must be >= 0": train.time_budget_minutes >= 0,
         "train.ema_decay must be in [0, 1)": 0 <= train.ema_decay < 1,
+        f"train.progressive_min_size must be >= 0 (0: off), not {train.progressive_min_size}": (
+            train.progressive_min_size >= 0
+        ),
+        f"train.progressive_end must be in (0, 1], not {train.progressive_end}": 0
+        < train.progressive_end
+        <= 1,
     }
     return [message for message, ok in checks.items() if not ok]
 

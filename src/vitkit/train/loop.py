@@ -38,7 +38,7 @@ from .evaluator import read_evaluated, write_evaluated
 from .experiment import Experiment, check_model_config
 from .learner import Learner, choose_thread_count
 from .metrics import MetricsLog, plot_curves
-from .optim import learning_rate, set_lr
+from .optim import learning_rate, progressive_size, set_lr
 from .precision import setup_arithmetic
 from .state import apply_retention, find_resumable, read_state, write_state
 from .task import Batch, Task, build_model, classification_task
@@ -109,9 +109,29 @@ class Run:
         self.warmup_steps = round(experiment.optim.warmup_epochs * self.steps_per_epoch)
         self.last_step = cfg.max_steps or math.inf
         self.step_samples = experiment.data.batch_size * cfg.accumulation
+        self.stride = self.check_progressive()
+        self.train_size = experiment.data.img_size
         self.result: ClassificationResult | None = None
         # The checkpoint whose evaluation an interrupt cut short: evaluated before training goes on.
         self.pending_evaluation: Path | None = None
+
+    def check_progressive(self) -> int:
+        """train.progressive_min_size against the model and the data (a multiple of the model's stride,
+        below data.img_size); the model's stride."""
+        cfg, size = self.exp.train, self.exp.data.img_size
+        model = next((m for m in self.task.model.modules() if isinstance(m, VisionTransformer)), None)
+        stride = model.config.stride if model is not None else 1
+        minimum = cfg.progressive_min_size
+        if not minimum:
+            return stride
+        if model is None:
+            raise ValueError(f"train.progressive_min_size={minimum}: this run's model is not a ViT")
+        if minimum % stride or not stride <= minimum < size:
+            raise ValueError(
+                f"train.progressive_min_size={minimum}: expected a multiple of the model's stride {stride} "
+                f"below data.img_size={size} (e.g. {max(stride, size * 3 // 4 // stride * stride)})"
+            )
+        return stride
 
     # Start --------------------------------------------------------------------------------------------
     def resume(self, folder: run_folder.RunFolder) -> int | None:
@@ -261,6 +281,7 @@ class Run:
             started = time.perf_counter()
             schedule_step = max(progress.step, spent * self.total_steps)
             lr = learning_rate(self.exp.optim, schedule_step, self.total_steps, self.warmup_steps)
+            self.resize_for(schedule_step / self.total_steps)
             totals, grad_norm = self.train_step(wrapped, batches, lr)
             step_in_epoch += 1
             progress.position += self.step_samples
@@ -275,6 +296,19 @@ class Run:
         bar.close()
         self.end_epoch(epoch, step_in_epoch == self.steps_per_epoch, metrics)
 
+    def resize_for(self, progress: float) -> None:
+        """The training image side at this point of the schedule (progressive resizing), said in one
+        line when it changes."""
+        cfg, full = self.exp.train, self.exp.data.img_size
+        size = progressive_size(cfg.progressive_min_size, full, self.stride, progress, cfg.progressive_end)
+        if size != self.train_size:
+            if self.env.main_process:
+                print(
+                    f"progressive resizing: training at {size}x{size} from step {self.progress.step}",
+                    file=sys.stderr,
+                )
+            self.train_size = size
+
     def train_step(
         self, wrapped: torch.nn.Module, batches: Iterator[Batch], lr: float
     ) -> tuple[dict, float | None]:
@@ -285,6 +319,11 @@ class Run:
         totals: dict[str, float] = {}
         for micro in range(accumulation):
             batch = next(batches)
+            if self.train_size != self.exp.data.img_size:
+                images = torch.nn.functional.interpolate(
+                    batch[0], size=(self.train_size,) * 2, mode="bilinear", antialias=True
+                )
+                batch = (images, batch[1])
             # Gradients are all-reduced on the last micro-batch only.
             with distributed.gradient_sync(wrapped, enabled=micro == accumulation - 1):
                 with self.arithmetic.autocast():

@@ -154,6 +154,16 @@ def learning_rate(cfg: OptimConfig, step: float, total_steps: int, warmup_steps:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
 
 
+def progressive_size(min_size: int, full_size: int, stride: int, progress: float, end: float) -> int:
+    """The training image side at `progress` (0..1 of the schedule) under progressive resizing: from
+    `min_size` at 0 linearly to `full_size` at `end`, rounded down to a multiple of `stride` (never
+    below `min_size`), then `full_size`. `min_size` 0 (off) gives `full_size` throughout."""
+    if not min_size or progress >= end:
+        return full_size
+    size = min_size + (full_size - min_size) * max(progress, 0.0) / end
+    return max(min_size, int(size) // stride * stride)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -55,6 +55,8 @@ class PretrainExperiment:
         failed = check_train_config(self.train)
         if self.train.objective != "supervised":
             failed.append("train.objective is not used by pre-training: its objective is masked.*")
+        if self.train.progressive_min_size:
+            failed.append("train.progressive_min_size: pre-training trains at data.img_size (0: off)")
         if failed:
             raise ValueError(f"invalid pre-training experiment: {'; '.join(failed)}")
         if (self.masked.target == "tokens") != bool(self.tokenizer):

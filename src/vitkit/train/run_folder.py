@@ -54,13 +54,17 @@ SCHEDULE_KEYS = (
     *("train.deterministic", "train.num_threads", "train.log_every", "train.checkpoint_every"),
     *("train.keep_last", "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.schedule"),
     *("optim.clip_grad", "optim.weight_decay", "data.batch_size", "data.num_workers", "data.cache"),
-    *("data.cache_dir", "data.shuffle_buffer"),
+    *("data.cache_dir", "data.shuffle_buffer", "train.progressive_min_size", "train.progressive_end"),
 )
 SCHEDULE_SECTIONS = ("eval.",)
 # model.init_source records what init_from (compared) was made from; runs before it have none.
 NOT_COMPARED = ("train.out_dir", "train.resume", "model.init_source")
 # Fields added to the config after runs were written: a saved config without one ran with this value.
-ADDED_FIELDS = {"model.lora_rank": DEFAULT_LORA_RANK}
+ADDED_FIELDS = {
+    "model.lora_rank": DEFAULT_LORA_RANK,
+    "train.progressive_min_size": 0,
+    "train.progressive_end": 0.5,
+}
 
 
 class RunFolderError(ValueError):
