@@ -18,7 +18,7 @@ from vitkit.io import read_weights
 from vitkit.models import VisionTransformer
 from vitkit.train import load_experiment, train
 from vitkit.train.ema import ModelEma
-from vitkit.train.optim import build_optimizer
+from vitkit.train.optim import build_optimizer, progressive_size
 
 
 def test_flip_averaging_is_the_mean_of_the_two_probabilities():
@@ -127,8 +127,6 @@ def test_the_loop_counts_ema_updates_from_one(tmp_path, monkeypatch):
 
 
 def test_progressive_size_grows_in_stride_steps_to_the_full_size():
-    from vitkit.train.optim import progressive_size
-
     # 16 px at the start, linearly to 32 px at half the schedule, rounded down to multiples of 4.
     sizes = [progressive_size(16, 32, 4, p, 0.5) for p in (0.0, 0.125, 0.2, 0.49, 0.5, 0.9)]
     assert sizes == [16, 20, 20, 28, 32, 32]

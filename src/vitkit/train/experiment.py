@@ -194,9 +194,9 @@ def check_train_config(train: TrainConfig) -> list[str]:
         f"train.progressive_min_size must be >= 0 (0: off), not {train.progressive_min_size}": (
             train.progressive_min_size >= 0
         ),
-        f"train.progressive_end must be in (0, 1], not {train.progressive_end}": 0
-        < train.progressive_end
-        <= 1,
+        f"train.progressive_end must be in (0, 1], not {train.progressive_end}": (
+            0 < train.progressive_end <= 1
+        ),
     }
     return [message for message, ok in checks.items() if not ok]
 

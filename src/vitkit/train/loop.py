@@ -109,29 +109,30 @@ class Run:
         self.warmup_steps = round(experiment.optim.warmup_epochs * self.steps_per_epoch)
         self.last_step = cfg.max_steps or math.inf
         self.step_samples = experiment.data.batch_size * cfg.accumulation
-        self.stride = self.check_progressive()
-        self.train_size = experiment.data.img_size
+        # The ViT inside the task's model (the encoder of pre-training): its stride and channels.
+        self.vit_config = next(
+            (m.config for m in self.task.model.modules() if isinstance(m, VisionTransformer)), None
+        )
+        self.check_progressive()
+        self.train_size = experiment.data.img_size  # the training batches' side now (progressive resizing)
         self.result: ClassificationResult | None = None
         # The checkpoint whose evaluation an interrupt cut short: evaluated before training goes on.
         self.pending_evaluation: Path | None = None
 
-    def check_progressive(self) -> int:
-        """train.progressive_min_size against the model and the data (a multiple of the model's stride,
-        below data.img_size); the model's stride."""
-        cfg, size = self.exp.train, self.exp.data.img_size
-        model = next((m for m in self.task.model.modules() if isinstance(m, VisionTransformer)), None)
-        stride = model.config.stride if model is not None else 1
-        minimum = cfg.progressive_min_size
+    def check_progressive(self) -> None:
+        """train.progressive_min_size against the model and the data: a multiple of the model's stride,
+        below data.img_size."""
+        minimum, size = self.exp.train.progressive_min_size, self.exp.data.img_size
         if not minimum:
-            return stride
-        if model is None:
+            return
+        if self.vit_config is None:
             raise ValueError(f"train.progressive_min_size={minimum}: this run's model is not a ViT")
+        stride = self.vit_config.stride
         if minimum % stride or not stride <= minimum < size:
             raise ValueError(
                 f"train.progressive_min_size={minimum}: expected a multiple of the model's stride {stride} "
                 f"below data.img_size={size} (e.g. {max(stride, size * 3 // 4 // stride * stride)})"
             )
-        return stride
 
     # Start --------------------------------------------------------------------------------------------
     def resume(self, folder: run_folder.RunFolder) -> int | None:
@@ -230,9 +231,7 @@ class Run:
         passes of one random batch at each candidate count, before the first step, so the steps
         themselves are those of the count chosen."""
         data = self.exp.data
-        in_chans = next(
-            m.config.in_chans for m in self.learner.model.modules() if isinstance(m, VisionTransformer)
-        )
+        in_chans = self.vit_config.in_chans
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(data.batch_size, in_chans, data.img_size, data.img_size, generator=generator)
         batch = (
@@ -300,7 +299,10 @@ class Run:
         """The training image side at this point of the schedule (progressive resizing), said in one
         line when it changes."""
         cfg, full = self.exp.train, self.exp.data.img_size
-        size = progressive_size(cfg.progressive_min_size, full, self.stride, progress, cfg.progressive_end)
+        if not cfg.progressive_min_size:
+            return
+        stride = self.vit_config.stride
+        size = progressive_size(cfg.progressive_min_size, full, stride, progress, cfg.progressive_end)
         if size != self.train_size:
             if self.env.main_process:
                 print(

@@ -143,8 +143,8 @@ def optimizer_over(groups: list[dict], cfg: OptimConfig, in_chans: int = 3) -> t
 
 # Schedules --------------------------------------------------------------------------------------------
 def learning_rate(cfg: OptimConfig, step: float, total_steps: int, warmup_steps: int) -> float:
-    """The lr at optimiser step `step` (0-based; fractional under a time budget): linear warmup from ~0 to cfg.lr over warmup_steps,
-    then cosine, linear or constant decay to cfg.min_lr at total_steps."""
+    """The lr at optimiser step `step` (0-based; fractional under a time budget): linear warmup from
+    ~0 to cfg.lr over warmup_steps, then cosine, linear or constant decay to cfg.min_lr at total_steps."""
     if step < warmup_steps:  # a time budget's step is fractional: never past cfg.lr
         return cfg.lr * min((step + 1) / warmup_steps, 1.0)
     if cfg.schedule == "constant":
