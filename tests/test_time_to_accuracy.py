@@ -23,13 +23,16 @@ TINY_HYBRID = [
 ]
 
 
-def run_benchmark(tmp_path: Path, *budgets: str) -> subprocess.CompletedProcess:
+def run_benchmark(
+    tmp_path: Path, *budgets: str, options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     sets = [arg for override in TINY_HYBRID for arg in ("--set", override)]
     command = [
         sys.executable,
         str(REPO / "benchmarks/cifar10_time_to_accuracy.py"),
         "--out",
         str(tmp_path / "b"),
+        *options,
     ]
     command += ["--budget-minutes", *budgets, "--set", "train.epochs=2", *sets]
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -58,3 +61,14 @@ def test_a_budget_must_be_positive(tmp_path):
     assert result.returncode == 2
     assert "--budget-minutes must be > 0, got [5.0, 0.0]" in result.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_the_target_is_the_recipes_unless_given(tmp_path):
+    # the targets: 90% for the hybrid (the default config), 80% for the pure ViT
+    for options, target in (((), 0.9), (("--config", "cifar10_vit_patch"), 0.8), (("--target", "0.5"), 0.5)):
+        result = run_benchmark(tmp_path, "0.01", options=options)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"target {target:.0%}: " in result.stdout
+        assert json.loads((tmp_path / "b/time_to_accuracy.json").read_text())["target"] == target
+    result = run_benchmark(tmp_path, "0.01", options=("--target", "90"))
+    assert result.returncode == 2 and "--target is a top-1 in (0, 1], got 90.0" in result.stderr

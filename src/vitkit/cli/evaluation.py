@@ -40,6 +40,13 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hflip-tta", action="store_true", help="average the predictions of each image and its mirror image"
     )
+    parser.add_argument(
+        "--shift-tta",
+        type=int_in(0, what="pixels"),
+        default=0,
+        metavar="PX",
+        help="also average two copies of each image shifted PX pixels along the diagonal (0: off)",
+    )
     add_precision_arg(parser)
     add_preprocessing_args(parser, img_size=False)
 
@@ -74,10 +81,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..convert import read_checkpoint
     from ..data import build_loader
     from ..eval.classification import (
+        averaged_views,
         describe_count,
         eval_folder,
         evaluate_classification,
-        flip_averaged,
         load_classifier,
         plot_confusion_matrix,
         write_results,
@@ -95,7 +102,7 @@ def run_eval(args: argparse.Namespace) -> int:
             f"{' ...' if len(loader.classes) > 10 else ''}"
         )
     inference_precision(model, args.precision)
-    predict = flip_averaged(model) if args.hflip_tta else model
+    predict = averaged_views(model, args.hflip_tta, args.shift_tta)
     result = evaluate_classification(predict, loader, classes, progress=True)
     unreadable = loader.unreadable
     if result.num_samples == 0:
@@ -111,6 +118,7 @@ def run_eval(args: argparse.Namespace) -> int:
         checkpoint=checkpoint.hub.name if checkpoint.hub else str(path),
         split=args.split,
         hflip_tta=args.hflip_tta,
+        shift_tta=args.shift_tta,
         unreadable=unreadable_fields,
     )
     figure = plot_confusion_matrix(result, out / "confusion_matrix.png")

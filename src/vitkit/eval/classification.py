@@ -83,6 +83,37 @@ def flip_averaged(predict: Predict) -> Predict:
     return averaged
 
 
+def shift_averaged(predict: Predict, pixels: int) -> Predict:
+    """Test-time augmentation by translation (airbench's second level): each image's class
+    probabilities averaged with those of two copies shifted by `pixels` along the diagonal (up-left
+    and down-right, the frame reflect-padded), the two shifted views weighing as much as the image.
+    Wrap a `flip_averaged` predict to average six views. One call on all three."""
+    if pixels < 1:
+        raise ValueError(f"shift_tta must be a positive number of pixels, got {pixels}")
+
+    def averaged(images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        if pixels >= min(height, width):
+            raise ValueError(
+                f"shift_tta={pixels} px: the images ({height}x{width}) must be larger than the shift"
+            )
+        padded = torch.nn.functional.pad(images, (pixels,) * 4, mode="reflect")
+        up_left, down_right = padded[..., :height, :width], padded[..., 2 * pixels :, 2 * pixels :]
+        logits = predict(torch.cat([images, up_left, down_right]))  # (3B, classes)
+        log_probs = logits.float().log_softmax(-1).unflatten(0, (3, len(images)))
+        weights = torch.tensor([0.5, 0.25, 0.25], device=log_probs.device).log()
+        return torch.logsumexp(log_probs + weights[:, None, None], dim=0)
+
+    return averaged
+
+
+def averaged_views(predict: Predict, hflip: bool, shift: int) -> Predict:
+    """`predict` with the test-time augmentation asked for: mirror images (`hflip`) and diagonal
+    shifts of `shift` pixels (0: none), each shifted view with its mirror when both are on."""
+    predict = flip_averaged(predict) if hflip else predict
+    return shift_averaged(predict, shift) if shift else predict
+
+
 def evaluate_classification(
     predict: Predict,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

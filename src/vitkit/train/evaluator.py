@@ -22,8 +22,8 @@ import torch
 from ..data import build_loader
 from ..eval.classification import (
     ClassificationResult,
+    averaged_views,
     evaluate_classification,
-    flip_averaged,
     plot_confusion_matrix,
     write_results,
 )
@@ -118,7 +118,7 @@ class Evaluator:
 
         rng = capture_rng(self.env.device)
         result = evaluate_classification(
-            flip_averaged(predict) if self.cfg.hflip_tta else predict,
+            averaged_views(predict, self.cfg.hflip_tta, self.cfg.shift_tta),
             self.batches(inner),
             self.classes,
             top_k=self.cfg.top_k,

@@ -118,6 +118,9 @@ class EvalConfig:
     # Test-time augmentation: average the class probabilities of each image and its mirror image
     # (twice the evaluation's compute).
     hflip_tta: bool = False
+    # Test-time augmentation: also average two copies shifted by this many pixels along the diagonal
+    # (reflect-padded), weighing together as much as the image (3x the evaluation's compute; 0: off).
+    shift_tta: int = 0
     # Evaluate at most this many samples of the split (None: all of them), e.g. for a smoke run.
     max_samples: int | None = None
 
@@ -140,6 +143,11 @@ class Experiment:
         max_samples = self.eval.max_samples
         if max_samples is not None and (type(max_samples) is not int or max_samples < 1):
             failed.append(f"eval.max_samples must be an integer >= 1 (or null: all), not {max_samples!r}")
+        shift = self.eval.shift_tta
+        if type(shift) is not int or not 0 <= shift < self.data.img_size:
+            failed.append(
+                f"eval.shift_tta must be a whole number of pixels in [0, data.img_size), not {shift!r}"
+            )
         if failed:
             raise ValueError(f"invalid experiment: {'; '.join(failed)}")
 

@@ -64,6 +64,7 @@ ADDED_FIELDS = {
     "model.lora_rank": DEFAULT_LORA_RANK,
     "train.progressive_min_size": 0,
     "train.progressive_end": 0.5,
+    "eval.shift_tta": 0,
 }
 
 
