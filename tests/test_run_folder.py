@@ -20,7 +20,7 @@ from test_train_loop import tiny_experiment
 from vitkit.io import read_weights
 from vitkit.train import load_experiment, train
 from vitkit.train.pretrain import load_pretrain_experiment, pretrain
-from vitkit.train.run_folder import RunFinishedError, RunLock, read_jsonl
+from vitkit.train.run_folder import RunFinishedError, RunLock, config_changes, read_jsonl
 from vitkit.train.state import find_resumable, list_checkpoints
 
 # digits_vit cut down: width 32, depth 1, batches of 128 (11 steps an epoch), evaluation at the end.
@@ -297,3 +297,17 @@ def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path):
     assert not left, "workers went on training without their agent"
     with RunLock(tmp_path / "run"):  # the lock of rank 0 went with it
         pass
+
+
+def test_fields_added_since_a_run_count_at_their_old_value_where_the_config_has_them():
+    saved = {"train": {"epochs": 1}, "eval": {"hflip_tta": False}}  # written before eval.shift_tta existed
+    current = {
+        "train": {"epochs": 1, "progressive_min_size": 0},
+        "eval": {"hflip_tta": False, "shift_tta": 0},
+    }
+    assert config_changes(saved, current) == {}
+    shifted = {**current, "eval": {"hflip_tta": False, "shift_tta": 1}}
+    assert config_changes(saved, shifted) == {"eval.shift_tta": [0, 1]}
+    # a pre-training config has no eval section: no eval field is added to its saved config
+    pretraining = {"train": {"epochs": 1, "progressive_min_size": 0}}
+    assert config_changes({"train": {"epochs": 1}}, pretraining) == {}

@@ -219,8 +219,11 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
-    """{key: [saved value, current value]} for every compared key that differs ("<unset>": absent)."""
-    old, new = {**ADDED_FIELDS, **flatten(saved)}, flatten(current)
+    """{key: [saved value, current value]} for every compared key that differs ("<unset>": absent).
+    A field added since the saved run counts at its old value where the current config has it (a
+    pre-training config has no `eval` section, so no eval.* field is added to it)."""
+    new = flatten(current)
+    old = {**{key: value for key, value in ADDED_FIELDS.items() if key in new}, **flatten(saved)}
     return {
         key: [old.get(key, "<unset>"), new.get(key, "<unset>")]
         for key in sorted(old.keys() | new.keys())
