@@ -22,15 +22,21 @@ from vitkit.train.ema import ModelEma
 from vitkit.train.optim import build_optimizer, progressive_size
 
 
-def test_flip_averaging_is_the_mean_of_the_two_probabilities():
+def linear_predictor(height: int, width: int):
+    """A seeded linear "model" on (3, height, width) images with 5 classes, and the batch sizes of its calls."""
     torch.manual_seed(0)
-    weight = torch.randn(5, 3 * 4 * 6)
+    weight = torch.randn(5, 3 * height * width)
     calls = []
 
     def predict(images):
         calls.append(len(images))
         return images.flatten(1) @ weight.T
 
+    return predict, calls
+
+
+def test_flip_averaging_is_the_mean_of_the_two_probabilities():
+    predict, calls = linear_predictor(4, 6)
     images = torch.randn(3, 3, 4, 6)
     averaged = flip_averaged(predict)(images)
     mean = (predict(images).softmax(-1) + predict(images.flip(-1)).softmax(-1)) / 2
@@ -62,14 +68,7 @@ def test_flip_averaging_changes_the_accuracy_of_a_mirror_blind_predictor():
 
 
 def test_shift_averaging_weighs_the_two_diagonal_shifts_as_much_as_the_image():
-    torch.manual_seed(0)
-    weight = torch.randn(5, 3 * 6 * 7)
-    calls = []
-
-    def predict(images):
-        calls.append(len(images))
-        return images.flatten(1) @ weight.T
-
+    predict, calls = linear_predictor(6, 7)
     images = torch.randn(2, 3, 6, 7)
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
     up_left, down_right = padded[..., :6, :7], padded[..., 4:, 4:]
