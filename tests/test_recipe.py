@@ -136,7 +136,9 @@ def test_the_cifar10_configs_load(name):
     assert stem == ("patch" if name.endswith("_patch") else "cnn")
     overrides = {"img_size": experiment.data.img_size, **experiment.model.overrides, "num_classes": 10}
     config = get_config(experiment.model.name, **overrides)
-    assert config.num_patches == 64  # the bound on tokens for both recipes
+    # at most 64 tokens, the bound: the pure ViT's 4x4 patches give 64, the hybrid's third conv
+    # group 16 (+4.9 points over its 64 in 5-minute screens)
+    assert config.num_patches == (64 if stem == "patch" else 16)
     # the pure ViT's measured gains: fixed 2D sine-cosine position embeddings (+5.4 points in 30 minutes,
     # where the hybrid lost 0.5) and 1-px shifted test views (+1.5, the hybrid +0.05)
     pure = stem == "patch"
@@ -144,9 +146,9 @@ def test_the_cifar10_configs_load(name):
     assert (experiment.eval.hflip_tta, experiment.eval.shift_tta) == (True, 1 if pure else 0)
     model = VisionTransformer(config)
     optimizer = build_optimizer(model, experiment.optim)  # each recipe's optimiser takes its model
-    if stem == "cnn":  # the hybrid as its docstring states it: 1.9 M parameters, 0.17 GMAC per image
+    if stem == "cnn":  # the hybrid as its docstring states it: 2.2 M parameters, 0.10 GMAC per image
         counts = count(config)
-        assert (round(counts.params / 1e6, 1), round(counts.macs / 1e9, 2)) == (1.9, 0.17)
+        assert (round(counts.params / 1e6, 1), round(counts.macs / 1e9, 2)) == (2.2, 0.10)
         # Muon on the trunk's filters past the pixels: every 3x3 conv but the first (measured +1.8 at 30 min)
         filters = [p for group in optimizer.filter_muon.param_groups for p in group["params"]]
         convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
