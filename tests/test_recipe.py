@@ -17,7 +17,7 @@ from vitkit.cli import main
 from vitkit.eval.classification import averaged_views, evaluate_classification, flip_averaged, shift_averaged
 from vitkit.io import read_weights
 from vitkit.models import VisionTransformer
-from vitkit.train import load_experiment, train
+from vitkit.train import load_experiment, loop, train
 from vitkit.train.ema import ModelEma
 from vitkit.train.optim import build_optimizer, progressive_size
 
@@ -223,6 +223,12 @@ def test_training_steps_run_at_the_progressive_sizes_and_evaluation_at_full_size
         (["train.progressive_end=0"], r"progressive_end must be in \(0, 1\]"),
     ],
 )
-def test_progressive_resizing_refuses_sizes_the_model_cannot_take(tmp_path, overrides, message):
+def test_progressive_resizing_refuses_sizes_the_model_cannot_take(tmp_path, monkeypatch, overrides, message):
+    experiment = tiny_experiment(tmp_path)
+
+    def read_data(*args, **kwargs):
+        raise AssertionError("the data was read before the config was refused")
+
+    monkeypatch.setattr(loop, "build_loader", read_data)  # a fresh model's stride is known before
     with pytest.raises(ValueError, match=message):
-        train(load_experiment(tiny_experiment(tmp_path), overrides))
+        train(load_experiment(experiment, overrides))

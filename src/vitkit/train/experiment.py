@@ -155,9 +155,10 @@ class Experiment:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def check_model_config(model: ModelConfig, data: DataConfig) -> None:
+def check_model_config(model: ModelConfig, data: DataConfig) -> ViTConfig | None:
     """Build the model's config now, so that a bad name or override fails before any data is read,
-    naming the override (a checkpoint's config is checked when it is read)."""
+    naming the override, and return it (None for model.init_from: a checkpoint's config is checked
+    when it is read)."""
     if model.whiten_images < 0:
         raise ValueError(f"model.whiten_images must be >= 0 (0: off), not {model.whiten_images}")
     if model.init_from:
@@ -165,9 +166,9 @@ def check_model_config(model: ModelConfig, data: DataConfig) -> None:
             raise ValueError(
                 "model.whiten_images initialises a fresh model; model.init_from brings its own weights"
             )
-        return
+        return None
     try:
-        get_config(model.name, img_size=data.img_size, **model.overrides)
+        return get_config(model.name, img_size=data.img_size, **model.overrides)
     except (KeyError, TypeError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         overrides = ", ".join(f"{key}={value!r}" for key, value in model.overrides.items())

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..data import build_loader
 from ..eval.classification import ClassificationResult
+from ..models.config import ViTConfig
 from ..models.vit import VisionTransformer
 from . import distributed, run_folder
 from .evaluator import read_evaluated, write_evaluated
@@ -94,7 +95,9 @@ class Run:
             raise ValueError("train.strategy='fsdp' does not support train.compile; use 'ddp' to compile")
         if cfg.strategy == "fsdp" and experiment.optim.name == "muon":
             raise ValueError("train.strategy='fsdp' does not support optim.name='muon'; use 'ddp' or 'adamw'")
-        check_model_config(experiment.model, experiment.data)
+        planned = check_model_config(experiment.model, experiment.data)
+        if planned is not None:  # a fresh model's stride is known before any data is read
+            self.check_progressive(planned)
         self.train_loader = build_loader(experiment.data, "train", rank=env.rank, world_size=env.world_size)
         self.task = make_task(experiment, env, self.train_loader)
         self.evaluator = self.task.evaluator
@@ -113,21 +116,21 @@ class Run:
         self.vit_config = next(
             (m.config for m in self.task.model.modules() if isinstance(m, VisionTransformer)), None
         )
-        self.check_progressive()
+        self.check_progressive(self.vit_config)  # a checkpoint's model is known once it is read
         self.train_size = experiment.data.img_size  # the training batches' side now (progressive resizing)
         self.result: ClassificationResult | None = None
         # The checkpoint whose evaluation an interrupt cut short: evaluated before training goes on.
         self.pending_evaluation: Path | None = None
 
-    def check_progressive(self) -> None:
+    def check_progressive(self, vit_config: ViTConfig | None) -> None:
         """train.progressive_min_size against the model and the data: a multiple of the model's stride,
         below data.img_size."""
         minimum, size = self.exp.train.progressive_min_size, self.exp.data.img_size
         if not minimum:
             return
-        if self.vit_config is None:
+        if vit_config is None:
             raise ValueError(f"train.progressive_min_size={minimum}: this run's model is not a ViT")
-        stride = self.vit_config.stride
+        stride = vit_config.stride
         if minimum % stride or not stride <= minimum < size:
             raise ValueError(
                 f"train.progressive_min_size={minimum}: expected a multiple of the model's stride {stride} "
