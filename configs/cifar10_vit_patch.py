@@ -49,5 +49,5 @@ def experiment() -> Experiment:
         ),
         optim=dataclasses.replace(hybrid.optim, lr=LR, muon_filters=False),  # no conv past the pixels
         train=dataclasses.replace(hybrid.train, out_dir="runs/cifar10_vit_patch"),
-        eval=dataclasses.replace(hybrid.eval, shift_tta=1),
+        eval=dataclasses.replace(hybrid.eval, shift_tta=1),  # 1 px: 80.01% against 79.67% at 2 px
     )
