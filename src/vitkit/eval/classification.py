@@ -8,7 +8,6 @@ a `reduce` that sums counts over processes, so each rank evaluates its own share
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -70,15 +69,21 @@ class ClassificationResult:
         }
 
 
-@torch.no_grad()
+def mixture_of_views(predict: Predict, views: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The weighted mean of the class probabilities `predict` gives each view of a batch, as
+    log-probabilities (logits whose softmax is that mean); one call on all the views."""
+    logits = predict(torch.cat(views))  # (len(views) * B, classes)
+    log_probs = logits.float().log_softmax(-1).unflatten(0, (len(views), len(views[0])))
+    log_weights = torch.tensor(weights, device=log_probs.device).log()
+    return torch.logsumexp(log_probs + log_weights[:, None, None], dim=0)
+
+
 def flip_averaged(predict: Predict) -> Predict:
     """Test-time augmentation: the mean of the class probabilities of each image and of its left-right
-    mirror image, as log-probabilities (logits whose softmax is that mean). One call on both halves."""
+    mirror image."""
 
     def averaged(images: torch.Tensor) -> torch.Tensor:
-        logits = predict(torch.cat([images, images.flip(-1)]))  # (2B, classes)
-        log_probs = logits.float().log_softmax(-1).unflatten(0, (2, len(images)))
-        return torch.logsumexp(log_probs, dim=0) - math.log(2)
+        return mixture_of_views(predict, [images, images.flip(-1)], [0.5, 0.5])
 
     return averaged
 
@@ -87,7 +92,7 @@ def shift_averaged(predict: Predict, pixels: int) -> Predict:
     """Test-time augmentation by translation (airbench's second level): each image's class
     probabilities averaged with those of two copies shifted by `pixels` along the diagonal (up-left
     and down-right, the frame reflect-padded), the two shifted views weighing as much as the image.
-    Wrap a `flip_averaged` predict to average six views. One call on all three."""
+    Wrap a `flip_averaged` predict to average six views."""
     if pixels < 1:
         raise ValueError(f"shift_tta must be a positive number of pixels, got {pixels}")
 
@@ -99,10 +104,7 @@ def shift_averaged(predict: Predict, pixels: int) -> Predict:
             )
         padded = torch.nn.functional.pad(images, (pixels,) * 4, mode="reflect")
         up_left, down_right = padded[..., :height, :width], padded[..., 2 * pixels :, 2 * pixels :]
-        logits = predict(torch.cat([images, up_left, down_right]))  # (3B, classes)
-        log_probs = logits.float().log_softmax(-1).unflatten(0, (3, len(images)))
-        weights = torch.tensor([0.5, 0.25, 0.25], device=log_probs.device).log()
-        return torch.logsumexp(log_probs + weights[:, None, None], dim=0)
+        return mixture_of_views(predict, [images, up_left, down_right], [0.5, 0.25, 0.25])
 
     return averaged
 
