@@ -41,6 +41,12 @@ CALIBRATIONS = {
     "bf16 native": BF16_NATIVE_WINS,
     "bf16 fp32 units": BF16_ON_FP32_UNITS_WINS,
 }
+# The precision each arithmetic is reached by: "auto" where the figures choose it, a request for bf16
+# where only a run asking for bf16 takes it (the widened path never makes "auto" choose bf16).
+REQUESTS = {"fp32": "auto", "bf16 native": "auto", "bf16 fp32 units": "bf16"}
+# A 2-core AMD EPYC with AVX2 and no bf16 units (torch 2.13): its widened products timed above its
+# fp32 ones while the clock ramped up, before the candidates were timed in turn.
+AVX2_EPYC = Calibration("test", {"fp32": 93.3, "bf16": 1.27, "bf16_fp32_units": 128.3})
 
 
 @pytest.fixture
@@ -74,17 +80,31 @@ def test_the_choice_follows_the_figures():
             bf16_gemm_in_fp32=False, explicit_training_attention=True, explicit_attention_max_len=65
         )
     with use_calibration(BF16_ON_FP32_UNITS_WINS):
-        assert choose_precision("auto", CPU)[0] == "bf16"  # 240 / 190 = 1.26x >= 1.15x
-        kernels = choose_kernels(CPU, "bf16")
+        # 240 / 190 = 1.26x on the widened path is fp32 arithmetic, not a bf16 gain: native 100 / 190
+        assert choose_precision("auto", CPU)[0] == "fp32"
+        kernels = choose_kernels(CPU, "bf16")  # a run that asks for bf16 gets the faster bf16 path
         assert kernels.bf16_gemm_in_fp32 and not kernels.explicit_training_attention
     with use_calibration(FP32_WINS):
         assert choose_precision("auto", CPU) == (
             "fp32",
-            "measured bf16 products at 0.79x fp32 (needs 1.15x; " + FP32_WINS.describe() + ")",
+            "measured bf16 products at 0.63x fp32 (needs 1.15x; " + FP32_WINS.describe() + ")",
         )
         assert choose_precision("bf16", CPU) == ("bf16", "requested")  # a request is kept
     with use_calibration(Calibration("test", {"fp32": 100.0, "bf16": 110.0})):
         assert choose_precision("auto", CPU)[0] == "fp32"  # 1.10x: not worth the rounding
+    with use_calibration(AVX2_EPYC):  # a run in bf16 there took 25 s a step instead of about 1
+        chosen, reason = choose_precision("auto", CPU)
+        assert chosen == "fp32" and reason.startswith("measured bf16 products at 0.01x fp32")
+
+
+def test_the_candidates_are_timed_in_turn(monkeypatch):
+    """Each repeat times every candidate once, after one warm-up round, so no candidate gets the CPU's
+    quiet or ramped-up moments to itself; the best time of each is kept."""
+    calls, clock = [], iter(range(1000))
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: next(clock))
+    timed = machine._best_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4
+    assert timed == {"a": 1000.0, "b": 1000.0}  # each timing spans one tick of the fake clock
 
 
 def test_the_environment_still_overrides_the_gemm_path(monkeypatch):
@@ -209,7 +229,7 @@ def test_inference_in_the_chosen_precision_equals_the_plain_model(name, override
     with torch.no_grad():
         reference = plain(images)
     with use_calibration(CALIBRATIONS[name]):
-        fast, chosen = prepare_inference(copy.deepcopy(plain), CPU, "auto")
+        fast, chosen = prepare_inference(copy.deepcopy(plain), CPU, REQUESTS[name])
         with torch.no_grad():
             logits = fast(images)
             other_size = fast(torch.randn(2, 3, 48, 40))  # position embeddings resampled in bf16 too
@@ -223,27 +243,39 @@ def test_inference_in_the_chosen_precision_equals_the_plain_model(name, override
     assert (logits.float().argmax(-1) == reference.argmax(-1)).all()  # top-1 agreement
 
 
+CNN_STEM = dict(stem="cnn", patch_size=8, stem_channels=(8, 16, 16, 32), class_token=True, pool="token")
+
+
 @pytest.mark.parametrize("name", list(CALIBRATIONS))
-def test_a_training_step_in_the_chosen_arithmetic_equals_the_plain_model(name):
-    plain = _model()
+@pytest.mark.parametrize("overrides", [{}, CNN_STEM], ids=["patch", "cnn"])
+def test_a_training_step_in_the_chosen_arithmetic_equals_the_plain_model(name, overrides):
+    plain = _model(**overrides)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     with use_calibration(CALIBRATIONS[name]):
-        precision, _ = choose_precision("auto", CPU)
+        precision, _ = choose_precision(REQUESTS[name], CPU)
         fast = apply_fast_paths(copy.deepcopy(plain), CPU, precision)
+    convs = [type(m) for m in fast.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    widened = name == "bf16 fp32 units"  # every convolution of the stem on fp32 units, none native
+    assert convs and set(convs) == {vitkit.fast.kernels.FastConv2d if widened else torch.nn.Conv2d}
     tolerance = FP32 if precision == "fp32" else BF16
+    exact = copy.deepcopy(plain)  # the fp32 gradients both bf16 runs round away from
     losses = []
-    for model in (plain, fast):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    for model, bf16 in ((plain, precision == "bf16"), (fast, precision == "bf16"), (exact, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         losses.append(loss.detach().float())
     torch.testing.assert_close(losses[1], losses[0], **tolerance)
-    for (key, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+    named = zip(plain.named_parameters(), fast.parameters(), exact.parameters(), strict=True)
+    for (key, p), q, r in named:
         assert q.grad is not None, key
         if precision == "fp32":
             torch.testing.assert_close(q.grad, p.grad, **FP32)
-        else:  # bf16 roundings on both sides, other kernels: close in norm
+        elif not overrides:  # bf16 roundings on both sides, other kernels: close in norm
             assert (q.grad - p.grad).norm() <= 0.05 * p.grad.norm() + 1e-3, key
+        else:  # through seven convolutions and norms on a batch of 4, bf16 strays ~15% from fp32 on
+            # torch's kernels: the fast path strays no further
+            assert (q.grad - r.grad).norm() <= 1.5 * (p.grad - r.grad).norm() + 1e-3, key
 
 
 def test_inference_in_fp32_on_request_is_exact():

@@ -6,11 +6,15 @@ import pytest
 import torch
 
 from test_train_loop import tiny_experiment, weights
+from vitkit.fast.machine import Calibration, use_calibration
 from vitkit.models import VisionTransformer, ViTConfig
 from vitkit.train import OptimConfig, load_experiment, train
 from vitkit.train.finetune_recipe import describe
-from vitkit.train.muon import FilterMuon, MuonWithAdamW
+from vitkit.train.muon import FilterMuon, MatrixMuon, MuonWithAdamW, newton_schulz_dtype, orthogonalise
 from vitkit.train.optim import build_optimizer, param_groups, set_lr
+
+# Figures where bf16 products run natively fast: Muon then orthogonalises in bf16, as torch's does.
+BF16_FAST = Calibration("test", {"fp32": 190.0, "bf16": 408.0, "bf16_fp32_units": 170.0})
 
 
 def tiny_model() -> VisionTransformer:
@@ -47,9 +51,10 @@ def test_blocks_matrices_go_to_muon_and_everything_else_to_adamw():
 
 def test_a_step_is_torchs_muon_and_adamw_side_by_side():
     model, twin = tiny_model(), tiny_model()
-    optimizer = build_optimizer(
-        model, OptimConfig(name="muon", lr=0.01, weight_decay=0.05, betas=(0.9, 0.95))
-    )
+    with use_calibration(BF16_FAST):  # torch's Muon orthogonalises in bf16
+        optimizer = build_optimizer(
+            model, OptimConfig(name="muon", lr=0.01, weight_decay=0.05, betas=(0.9, 0.95))
+        )
     groups = param_groups(twin, 0.05)
     matrices = [
         p
@@ -140,7 +145,7 @@ def test_filter_muon_is_torchs_muon_on_the_filters_matrix(kernel):
     torch.manual_seed(0)
     filters = torch.nn.Parameter(torch.randn(6, 4, kernel, kernel))
     matrix = torch.nn.Parameter(filters.detach().reshape(6, -1).clone())
-    ours = FilterMuon([{"params": [filters], "weight_decay": 0.05}], lr=0.02)
+    ours = FilterMuon([{"params": [filters], "weight_decay": 0.05}], lr=0.02, ns_dtype=torch.bfloat16)
     reference = torch.optim.Muon(
         [{"params": [matrix], "weight_decay": 0.05}], lr=0.02, adjust_lr_fn="match_rms_adamw"
     )
@@ -189,3 +194,46 @@ def test_muon_filters_state_round_trip_continues_the_same_steps():
     loss_step(twin, restored, 7)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+# The orthogonalisation's dtype follows the machine ------------------------------------------------------
+def test_matrix_muon_in_bf16_is_torchs_muon():
+    """MatrixMuon with bf16 orthogonalisation steps exactly as torch.optim.Muon (its checkpoints alike)."""
+    torch.manual_seed(0)
+    ours_matrix = torch.nn.Parameter(torch.randn(8, 5))
+    theirs_matrix = torch.nn.Parameter(ours_matrix.detach().clone())
+    ours = MatrixMuon([{"params": [ours_matrix], "weight_decay": 0.05}], lr=0.02, ns_dtype=torch.bfloat16)
+    theirs = torch.optim.Muon(
+        [{"params": [theirs_matrix], "weight_decay": 0.05}], lr=0.02, adjust_lr_fn="match_rms_adamw"
+    )
+    for step in range(3):
+        grad = torch.randn(8, 5, generator=torch.Generator().manual_seed(step))
+        ours_matrix.grad, theirs_matrix.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(ours_matrix.detach(), theirs_matrix.detach(), rtol=0, atol=0)
+    assert ours.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16)])
+def test_orthogonalise_in_fp32_orthogonalises_as_bf16_does(shape):
+    """Both dtypes take the update to singular values near 1 (the quintic's band, about 0.5 to 1.5)
+    along the same directions; fp32 computes in fp32 throughout."""
+    update = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    fp32, bf16 = orthogonalise(update, torch.float32), orthogonalise(update, torch.bfloat16)
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16 and fp32.shape == shape
+    singular = torch.linalg.svdvals(fp32)
+    assert singular.min() > 0.5 and singular.max() < 1.5
+    assert (fp32 - bf16.float()).norm() <= 0.05 * fp32.norm()
+    assert torch.linalg.svdvals(update).argmax() == 0 and (fp32 * update).sum() > 0  # along the update
+
+
+def test_the_orthogonalisation_dtype_follows_the_calibration():
+    """bf16 where the native bf16 products measured fast, fp32 on a CPU without bf16 units (where
+    torch's bf16 Newton-Schulz ran at 1 GFLOP/s)."""
+    slow = Calibration("test", {"fp32": 93.3, "bf16": 1.27, "bf16_fp32_units": 128.3})
+    for figures, expected in ((BF16_FAST, torch.bfloat16), (slow, torch.float32)):
+        with use_calibration(figures):
+            assert newton_schulz_dtype(torch.device("cpu")) == expected
+            optimizer = build_optimizer(cnn_model(), OptimConfig(name="muon", lr=0.01, muon_filters=True))
+        assert optimizer.muon.ns_dtype == optimizer.filter_muon.ns_dtype == expected

@@ -62,13 +62,14 @@ def apply_fast_paths(model: nn.Module, device: torch.device | str, precision: st
 
 
 def gemm_modules(model: nn.Module) -> list[nn.Module]:
-    """The dense layers of attention and MLPs and the convolutions of the patch stems (the ResNet
-    trunk of a hybrid stem has its own standardised convolutions and is left as it is)."""
+    """The dense layers of attention and MLPs and the convolutions of the patch stems and the CNN
+    trunk (the ResNet trunk of a hybrid stem has its own standardised convolutions and is left as it
+    is)."""
     found: list[nn.Module] = []
     for module in model.modules():
         if isinstance(module, (Attention, Mlp)):
             found += [m for m in module.children() if type(m) in (nn.Linear, FastLinear)]
-        elif isinstance(module, STEMS[:3]):
+        elif isinstance(module, (*STEMS[:3], CnnStem)):
             found += [m for m in module.modules() if type(m) in (nn.Conv2d, FastConv2d)]
         elif isinstance(module, HybridStem):
             found.append(module.proj)

@@ -4,7 +4,9 @@ of `kernels.py` follow a short calibration, not a belief about CPU flags.
 The calibration (`measure`, about half a second) times ViT-shaped matrix products in fp32, in bf16 on
 torch's native kernels and in bf16 as fp32 GEMMs of the bf16 operands (`kernels.py`'s second path),
 and the training attention (forward and backward) of SDPA against the explicit softmax(q k^T) v in
-bf16 at two sequence lengths. It runs once per machine: the figures are cached under the user's cache
+bf16 at two sequence lengths, the candidates of each question timed in turn. "auto" takes bf16 where
+the native bf16 products beat fp32 (the widened path is fp32 arithmetic: it serves a run that asked
+for bf16, and never makes bf16 the faster choice). It runs once per machine: the figures are cached under the user's cache
 folder (`$VITKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/vitkit`, else `~/.cache/vitkit`), keyed by the CPU
 model, its flags, the torch version and the thread count, so a new CPU, torch or thread count measures
 again. Figures measured while the CPU was busy (a 1-minute load average above one per free core: other
@@ -135,8 +137,12 @@ class Calibration:
 
     @property
     def bf16_gain(self) -> float:
-        """The best bf16 product rate over the fp32 rate."""
-        return self.gemm[self.bf16_path] / self.gemm["fp32"]
+        """The native bf16 product rate over the fp32 rate: what bf16 can gain. The widened path is
+        fp32 arithmetic (the same fp32 GEMM after two casts), so a rate above fp32's there is noise
+        and never a reason to choose bf16; it only serves a run that asked for bf16. A CPU without
+        bf16 units (1 GFLOP/s native against 93 fp32 on an AVX2-only EPYC) would otherwise train every
+        operation outside the widened products (convolutions, norms) on its crawling native kernels."""
+        return self.gemm["bf16"] / self.gemm["fp32"]
 
     def explicit_attention_max_len(self) -> int:
         """The longest measured sequence at which the explicit training attention beat SDPA (0: none)."""
@@ -155,14 +161,19 @@ class Calibration:
         return f"GEMM GFLOP/s {rates}; bf16 training attention ms {times or '-'} (measured in {self.seconds:.2f} s)"
 
 
-def _best_ms(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up: first-call allocation and kernel selection
-    best = float("inf")
+def _best_ms(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The best of `repeats` times of each run in milliseconds, the runs taken in turn (one round each
+    per repeat, after a warm-up round), so a clock ramping up or a load spike hits them alike rather
+    than favouring whichever comes last."""
+    best = dict.fromkeys(runs, float("inf"))
+    for run in runs.values():
+        run()  # warm-up: first-call allocation and kernel selection
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: seconds * 1e3 for name, seconds in best.items()}
 
 
 def _gemm_rates(repeats: int) -> dict[str, float]:
@@ -178,7 +189,7 @@ def _gemm_rates(repeats: int) -> dict[str, float]:
         "bf16_fp32_units": lambda: (a16.float() @ b16.float()).bfloat16(),
     }
     flops = 2 * rows * inner * outer
-    return {path: flops / _best_ms(run, repeats) / 1e6 for path, run in paths.items()}
+    return {path: flops / ms / 1e6 for path, ms in _best_ms(paths, repeats).items()}
 
 
 def _attention_times(repeats: int) -> dict[str, float]:
@@ -192,8 +203,7 @@ def _attention_times(repeats: int) -> dict[str, float]:
         def explicit(q=q, k=k, v=v):
             (torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v).sum().backward()
 
-        times[f"sdpa {length}"] = _best_ms(sdpa, repeats)
-        times[f"explicit {length}"] = _best_ms(explicit, repeats)
+        times |= _best_ms({f"sdpa {length}": sdpa, f"explicit {length}": explicit}, repeats)
     return times
 
 
@@ -323,8 +333,8 @@ def _cached_calibration(key: str, cache_path: str) -> Calibration | None:
 
 # The choices ---------------------------------------------------------------------------------------
 def choose_precision(requested: str, device: torch.device, cpu: CpuInfo | None = None) -> tuple[str, str]:
-    """(precision, reason): `requested` itself unless it is "auto": then bf16 where it measured at least
-    BF16_MIN_GAIN times fp32's product rate, else fp32; without a measurement, the flag rules of `cpu`
+    """(precision, reason): `requested` itself unless it is "auto": then bf16 where its native products
+    measured at least BF16_MIN_GAIN times fp32's rate (`Calibration.bf16_gain`), else fp32; without a measurement, the flag rules of `cpu`
     (this machine's when None)."""
     if requested != "auto":
         return requested, "requested"
