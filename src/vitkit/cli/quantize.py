@@ -39,8 +39,9 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reduce-range",
-        action="store_true",
-        help="7-bit weights, for CPUs without VNNI whose int8 products can saturate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="7-bit weights (default: on exactly where the CPU lacks VNNI, whose int8 products can saturate)",
     )
     parser.add_argument("--static-size", action="store_true", help="fix height and width to the checkpoint's")
 
