@@ -2,8 +2,8 @@
 of `kernels.py` follow a short calibration, not a belief about CPU flags.
 
 The calibration (`measure`, about a second; 8 s where native bf16 products crawl, as at 1 GFLOP/s
-on an AVX2-only EPYC) times ViT-shaped matrix products in fp32, in bf16 on torch's native kernels and in bf16 as fp32 GEMMs of the bf16 operands (`kernels.py`'s second path),
-and the training attention (forward and backward) of SDPA against the explicit softmax(q k^T) v in
+on an AVX2-only EPYC) times ViT-shaped matrix products in fp32, in bf16 on torch's native kernels
+and in bf16 as fp32 GEMMs of the bf16 operands (`kernels.py`'s second path), and the training attention (forward and backward) of SDPA against the explicit softmax(q k^T) v in
 bf16 at two sequence lengths, the candidates of each question timed in turn. "auto" takes bf16 where
 the native bf16 products beat fp32 (the widened path is fp32 arithmetic: it serves a run that asked
 for bf16, and never makes bf16 the faster choice). It runs once per machine: the figures are cached under the user's cache
