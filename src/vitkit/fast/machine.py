@@ -3,13 +3,14 @@ of `kernels.py` follow a short calibration, not a belief about CPU flags.
 
 The calibration (`measure`, about a second; 8 s where native bf16 products crawl, as at 1 GFLOP/s
 on an AVX2-only EPYC) times ViT-shaped matrix products in fp32, in bf16 on torch's native kernels
-and in bf16 as fp32 GEMMs of the bf16 operands (`kernels.py`'s second path), and the training attention (forward and backward) of SDPA against the explicit softmax(q k^T) v in
-bf16 at two sequence lengths, the candidates of each question timed in turn. "auto" takes bf16 where
-the native bf16 products beat fp32 (the widened path is fp32 arithmetic: it serves a run that asked
-for bf16, and never makes bf16 the faster choice). It runs once per machine: the figures are cached under the user's cache
-folder (`$VITKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/vitkit`, else `~/.cache/vitkit`), keyed by the CPU
-model, its flags, the torch version and the thread count, so a new CPU, torch or thread count measures
-again. Figures measured while the CPU was busy (a 1-minute load average above one per free core: other
+and in bf16 as fp32 GEMMs of the bf16 operands (`kernels.py`'s second path), and the training
+attention (forward and backward) of SDPA against the explicit softmax(q k^T) v in bf16 at two
+sequence lengths, the candidates of each question timed in turn. "auto" takes bf16 where the native
+bf16 products beat fp32 (the widened path is fp32 arithmetic: it serves a run that asked for bf16,
+and never makes bf16 the faster choice). It runs once per machine: the figures are cached under the
+user's cache folder (`$VITKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/vitkit`, else `~/.cache/vitkit`),
+keyed by the CPU model, its flags, the torch version and the thread count, so a new CPU, torch or
+thread count measures again. Figures measured while the CPU was busy (a 1-minute load average above one per free core: other
 work shared the cores) serve the process that measured them and are not cached, so the next run
 measures again. A run logs the figures behind its choice.
 
@@ -334,8 +335,8 @@ def _cached_calibration(key: str, cache_path: str) -> Calibration | None:
 # The choices ---------------------------------------------------------------------------------------
 def choose_precision(requested: str, device: torch.device, cpu: CpuInfo | None = None) -> tuple[str, str]:
     """(precision, reason): `requested` itself unless it is "auto": then bf16 where its native products
-    measured at least BF16_MIN_GAIN times fp32's rate (`Calibration.bf16_gain`), else fp32; without a measurement, the flag rules of `cpu`
-    (this machine's when None)."""
+    measured at least BF16_MIN_GAIN times fp32's rate (`Calibration.bf16_gain`), else fp32; without a
+    measurement, the flag rules of `cpu` (this machine's when None)."""
     if requested != "auto":
         return requested, "requested"
     device = torch.device(device)

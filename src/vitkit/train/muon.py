@@ -79,7 +79,7 @@ def muon_update(matrix: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, gro
     steps, eps = group.get("ns_steps", DEFAULT_NS_STEPS), group.get("eps", EPS)
     update = orthogonalise(update, dtype, coefficients, steps, eps)
     matrix.mul_(1 - lr * group["weight_decay"])
-    matrix.add_(update, alpha=-_adjust_lr(lr, "match_rms_adamw", matrix.shape))
+    matrix.add_(update, alpha=-_adjust_lr(lr, group.get("adjust_lr_fn", "match_rms_adamw"), matrix.shape))
 
 
 class MatrixMuon(torch.optim.Muon):
