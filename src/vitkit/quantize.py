@@ -196,13 +196,12 @@ def quantize_int8(
     apply_fast_paths(model, "cpu", "fp32")
     config = _split_config(model, data, root, dataset)
     images = _split_images(config, split, classes, max_samples, batch_size)
-    reduce_range = saturating_cpu() if reduce_range is None else reduce_range
     settings = quantization_settings(per_channel, reduce_range)
 
     with tempfile.TemporaryDirectory(prefix="vitkit-quantize-") as folder:
         fp32 = export_onnx(model, Path(folder) / "fp32.onnx", dynamic_size=dynamic_size, classes=classes)
         int8_file = Path(folder) / "int8.onnx"
-        quantize_linear_layers(fp32.path, int8_file, per_channel=per_channel, reduce_range=reduce_range)
+        quantize_linear_layers(fp32.path, int8_file, per_channel, settings["reduce_range"])
         with torch.inference_mode():
             fp32_result = evaluate_classification(model, images(), classes, top_k=(1,))
         int8_result = evaluate_classification(OnnxClassifier(int8_file), images(), classes, top_k=(1,))
@@ -237,8 +236,10 @@ def saturating_cpu(cpu: CpuInfo | None = None) -> bool:
     return x86 and not any(flag in cpu.flags for flag in VNNI_FLAGS)
 
 
-def quantization_settings(per_channel: bool, reduce_range: bool) -> dict[str, Any]:
-    """What `quantize_linear_layers` does, as the int8 file records it."""
+def quantization_settings(per_channel: bool, reduce_range: bool | None) -> dict[str, Any]:
+    """What `quantize_linear_layers` does, as the int8 file records it (`reduce_range` None resolved
+    by `saturating_cpu`)."""
+    reduce_range = saturating_cpu() if reduce_range is None else reduce_range
     onnxruntime = _import_extra("onnxruntime", "quantizing to int8")
     return {
         "method": "onnxruntime.quantization.quantize_dynamic",

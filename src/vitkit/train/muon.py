@@ -82,6 +82,24 @@ def muon_update(matrix: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, gro
     matrix.add_(update, alpha=-_adjust_lr(lr, group.get("adjust_lr_fn", "match_rms_adamw"), matrix.shape))
 
 
+def muon_steps(optimizer: torch.optim.Optimizer, closure=None) -> None:
+    """`muon_update` of every parameter of `optimizer` with a gradient, each as its 2-D (rows, rest)
+    view (a matrix is its own view, a filter bank its (O, I*kh*kw) matrix), in `optimizer.ns_dtype`;
+    the momentum buffers keep the parameters' shapes."""
+    if closure is not None:
+        raise ValueError(f"{type(optimizer).__name__}.step takes no closure")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            grad = p.grad.reshape(p.shape[0], -1)
+            buf = state["momentum_buffer"].view_as(grad)
+            muon_update(p.view(p.shape[0], -1), grad, buf, group, optimizer.ns_dtype)
+
+
 class MatrixMuon(torch.optim.Muon):
     """torch.optim.Muon (its groups, state and checkpoints) stepping with `muon_update`, so its
     orthogonalisation runs in `ns_dtype` (None: `newton_schulz_dtype` of the parameters' device)."""
@@ -92,17 +110,7 @@ class MatrixMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
-        if closure is not None:
-            raise ValueError("MatrixMuon.step takes no closure")
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(
-                            p.grad, memory_format=torch.preserve_format
-                        )
-                    muon_update(p, p.grad, state["momentum_buffer"], group, self.ns_dtype)
+        muon_steps(self, closure)
 
 
 class FilterMuon(torch.optim.Optimizer):
@@ -120,18 +128,7 @@ class FilterMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
-        if closure is not None:
-            raise ValueError("FilterMuon.step takes no closure")
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                grad = p.grad.reshape(p.shape[0], -1)
-                buf = state["momentum_buffer"].view_as(grad)
-                muon_update(p.view(p.shape[0], -1), grad, buf, group, self.ns_dtype)
+        muon_steps(self, closure)
 
 
 class MuonWithAdamW:
