@@ -71,7 +71,7 @@ def main() -> None:
     print(f"wrote {figure_path}\nwrote {results}")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -92,7 +92,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--loader-only", action="store_true", help="time the train loader against per-image JPEG decoding"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if any(budget <= 0 for budget in args.budget_minutes):
         parser.error(f"--budget-minutes must be > 0, got {args.budget_minutes}")
     if args.target is None:

@@ -107,6 +107,24 @@ def test_the_candidates_are_timed_in_turn(monkeypatch):
     assert timed == {"a": 1000.0, "b": 1000.0}  # each timing spans one tick of the fake clock
 
 
+def test_a_candidate_far_behind_is_timed_once(monkeypatch):
+    """On a CPU without bf16 units a bf16 product takes 100x fp32's time: after its first timing
+    shows it far behind (more than FAR_BEHIND x the fastest) it is not timed again, and its one time
+    is what is reported; a candidate within the bound is timed every round."""
+    durations = {"fast": 1, "close": 3, "slow": 100}
+    now, calls = [0], []
+
+    def run(name):
+        calls.append(name)
+        now[0] += durations[name]
+
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: now[0])
+    timed = machine._best_ms({name: lambda name=name: run(name) for name in durations}, repeats=4)
+    assert calls.count("fast") == 5 and calls.count("close") == 5  # a warm-up, then every round
+    assert calls.count("slow") == 2  # a warm-up, then one timing
+    assert timed == {"fast": 1000.0, "close": 3000.0, "slow": 100000.0}
+
+
 def test_the_environment_still_overrides_the_gemm_path(monkeypatch):
     monkeypatch.setenv("VITKIT_BF16_GEMM", "fp32")
     with use_calibration(BF16_NATIVE_WINS):

@@ -127,13 +127,15 @@ def test_counting_one_block_for_alike_blocks_equals_running_every_block(name):
     assert count(config) == count(model)  # a model passed in runs every block
 
 
-def test_blocks_of_different_shapes_are_each_run():
+def test_a_model_passed_in_counts_each_of_its_blocks():
+    """A model whose second block was changed by hand is counted as it is, block by block: its MLP's
+    MACs and parameters are the config's less the replaced layers' and plus the new ones'."""
     config = get_config("vit_tiny_patch16_224", depth=2)
     with torch.device("meta"):
         model = VisionTransformer(config)
         model.blocks[1].mlp.fc1 = torch.nn.Linear(config.embed_dim, 8)
         model.blocks[1].mlp.fc2 = torch.nn.Linear(8, config.embed_dim)
-    from vitkit.analysis.flops import _alike_blocks
-
-    assert _alike_blocks(model) == 1
-    assert _alike_blocks(VisionTransformer(config)) == 2
+    tokens, d, hidden = config.num_patches + 1, config.embed_dim, config.mlp_dim
+    shrunk = 2 * d * (hidden - 8)
+    assert count(config).macs - count(model).macs == tokens * shrunk
+    assert count(config).params - count(model).params == shrunk + (hidden - 8)  # weights, fc1's bias

@@ -261,6 +261,20 @@ def test_pad_same_matches_tensorflow_rule():
     assert F.max_pool2d(pad_same(y, 3, 2, float("-inf")), 3, 2).shape[-2:] == (5, 5)
 
 
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2), (7, 2), (4, 3)])
+def test_pad_same_totals_follow_tensorflow_for_every_size(kernel, stride):
+    """TensorFlow's total, (ceil(in / stride) - 1) * stride + kernel - in (at least 0), the extra pixel
+    after, for every size from 1 to 40, each side on its own."""
+    for size in range(1, 41):
+        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+        x = torch.ones(1, 1, size, size + 1)
+        padded = pad_same(x, kernel, stride)
+        total_w = max((-(-(size + 1) // stride) - 1) * stride + kernel - size - 1, 0)
+        assert padded.shape[-2:] == (size + total, size + 1 + total_w), (size, kernel, stride)
+        rows = padded[0, 0, :, (total_w // 2)].tolist()
+        assert rows.index(1.0) == total // 2, (size, kernel, stride)  # the smaller half before
+
+
 def test_hybrid_stem_uses_official_stage_depths():
     from vitkit.registry import get_config
 

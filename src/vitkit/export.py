@@ -18,9 +18,11 @@ recorded Resize is the identity (bicubic and bilinear at scale 1 land on the gri
 width must be multiples of the stride, as in PyTorch (where the graph floors instead of raising).
 
 Static size. A model whose graph cannot follow another size is exported at its own size, with the
-reason logged and recorded in the file (`static_size_reason`): a hybrid stem (its TensorFlow SAME
-padding is computed in Python from the size), position embeddings resampled with antialiasing (no
-opset-17 Resize computes it). `dynamic_size=False` (`--static-size`) asks for it on any model.
+reason logged and recorded in the file (`static_size_reason`): position embeddings resampled with
+antialiasing (no opset-17 Resize computes it). A hybrid's ResNet trunk follows other sizes: its
+TensorFlow SAME padding is integer arithmetic on the traced size, and at multiples of the model's
+stride every stride-2 layer sees an even size, so the padding is the same at every size the graph
+takes. `dynamic_size=False` (`--static-size`) asks for a fixed size on any model.
 
 Metadata. `metadata_props` hold JSON under `vitkit.*` keys, read back by `read_onnx_metadata(path)`:
 `version`, `model` (a one-line summary), `config` (the `ViTConfig`), `classes` (where the checkpoint
@@ -110,11 +112,6 @@ class OnnxExport:
 
 def static_size_reason(config: ViTConfig) -> str | None:
     """Why an ONNX graph of this model cannot take other image sizes than its own; None if it can."""
-    if config.stem == "hybrid":
-        return (
-            "the hybrid stem's TensorFlow SAME padding is computed in Python from the image size "
-            "(models/resnet.py pad_same), so a traced graph keeps the export size's padding"
-        )
     if config.pos_embed == "learn" and config.pos_embed_resample.endswith("antialias"):
         return (
             f"its position embeddings resample with {config.pos_embed_resample}, which no opset-{OPSET} "

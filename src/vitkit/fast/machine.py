@@ -162,15 +162,23 @@ class Calibration:
         return f"GEMM GFLOP/s {rates}; bf16 training attention ms {times or '-'} (measured in {self.seconds:.2f} s)"
 
 
+# A candidate this many times slower than the fastest is timed once (see _best_ms).
+FAR_BEHIND = 4.0
+
+
 def _best_ms(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """The best of `repeats` times of each run in milliseconds, the runs taken in turn (one round each
     per repeat, after a warm-up round), so a clock ramping up or a load spike hits them alike rather
-    than favouring whichever comes last."""
+    than favouring whichever comes last. A run more than FAR_BEHIND times slower than the fastest is
+    timed once: more repeats cannot change the order, and on a CPU without bf16 units its bf16
+    products would take most of the calibration (1.2 s a call against 10 ms for fp32)."""
     best = dict.fromkeys(runs, float("inf"))
     for run in runs.values():
         run()  # warm-up: first-call allocation and kernel selection
     for _ in range(repeats):
         for name, run in runs.items():
+            if best[name] < float("inf") and best[name] > FAR_BEHIND * min(best.values()):
+                continue  # far behind after its first timing
             start = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - start)

@@ -8,18 +8,20 @@ conv1|norm1|...|downsample.conv`) so that timm hybrid checkpoints load unchanged
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 def pad_same(x: torch.Tensor, kernel_size: int, stride: int, value: float = 0.0) -> torch.Tensor:
-    """TensorFlow's "SAME" padding: output size ceil(in / stride), the extra pixel at the bottom/right."""
+    """TensorFlow's "SAME" padding: output size ceil(in / stride), the extra pixel at the bottom/right.
+
+    The total, (ceil(in / stride) - 1) * stride + kernel - in, is computed in integers only: an ONNX
+    trace then keeps it tied to the input's size (a float division and ceil made the graph's sizes
+    constants, so an exported hybrid could not take other image sizes)."""
     pads = []
     for size in (x.shape[-1], x.shape[-2]):  # F.pad wants the last dimension first
-        total = max((math.ceil(size / stride) - 1) * stride + kernel_size - size, 0)
+        total = max(kernel_size - 1 - (size - 1) % stride, 0)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads, value=value) if any(pads) else x
 
