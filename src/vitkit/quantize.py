@@ -236,10 +236,15 @@ def saturating_cpu(cpu: CpuInfo | None = None) -> bool:
     return x86 and not any(flag in cpu.flags for flag in VNNI_FLAGS)
 
 
+def resolve_reduce_range(reduce_range: bool | None) -> bool:
+    """`reduce_range` as given, or (None) 7-bit weights exactly where `saturating_cpu`."""
+    return saturating_cpu() if reduce_range is None else reduce_range
+
+
 def quantization_settings(per_channel: bool, reduce_range: bool | None) -> dict[str, Any]:
     """What `quantize_linear_layers` does, as the int8 file records it (`reduce_range` None resolved
-    by `saturating_cpu`)."""
-    reduce_range = saturating_cpu() if reduce_range is None else reduce_range
+    by `resolve_reduce_range`)."""
+    reduce_range = resolve_reduce_range(reduce_range)
     onnxruntime = _import_extra("onnxruntime", "quantizing to int8")
     return {
         "method": "onnxruntime.quantization.quantize_dynamic",
@@ -263,7 +268,7 @@ def quantize_linear_layers(
     """onnxruntime's dynamic quantization of the MatMul and Gemm nodes with a weight (constant second
     input) of an fp32 graph: weights int8, activations uint8 measured as the graph runs; 7-bit weights
     where `reduce_range` (None: where the CPU's int8 products saturate, `saturating_cpu`)."""
-    reduce_range = saturating_cpu() if reduce_range is None else reduce_range
+    reduce_range = resolve_reduce_range(reduce_range)
     _import_extra("onnx", "quantizing to int8")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

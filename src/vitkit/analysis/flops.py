@@ -103,7 +103,7 @@ def count(
     block_norm_ops: dict[str, int] = defaultdict(int)
     handles = []
     for name, module in model.named_modules():
-        in_block = repeats > 1 and name.startswith("blocks.")
+        in_block = name.startswith("blocks.")
         totals = (block_macs, block_norm_ops) if in_block else (macs, norm_ops)
         handles.append(module.register_forward_hook(_recorder(component_of(name), *totals)))
     try:

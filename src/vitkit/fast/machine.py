@@ -1,8 +1,8 @@
 """What the machine at hand computes fastest, measured: the precision of a run ("auto") and the kernels
 of `kernels.py` follow a short calibration, not a belief about CPU flags.
 
-The calibration (`measure`, about a second; 8 s where native bf16 products crawl, as at 1 GFLOP/s
-on an AVX2-only EPYC) times ViT-shaped matrix products in fp32, in bf16 on torch's native kernels
+The calibration (`measure`, about a second; 4 s where native bf16 products crawl, as at 1 GFLOP/s
+on an AVX2-only EPYC, a candidate far behind being timed once) times ViT-shaped matrix products in fp32, in bf16 on torch's native kernels
 and in bf16 as fp32 GEMMs of the bf16 operands (`kernels.py`'s second path), and the training
 attention (forward and backward) of SDPA against the explicit softmax(q k^T) v in bf16 at two
 sequence lengths, the candidates of each question timed in turn. "auto" takes bf16 where the native
